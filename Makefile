@@ -1,0 +1,35 @@
+# caption-pipeline: `make help` lists the targets.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MANIFEST ?=
+OUT ?=
+JOB ?=
+ARGS ?=
+
+.PHONY: help setup demo caption test clean
+
+help: ## list targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install the package with test extras
+
+demo: $(STAMP) ## caption data/sample/images.csv against the bundled local simulator
+	$(BIN)/python -m pipeline demo
+
+caption: $(STAMP) ## caption MANIFEST=images.csv [OUT=dir] [ARGS="..."]
+	@test -n "$(MANIFEST)" || { echo "usage: make caption MANIFEST=images.csv [OUT=dir] [ARGS=...]" >&2; exit 2; }
+	$(BIN)/python -m pipeline caption "$(MANIFEST)" $(if $(OUT),--out "$(OUT)") $(ARGS)
+
+test: $(STAMP) ## run the test suite
+	$(BIN)/python -m pytest
+
+clean: ## remove demo output
+	rm -rf out data/sample/out

@@ -1,0 +1,57 @@
+"""The seam between the pipeline and a wire protocol.
+
+An adapter builds the request body for one row and folds the decoded SSE events of a
+response into a ``Completion``. Adapters are pure: no HTTP, no files, so each can be
+tested by feeding it events.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..records import ApiRequest, Completion, ManifestRow, PreparedImage
+from ..sse import Event
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+
+# protocol-reference section 8: one vocabulary for finish reasons, raw value kept beside it.
+_FINISH = {
+    "stop": "stop", "end_turn": "stop", "stop_sequence": "stop",
+    "length": "length", "max_tokens": "length", "model_context_window_exceeded": "length",
+    "content_filter": "content_filter", "refusal": "content_filter",
+    "tool_calls": "tool_calls", "tool_use": "tool_calls", "function_call": "tool_calls",
+    "error": "error",
+}
+
+
+def normalize_finish(raw: str | None) -> str:
+    if not raw:
+        return "none"
+    return _FINISH.get(raw, "other")
+
+
+class StreamState(Protocol):
+    """Accumulates one attempt's events. ``on_event`` returns True at the terminator."""
+
+    first_content_at: float | None
+
+    def on_event(self, event: Event, now: float) -> bool: ...
+
+    def finish(self) -> Completion: ...
+
+
+class Adapter(Protocol):
+    name: str
+    path: str
+
+    def auth_headers(self, api_key: str) -> dict[str, str]: ...
+
+    def build_request(self, row: ManifestRow, image: PreparedImage,
+                      settings: Settings) -> ApiRequest: ...
+
+    def new_state(self) -> StreamState: ...
+
+    def from_json(self, doc: Any) -> Completion:
+        """A complete (non-streamed) response body sent instead of a stream."""
+        ...

@@ -1,0 +1,176 @@
+"""Resume index: which (id, prompt_name) keys OUT already holds, in flat memory.
+
+Reads only the key columns of committed parts. Keys are kept as 64-bit hashes in a
+sorted NumPy array (8 bytes a key) plus a small set of recent additions, so a million
+finished rows cost megabytes, not the hundreds a set of strings would.
+
+It also repairs OUT: leftover temporary files of a killed run are removed, and a key
+present more than once (a ``--retry-errors`` result beside the error it replaces, or
+a merge interrupted before its originals were removed) is reduced to its best row:
+``ok`` over ``error``, then the newest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .sink import TMP_SUFFIX, commit_table, part_files
+
+__all__ = ["KeySet", "key_hash", "Checkpoint", "ResumeState"]
+
+_KEY_COLUMNS = ["id", "prompt_name", "status", "finished_at"]
+
+
+def key_hash(rid: str, prompt_name: str) -> int:
+    # Process-local hash: the index is rebuilt from OUT at every start, never stored.
+    return hash(rid + "\x1f" + prompt_name)
+
+
+class KeySet:
+    """A set of 64-bit hashes: one sorted array plus a bounded set of recent adds."""
+
+    _MERGE_AT = 65_536
+
+    def __init__(self) -> None:
+        self._sorted = np.empty(0, dtype=np.int64)
+        self._recent: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._sorted) + len(self._recent)
+
+    def __contains__(self, h: int) -> bool:
+        if h in self._recent:
+            return True
+        arr = self._sorted
+        i = int(np.searchsorted(arr, h))
+        return i < len(arr) and int(arr[i]) == h
+
+    def add(self, h: int) -> None:
+        if h not in self:
+            self._recent.add(h)
+            if len(self._recent) >= self._MERGE_AT:
+                self._merge()
+
+    def add_many(self, hashes: np.ndarray) -> None:
+        self._merge()
+        self._sorted = np.union1d(self._sorted, hashes.astype(np.int64))
+
+    def _merge(self) -> None:
+        if self._recent:
+            new = np.fromiter(self._recent, dtype=np.int64, count=len(self._recent))
+            self._sorted = np.union1d(self._sorted, new)
+            self._recent.clear()
+
+
+@dataclass
+class ResumeState:
+    done: KeySet
+    rows_ok: int = 0
+    rows_error: int = 0
+    duplicates_removed: int = 0
+    temp_files_removed: int = 0
+    parts: list[Path] = field(default_factory=list)
+
+
+class Checkpoint:
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def load(self, retry_errors: bool) -> ResumeState:
+        """Clean leftovers, repair duplicates, and index the keys that count as done."""
+        state = ResumeState(KeySet())
+        state.temp_files_removed = self._remove_temp_files()
+        parts, hashes, oks = self._scan()
+        dups = _duplicates(hashes)
+        if dups.size:
+            touched = [p for p, h in zip(parts, hashes) if np.isin(h, dups).any()]
+            state.duplicates_removed = self._repair(touched, set(dups.tolist()))
+            parts, hashes, oks = self._scan()
+        state.parts = parts
+        for h, ok in zip(hashes, oks):
+            n_ok = int(ok.sum())
+            state.rows_ok += n_ok
+            state.rows_error += len(ok) - n_ok
+            state.done.add_many(h[ok] if retry_errors else h)
+        return state
+
+    def _scan(self) -> tuple[list[Path], list[np.ndarray], list[np.ndarray]]:
+        parts = part_files(self.out)
+        hashes: list[np.ndarray] = []
+        oks: list[np.ndarray] = []
+        for part in parts:
+            t = pq.ParquetFile(part).read(columns=["id", "prompt_name", "status"])
+            hashes.append(_hashes(t))
+            oks.append(pc.equal(t["status"], "ok").fill_null(False).to_numpy(
+                zero_copy_only=False))
+        return parts, hashes, oks
+
+    def _remove_temp_files(self) -> int:
+        n = 0
+        for p in self.out.glob(f".*{TMP_SUFFIX}"):
+            p.unlink(missing_ok=True)
+            n += 1
+        return n
+
+    def _repair(self, parts: list[Path], dups: set[int]) -> int:
+        """Keep one row per duplicated key (ok beats error, newer beats older)."""
+        winners = self._winners(parts, dups)
+        return sum(self._rewrite_without_losers(part, i, dups, winners)
+                   for i, part in enumerate(parts))
+
+    @staticmethod
+    def _winners(parts: list[Path], dups: set[int]) -> dict[int, tuple[bool, object, int, int]]:
+        best: dict[int, tuple[bool, object, int, int]] = {}
+        for i, part in enumerate(parts):
+            t = pq.ParquetFile(part).read(columns=_KEY_COLUMNS)
+            hashes = _hashes(t)
+            status = t["status"].to_pylist()
+            when = t["finished_at"].to_pylist()
+            for j, h in enumerate(hashes):
+                h = int(h)
+                if h in dups:
+                    rank = (status[j] == "ok", when[j] or 0, i, j)
+                    if h not in best or _rank_key(rank) > _rank_key(best[h]):
+                        best[h] = rank
+        return best
+
+    def _rewrite_without_losers(self, part: Path, i: int, dups: set[int],
+                                winners: dict[int, tuple[bool, object, int, int]]) -> int:
+        t = pq.read_table(part)
+        hashes = _hashes(t)
+        keep = [not (int(h) in dups and winners[int(h)][2:] != (i, j))
+                for j, h in enumerate(hashes)]
+        dropped = keep.count(False)
+        if not dropped:
+            return 0
+        if dropped == len(keep):
+            part.unlink()
+        else:
+            commit_table(t.filter(pa.array(keep)), part)
+        return dropped
+
+
+def _rank_key(rank: tuple[bool, object, int, int]) -> tuple[bool, float, int, int]:
+    ok, when, i, j = rank
+    ts = when.timestamp() if hasattr(when, "timestamp") else 0.0
+    return (ok, ts, i, j)
+
+
+def _duplicates(hashes: list[np.ndarray]) -> np.ndarray:
+    if not hashes:
+        return np.empty(0, dtype=np.int64)
+    s = np.sort(np.concatenate(hashes))
+    return np.unique(s[1:][s[1:] == s[:-1]])
+
+
+def _hashes(t: pa.Table) -> np.ndarray:
+    ids = t["id"].to_pylist()
+    names = t["prompt_name"].to_pylist()
+    return np.fromiter((key_hash(a or "", b or "") for a, b in zip(ids, names)),
+                       dtype=np.int64, count=len(ids))

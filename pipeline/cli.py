@@ -1,0 +1,145 @@
+"""Command line: argv and environment → ``Settings`` → run → exit code and one stderr line.
+
+This is the only place that reads ``sys.argv`` or decides exit codes. Every
+``PipelineError`` that reaches it becomes one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import PipelineError, RunFatal
+from .settings import DEFAULT_MODEL, DEFAULT_PROMPT, Secret, Settings
+
+EXIT_CODES = """exit codes:
+  0    every row ok
+  1    finished, but some rows failed permanently (see the error / error_class columns)
+  2    usage, config or manifest error
+  3    fatal API error (authentication, endpoint or model not found, quota exhausted)
+  4    OUT is locked by another run
+  130  interrupted by SIGINT, 143 by SIGTERM (finished rows are flushed; rerun to resume)
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # argparse's own usage block is noise in cron logs: one line, exit 2.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _env(*names: str) -> str | None:
+    for n in names:
+        if os.environ.get(n):
+            return os.environ[n]
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m pipeline caption",
+                description="Caption every image of a CSV manifest with a vision LLM over a "
+                            "streaming OpenAI-compatible API; results go to a Parquet dataset.",
+                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("manifest", type=Path, help="CSV with an 'image' column (path or http(s) URL)")
+    a("--out", type=Path, help="output dataset directory (default out/<manifest stem>)")
+    a("--base-url", help="API root such as https://host/v1 "
+                         "(env CAPTION_BASE_URL, then OPENAI_BASE_URL)")
+    a("--model", default=_env("CAPTION_MODEL") or DEFAULT_MODEL,
+      help=f"model name (env CAPTION_MODEL; default {DEFAULT_MODEL})")
+    a("--prompt", default=DEFAULT_PROMPT, help="user instruction sent with each image")
+    a("--system", help="optional system message")
+    a("--max-tokens", type=int, default=300, help="max tokens per caption (default 300)")
+    a("--temperature", type=float, help="sampling temperature, 0-2")
+    a("--concurrency", type=int, default=16, help="requests in flight at most (default 16)")
+    a("--limit", type=int, help="caption only the first N pending rows")
+    a("--no-progress", action="store_true", help="no progress bar (automatic without a TTY)")
+    a("--retries", type=int, default=5, help="retries per row after the first attempt (5)")
+    a("--read-timeout", type=float, default=60.0,
+      help="seconds without a byte before a stream is retried (idle, not total; 60)")
+    a("--connect-timeout", type=float, default=15.0, help="connect timeout seconds (15)")
+    a("--backoff-base", type=float, default=1.0, help="first retry delay ceiling, s (1)")
+    a("--backoff-max", type=float, default=60.0, help="largest retry delay ceiling, s (60)")
+    a("--flush-rows", type=int, default=100, help="commit a Parquet part every K rows (100)")
+    a("--flush-seconds", type=float, default=10.0, help="... or every T seconds (10)")
+    a("--grace", type=float, default=30.0,
+      help="seconds in-flight rows get after SIGINT/SIGTERM (30)")
+    a("--retry-errors", action="store_true",
+      help="re-attempt rows that earlier runs recorded as errors")
+    a("--max-image-bytes", type=int, default=5 * 1024 * 1024,
+      help="largest image payload, measured as base64 (default 5 MiB, Claude's limit)")
+    a("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def settings_from_args(ns: argparse.Namespace) -> Settings:
+    base_url = ns.base_url or _env("CAPTION_BASE_URL", "OPENAI_BASE_URL")
+    if not base_url:
+        raise RunFatal("no endpoint configured: pass --base-url https://host/v1 or set "
+                       "CAPTION_BASE_URL (or run `make demo` to try the local simulator)",
+                       "config", exit_code=2)
+    out = ns.out or Path("out") / ns.manifest.stem
+    return Settings(
+        manifest=ns.manifest, out=out, base_url=base_url,
+        api_key=Secret(_env("CAPTION_API_KEY", "OPENAI_API_KEY") or ""),
+        model=ns.model, prompt=ns.prompt, system=ns.system, max_tokens=ns.max_tokens,
+        temperature=ns.temperature, concurrency=ns.concurrency, limit=ns.limit,
+        progress=not ns.no_progress, retries=ns.retries, read_timeout=ns.read_timeout,
+        connect_timeout=ns.connect_timeout, backoff_base=ns.backoff_base,
+        backoff_max=ns.backoff_max, flush_rows=ns.flush_rows, flush_seconds=ns.flush_seconds,
+        grace=ns.grace, retry_errors=ns.retry_errors, max_image_bytes=ns.max_image_bytes,
+    )
+
+
+def caption(argv: Sequence[str]) -> int:
+    ns = build_parser().parse_args(list(argv))
+    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING,
+                        format="%(levelname)s %(message)s", stream=sys.stderr)
+    from .runner import run  # imported late: `--help` stays fast
+
+    try:
+        settings = settings_from_args(ns)
+        result = asyncio.run(run(settings))
+    except PipelineError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:
+        return 130
+    if result.fatal:
+        print(f"error: {result.fatal}", file=sys.stderr)
+    print(result.summary, file=sys.stderr)
+    return result.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline {caption,simulate,demo} ...``; returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    commands = {"caption": caption, "simulate": _simulate, "demo": _demo}
+    if not args or args[0] in ("-h", "--help") or args[0] not in commands:
+        print("usage: python -m pipeline {caption,simulate,demo} ...\n"
+              "  caption MANIFEST [options]   caption a manifest (see caption --help)\n"
+              "  simulate [--port P]          serve the local gateway simulator\n"
+              "  demo                         caption data/sample with the simulator",
+              file=sys.stderr if args and args[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if args and args[0] in ("-h", "--help") else 2
+    try:
+        return commands[args[0]](args[1:])
+    except KeyboardInterrupt:
+        return 130
+
+
+def _simulate(argv: Sequence[str]) -> int:
+    from . import simulator
+
+    return simulator.main(list(argv))
+
+
+def _demo(argv: Sequence[str]) -> int:
+    from . import demo
+
+    return demo.main(list(argv))

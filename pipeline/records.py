@@ -1,0 +1,145 @@
+"""The nouns passed between stages, and the one Arrow schema of the output.
+
+ManifestRow → PreparedImage → ApiRequest → Completion → result row (a dict that
+matches ``output_schema``). Every manifest row ends as exactly one result row.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+
+DEFAULT_PROMPT_NAME = "default"
+
+# Fixed columns, in order; the manifest's extra columns (strings) follow them.
+BASE_FIELDS: list[pa.Field] = [
+    pa.field("id", pa.string()),
+    pa.field("prompt_name", pa.string()),
+    pa.field("image", pa.string()),
+    pa.field("caption", pa.string()),
+    pa.field("status", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("error_class", pa.string()),
+    pa.field("finish_reason", pa.string()),
+    pa.field("finish_reason_raw", pa.string()),
+    pa.field("model", pa.string()),
+    pa.field("prompt_tokens", pa.int64()),
+    pa.field("completion_tokens", pa.int64()),
+    pa.field("total_tokens", pa.int64()),
+    pa.field("cached_tokens", pa.int64()),
+    pa.field("usage_source", pa.string()),
+    pa.field("attempts", pa.int32()),
+    pa.field("latency_s", pa.float64()),
+    pa.field("ttft_s", pa.float64()),
+    pa.field("request_id", pa.string()),
+    pa.field("response_id", pa.string()),
+    pa.field("http_status", pa.int32()),
+    pa.field("retry_after_s", pa.float64()),
+    pa.field("terminal", pa.string()),
+    pa.field("quirks", pa.string()),
+    pa.field("line", pa.int64()),
+    pa.field("finished_at", pa.timestamp("us", tz="UTC")),
+]
+BASE_NAMES = frozenset(f.name for f in BASE_FIELDS)
+
+
+def output_schema(extra_columns: list[str]) -> pa.Schema:
+    extras = [pa.field(c, pa.string()) for c in extra_columns if c not in BASE_NAMES]
+    return pa.schema(BASE_FIELDS + extras)
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRow:
+    """One manifest line. ``error`` is set when the line itself is unusable."""
+
+    id: str
+    image: str
+    prompt: str | None
+    line: int
+    extra: dict[str, str | None]
+    prompt_name: str = DEFAULT_PROMPT_NAME
+    error: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.id, self.prompt_name)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedImage:
+    """What is actually sent: a data URI (local files) or a pass-through URL."""
+
+    url: str
+    mime: str | None
+    sent_bytes: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ApiRequest:
+    """A request body ready to send; holds no secret (auth is added at send time)."""
+
+    path: str
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    cached_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The outcome of one successful attempt."""
+
+    text: str
+    finish_reason: str
+    finish_reason_raw: str
+    model: str | None
+    response_id: str | None
+    usage: Usage | None
+    terminal: str
+    quirks: dict[str, int]
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def base_row(row: ManifestRow) -> dict[str, Any]:
+    out: dict[str, Any] = {name: None for name in BASE_NAMES}
+    out.update(row.extra)
+    out.update(id=row.id, prompt_name=row.prompt_name, image=row.image, line=row.line,
+               attempts=0)
+    return out
+
+
+def ok_row(row: ManifestRow, c: Completion, **timing: Any) -> dict[str, Any]:
+    out = base_row(row)
+    u = c.usage
+    out.update(
+        caption=c.text, status="ok", finish_reason=c.finish_reason,
+        finish_reason_raw=c.finish_reason_raw, model=c.model, response_id=c.response_id,
+        terminal=c.terminal, usage_source="reported" if u else "absent",
+        quirks=json.dumps(c.quirks, sort_keys=True) if c.quirks else None,
+        finished_at=now_utc(),
+    )
+    if u:
+        out.update(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                   total_tokens=u.total_tokens, cached_tokens=u.cached_tokens)
+    out.update(timing)
+    return out
+
+
+def error_row(row: ManifestRow, message: str, error_class: str, **timing: Any) -> dict[str, Any]:
+    out = base_row(row)
+    out.update(status="error", error=message, error_class=error_class, finished_at=now_utc())
+    out.update(timing)
+    return out

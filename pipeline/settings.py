@@ -1,0 +1,99 @@
+"""Run settings: one frozen dataclass, validated when built, with a secret that hides itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import RunFatal
+
+DEFAULT_MODEL = "claude-3-5-sonnet-20240620"
+DEFAULT_PROMPT = (
+    "Write one factual caption for this image: the main subject, the setting and any "
+    "notable details, in one or two plain sentences."
+)
+# Claude's per-image limit is 5 MB measured on the base64 text (protocol-reference 6.1).
+DEFAULT_MAX_IMAGE_BYTES = 5 * 1024 * 1024
+
+
+class Secret:
+    """An API key. Its repr and str never show the value, so it cannot leak into logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class Settings:
+    manifest: Path
+    out: Path
+    base_url: str
+    api_key: Secret
+    model: str = DEFAULT_MODEL
+    api: str = "openai"
+    prompt: str = DEFAULT_PROMPT
+    system: str | None = None
+    max_tokens: int = 300
+    temperature: float | None = None
+    concurrency: int = 16
+    limit: int | None = None
+    progress: bool = True
+    retries: int = 5
+    read_timeout: float = 60.0
+    connect_timeout: float = 15.0
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
+    max_retry_after: float = 600.0
+    flush_rows: int = 100
+    flush_seconds: float = 10.0
+    grace: float = 30.0
+    retry_errors: bool = False
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+
+    def __post_init__(self) -> None:
+        _positive("--concurrency", self.concurrency)
+        _positive("--max-tokens", self.max_tokens)
+        _positive("--flush-rows", self.flush_rows)
+        _positive("--read-timeout", self.read_timeout)
+        _positive("--connect-timeout", self.connect_timeout)
+        _positive("--max-image-bytes", self.max_image_bytes)
+        _non_negative("--retries", self.retries)
+        _non_negative("--backoff-base", self.backoff_base)
+        _non_negative("--backoff-max", self.backoff_max)
+        _non_negative("--grace", self.grace)
+        _positive("--flush-seconds", self.flush_seconds)
+        if self.limit is not None:
+            _non_negative("--limit", self.limit)
+        if self.temperature is not None and not 0 <= self.temperature <= 2:
+            raise RunFatal(f"--temperature must be between 0 and 2, got {self.temperature}",
+                           "config", exit_code=2)
+        if not self.base_url.startswith(("http://", "https://")):
+            raise RunFatal(f"--base-url must start with http:// or https://, got "
+                           f"{self.base_url!r}", "config", exit_code=2)
+
+    @property
+    def endpoint(self) -> str:
+        return self.base_url.rstrip("/")
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise RunFatal(f"{name} must be greater than 0, got {value}", "config", exit_code=2)
+
+
+def _non_negative(name: str, value: float) -> None:
+    if not value >= 0:
+        raise RunFatal(f"{name} must be 0 or more, got {value}", "config", exit_code=2)

@@ -1,0 +1,109 @@
+"""Sans-I/O decoder for server-sent events (the WHATWG "event stream" grammar).
+
+Owns framing only: bytes in, events out. It knows nothing of HTTP or JSON, so it can
+be fed from any transport and tested by re-chunking real streams at random.
+
+Rules (protocol-reference 1.1-1.4):
+* lines end with CRLF, LF or a lone CR; a CR that ends one network read is held as a
+  line end and a following LF is swallowed, so CRLF split across reads is one break;
+* frame on bytes and decode complete lines, so a multi-byte UTF-8 character split
+  across reads is never mangled and U+2028 inside JSON is not a line break;
+* an empty line dispatches; `:` lines are comments; one leading space after the
+  colon is dropped; several `data` lines join with "\\n"; `id`/`retry` are ignored;
+* a line that is not a field but looks like JSON (a gateway writing a raw error
+  object into the stream) is surfaced as an event named ``raw`` instead of dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Event", "SSEDecoder"]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One dispatched event. ``event`` is "message" when the stream named none."""
+
+    event: str
+    data: str
+
+
+class SSEDecoder:
+    """Incremental decoder: ``feed(chunk)`` returns the events completed by it."""
+
+    __slots__ = ("_buf", "_skip_lf", "_event", "_data", "comments")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._skip_lf = False
+        self._event: str | None = None
+        self._data: list[str] = []
+        self.comments = 0  # keep-alive comments seen; liveness only
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        if self._skip_lf and chunk:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        buf = self._buf + chunk if self._buf else chunk
+        out: list[Event] = []
+        start = 0
+        n = len(buf)
+        while start < n:
+            lf = buf.find(b"\n", start)
+            cr = buf.find(b"\r", start, lf if lf >= 0 else n)
+            if cr >= 0:  # a CR comes first: CR or CRLF
+                end, nxt = cr, cr + 1
+                if nxt < n:
+                    if buf[nxt] == 0x0A:
+                        nxt += 1
+                else:
+                    self._skip_lf = True  # CRLF may be split across reads
+            elif lf >= 0:
+                end, nxt = lf, lf + 1
+            else:
+                break
+            self._line(buf[start:end], out)
+            start = nxt
+        self._buf = buf[start:]
+        return out
+
+    def finish(self) -> list[Event]:
+        """End of stream: an unterminated last line and event are still processed."""
+        out: list[Event] = []
+        if self._buf:
+            self._line(self._buf, out)
+            self._buf = b""
+        self._dispatch(out)
+        return out
+
+    def _line(self, raw: bytes, out: list[Event]) -> None:
+        if not raw:
+            self._dispatch(out)
+            return
+        if raw[0] == 0x3A:  # ":" comment
+            self.comments += 1
+            return
+        line = raw.decode("utf-8", errors="replace")
+        name, sep, value = line.partition(":")
+        if value[:1] == " ":
+            value = value[1:]
+        if name == "data" and sep:
+            self._data.append(value)
+        elif name == "data":  # "data" alone means an empty data line
+            self._data.append("")
+        elif name == "event":
+            self._event = value
+        elif line.lstrip()[:1] in ("{", "["):
+            # Not SSE at all: a raw JSON object written into the body after the
+            # headers were flushed (gateways do this with errors). Dispatch it alone.
+            self._dispatch(out)
+            out.append(Event("raw", line.strip()))
+        # id, retry and unknown fields are ignored by the grammar.
+
+    def _dispatch(self, out: list[Event]) -> None:
+        if self._data:
+            out.append(Event(self._event or "message", "\n".join(self._data)))
+        self._event = None
+        self._data = []

@@ -1,0 +1,116 @@
+"""The only module that imports aiohttp: one session, one POST, a byte stream out.
+
+Library exceptions are translated once, here, into ``errors`` classes (keeping the
+cause). The read timeout is an idle timeout between chunks (aiohttp ``sock_read``),
+not a total timeout, so long captions are never cut. The API key is added to the
+headers at send time and appears nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+
+import aiohttp
+
+from .errors import Retryable, RunFatal
+from .records import ApiRequest
+
+__all__ = ["Head", "Transport"]
+
+_REQUEST_ID_HEADERS = ("x-request-id", "request-id", "x-litellm-call-id", "cf-ray")
+_MAX_ERROR_BODY = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    status: int
+    headers: Mapping[str, str]
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("content-type", "").split(";")[0].strip().lower()
+
+    @property
+    def request_id(self) -> str | None:
+        for name in _REQUEST_ID_HEADERS:
+            if name in self.headers:
+                return self.headers[name]
+        return None
+
+
+@contextmanager
+def _mapped(read_timeout: float) -> Iterator[None]:
+    """Translate aiohttp/OS failures into retryable pipeline errors."""
+    try:
+        yield
+    except aiohttp.ConnectionTimeoutError as e:
+        raise Retryable("connect timeout", "timeout") from e
+    except (aiohttp.ServerTimeoutError, asyncio.TimeoutError, TimeoutError) as e:
+        raise Retryable(f"no data from the server for {read_timeout:g} s", "timeout") from e
+    except aiohttp.ClientPayloadError as e:
+        raise Retryable("connection closed mid-response", "connection") from e
+    except aiohttp.InvalidURL as e:
+        raise RunFatal(f"invalid endpoint URL: {e}", "config", exit_code=2) from e
+    except (aiohttp.ClientError, OSError) as e:
+        raise Retryable(f"connection error: {type(e).__name__}: {e}", "connection") from e
+
+
+class Transport:
+    """An aiohttp session sized to the concurrency; use as an async context manager."""
+
+    def __init__(self, base_url: str, auth_headers: Mapping[str, str], concurrency: int,
+                 connect_timeout: float, read_timeout: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._auth = dict(auth_headers)
+        self._read_timeout = read_timeout
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout,
+                                              sock_read=read_timeout)
+        self._limit = concurrency
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Transport:
+        connector = aiohttp.TCPConnector(limit=self._limit, limit_per_host=self._limit,
+                                         enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout,
+                                              auto_decompress=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @asynccontextmanager
+    async def open(self, req: ApiRequest) -> AsyncIterator[tuple[Head, AsyncIterator[bytes]]]:
+        """POST the request; yield the response head and an iterator over body bytes."""
+        assert self._session is not None, "Transport used outside 'async with'"
+        headers = {"Content-Type": "application/json", **req.headers, **self._auth}
+        url = self.base_url + req.path
+        with _mapped(self._read_timeout):
+            resp = await self._session.post(url, data=req.body, headers=headers)
+        try:
+            head = Head(resp.status, {k.lower(): v for k, v in resp.headers.items()})
+            yield head, self._chunks(resp)
+        finally:
+            if resp.content.at_eof():
+                resp.release()  # fully read: the connection goes back to the pool
+            else:
+                resp.close()  # abandoned mid-body: the connection cannot be reused
+
+    async def _chunks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        with _mapped(self._read_timeout):
+            async for chunk in resp.content.iter_any():
+                yield chunk
+
+    async def read_body(self, chunks: AsyncIterator[bytes]) -> bytes:
+        """A whole (error or JSON) body, capped so a huge page cannot fill memory."""
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in chunks:
+            parts.append(chunk)
+            size += len(chunk)
+            if size >= _MAX_ERROR_BODY:
+                break
+        return b"".join(parts)

@@ -1,0 +1,121 @@
+"""One manifest row end to end: image → request → stream → fold → result row, with retries.
+
+``process`` never raises for a row's problem: every outcome is a result row. Only a
+``RunFatal`` (bad key, unknown model, exhausted quota) propagates, because every other
+row would fail the same way. Text from a failed attempt is discarded: a caption comes
+from exactly one complete attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .adapters.base import Adapter
+from .errors import PipelineError, Retryable, RowFailed, classify_http
+from .images import ImageSource
+from .ratelimit import PauseGate
+from .records import ApiRequest, Completion, ManifestRow, error_row, ok_row
+from .retry import RetryPolicy
+from .settings import Settings
+from .sse import SSEDecoder
+from .transport import Head, Transport
+
+
+class Worker:
+    def __init__(self, settings: Settings, adapter: Adapter, transport: Transport,
+                 images: ImageSource, gate: PauseGate, policy: RetryPolicy,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.settings = settings
+        self.adapter = adapter
+        self.transport = transport
+        self.images = images
+        self.gate = gate
+        self.policy = policy
+        self.clock = clock
+        self.sleep = sleep
+
+    async def process(self, row: ManifestRow) -> dict[str, Any]:
+        if row.error:
+            return error_row(row, row.error, "bad_input")
+        try:
+            image = await self.images.load(row)
+        except RowFailed as e:
+            return error_row(row, e.message, e.error_class)
+        req = self.adapter.build_request(row, image, self.settings)
+        return await self._with_retries(row, req)
+
+    async def _with_retries(self, row: ManifestRow, req: ApiRequest) -> dict[str, Any]:
+        attempts = 0
+        waited: float | None = None
+        while True:
+            await self.gate.wait()
+            attempts += 1
+            start = self.clock()
+            try:
+                completion, head, ttft = await self._attempt(req, start)
+            except Retryable as e:
+                if not self.policy.may_retry(attempts):
+                    return self._failed(row, e, attempts, start, waited,
+                                        suffix=f" (gave up after {attempts} attempts)")
+                delay = self.policy.next_delay(attempts, e.retry_after)
+                if e.retry_after is not None:
+                    waited = delay
+                if e.error_class == "rate_limit":
+                    self.gate.pause(delay)  # one 429 slows the whole pool
+                else:
+                    await self.sleep(delay)
+                continue
+            except RowFailed as e:
+                return self._failed(row, e, attempts, start, waited)
+            return ok_row(row, completion, attempts=attempts, latency_s=self.clock() - start,
+                          ttft_s=ttft, request_id=head.request_id, http_status=head.status,
+                          retry_after_s=waited)
+
+    def _failed(self, row: ManifestRow, e: PipelineError, attempts: int, start: float,
+                waited: float | None, suffix: str = "") -> dict[str, Any]:
+        return error_row(row, e.message + suffix, e.error_class, attempts=attempts,
+                         latency_s=self.clock() - start, http_status=e.http_status,
+                         retry_after_s=waited, request_id=e.request_id)
+
+    async def _attempt(self, req: ApiRequest, start: float
+                       ) -> tuple[Completion, Head, float | None]:
+        async with self.transport.open(req) as (head, chunks):
+            try:
+                if not 200 <= head.status < 300:
+                    body = await self.transport.read_body(chunks)
+                    raise classify_http(head.status, head.headers, body)
+                if head.content_type == "application/json":
+                    return await self._json_body(chunks), head, None
+                completion, first = await self._stream(chunks)
+            except PipelineError as e:
+                e.request_id = head.request_id
+                raise
+        return completion, head, None if first is None else first - start
+
+    async def _stream(self, chunks: Any) -> tuple[Completion, float | None]:
+        state = self.adapter.new_state()
+        decoder = SSEDecoder()
+        clock = self.clock
+        async for chunk in chunks:
+            for event in decoder.feed(chunk):
+                if state.on_event(event, clock()):
+                    return state.finish(), state.first_content_at
+        for event in decoder.finish():
+            if state.on_event(event, clock()):
+                break
+        return state.finish(), state.first_content_at
+
+    async def _json_body(self, chunks: Any) -> Completion:
+        """A 200 with a JSON body instead of a stream: a full completion or an error."""
+        body = await self.transport.read_body(chunks)
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            raise Retryable("HTTP 200 with an unreadable JSON body", "stream_broken",
+                            http_status=200) from None
+        return self.adapter.from_json(doc)
