@@ -1,0 +1,150 @@
+"""Worker logic with a fake transport at the seam: retries, discarding, pausing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.adapters.openai_chat import OpenAIChat
+from pipeline.errors import Retryable, RunFatal
+from pipeline.images import ImageSource
+from pipeline.ratelimit import PauseGate
+from pipeline.records import ApiRequest, ManifestRow
+from pipeline.retry import RetryPolicy
+from pipeline.settings import Secret, Settings
+from pipeline.transport import Head
+from pipeline.worker import Worker
+
+
+def sse(*docs: Any, done: bool = True) -> list[bytes]:
+    out = [f"data: {json.dumps(d)}\n\n".encode() for d in docs]
+    return out + ([b"data: [DONE]\n\n"] if done else [])
+
+
+def text(t: str) -> dict[str, Any]:
+    return {"id": "c", "choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None}]}
+
+
+STOP = {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+
+
+class FakeTransport:
+    """Answers each attempt from a script: (status, headers, chunks) or an exception."""
+
+    def __init__(self, script: list[Any]) -> None:
+        self.script = list(script)
+        self.sent: list[ApiRequest] = []
+
+    @asynccontextmanager
+    async def open(self, req: ApiRequest) -> AsyncIterator[tuple[Head, AsyncIterator[bytes]]]:
+        self.sent.append(req)
+        step = self.script.pop(0)
+        if isinstance(step, Exception):
+            raise step
+        status, headers, chunks = step
+
+        async def body() -> AsyncIterator[bytes]:
+            for c in chunks:
+                if isinstance(c, Exception):
+                    raise c
+                yield c
+
+        yield Head(status, headers), body()
+
+    async def read_body(self, chunks: AsyncIterator[bytes]) -> bytes:
+        return b"".join([c async for c in chunks])
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.t
+
+    async def sleep(self, s: float) -> None:
+        self.sleeps.append(s)
+        self.t += s
+
+
+def make(script: list[Any], tmp_path: Path, retries: int = 3) -> tuple[Worker, FakeTransport,
+                                                                      Clock, PauseGate]:
+    clock = Clock()
+    settings = Settings(manifest=tmp_path / "m.csv", out=tmp_path / "out",
+                        base_url="http://127.0.0.1:1/v1", api_key=Secret("k"))
+    transport = FakeTransport(script)
+    gate = PauseGate(clock=clock, sleep=clock.sleep)
+    policy = RetryPolicy(retries=retries, base=1.0, cap=8.0, rand=lambda: 0.5)
+    w = Worker(settings, OpenAIChat(), transport,  # type: ignore[arg-type]
+               ImageSource(tmp_path, 1 << 20), gate, policy, clock=clock, sleep=clock.sleep)
+    return w, transport, clock, gate
+
+
+ROW = ManifestRow("a", "http://img.test/a.jpg", None, 2, {})
+
+
+async def test_partial_text_of_a_cut_stream_is_discarded_on_retry(tmp_path: Path) -> None:
+    w, t, clock, _ = make([
+        (200, {"content-type": "text/event-stream"},
+         [*sse(text("Half a cap"), done=False), Retryable("reset", "connection")]),
+        (200, {"content-type": "text/event-stream"}, sse(text("Whole."), STOP)),
+    ], tmp_path)
+    row = await w.process(ROW)
+    assert (row["status"], row["caption"], row["attempts"]) == ("ok", "Whole.", 2)
+    assert clock.sleeps == [0.5]  # full jitter: rand 0.5 × min(cap, base·2⁰)
+
+
+async def test_backoff_doubles_and_gives_up_with_the_last_class(tmp_path: Path) -> None:
+    w, _, clock, _ = make([(503, {}, [b"busy"])] * 4, tmp_path, retries=3)
+    row = await w.process(ROW)
+    assert (row["status"], row["error_class"], row["attempts"]) == ("error", "server", 4)
+    assert "gave up after 4 attempts" in row["error"]
+    assert clock.sleeps == [0.5, 1.0, 2.0]
+
+
+async def test_429_retry_after_pauses_the_whole_pool(tmp_path: Path) -> None:
+    w, _, clock, gate = make([
+        (429, {"retry-after": "7"}, [b'{"error":{"message":"slow down"}}']),
+        (200, {"content-type": "text/event-stream"}, sse(text("Ok."), STOP)),
+    ], tmp_path)
+    row = await w.process(ROW)
+    assert (row["status"], row["attempts"], row["retry_after_s"]) == ("ok", 2, 7.0)
+    assert gate.pauses == 1 and clock.sleeps == [7.0]
+
+
+async def test_a_permanent_error_is_not_retried(tmp_path: Path) -> None:
+    w, t, _, _ = make([(400, {}, [b'{"error":{"message":"Invalid image."}}'])], tmp_path)
+    row = await w.process(ROW)
+    assert (row["status"], row["error_class"], row["attempts"]) == ("error", "bad_image", 1)
+    assert len(t.sent) == 1
+
+
+async def test_auth_failure_raises_run_fatal_instead_of_a_row(tmp_path: Path) -> None:
+    w, _, _, _ = make([(401, {}, [b'{"error":{"message":"bad key"}}'])], tmp_path)
+    with pytest.raises(RunFatal):
+        await w.process(ROW)
+
+
+async def test_manifest_row_error_becomes_a_bad_input_row_without_a_request(
+        tmp_path: Path) -> None:
+    w, t, _, _ = make([], tmp_path)
+    bad = ManifestRow("line-3", "", None, 3, {}, error="manifest line 3: empty image cell")
+    row = await w.process(bad)
+    assert (row["status"], row["error_class"], row["line"]) == ("error", "bad_input", 3)
+    assert t.sent == []
+
+
+async def test_json_error_with_status_200_is_retried(tmp_path: Path) -> None:
+    w, _, _, _ = make([
+        (200, {"content-type": "application/json"},
+         [b'{"error":{"message":"upstream failed","type":"server_error"}}']),
+        (200, {"content-type": "text/event-stream"}, sse(text("Fine."), STOP)),
+    ], tmp_path)
+    row = await w.process(ROW)
+    assert (row["status"], row["caption"], row["attempts"]) == ("ok", "Fine.", 2)
