@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="re-attempt rows that earlier runs recorded as errors")
     a("--max-image-bytes", type=int, default=5 * 1024 * 1024,
       help="largest image payload, measured as base64 (default 5 MiB, Claude's limit)")
+    a("--rpm", type=float, help="requests-per-minute budget (default: learn from the "
+                                "server's rate-limit headers, else adapt to 429s)")
+    a("--tpm", type=float, help="tokens-per-minute budget (input + output)")
+    a("--itpm", type=float, help="input-tokens-per-minute budget (Anthropic ITPM)")
+    a("--otpm", type=float, help="output-tokens-per-minute budget (Anthropic OTPM)")
     a("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -93,6 +98,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         connect_timeout=ns.connect_timeout, backoff_base=ns.backoff_base,
         backoff_max=ns.backoff_max, flush_rows=ns.flush_rows, flush_seconds=ns.flush_seconds,
         grace=ns.grace, retry_errors=ns.retry_errors, max_image_bytes=ns.max_image_bytes,
+        rpm=ns.rpm, tpm=ns.tpm, itpm=ns.itpm, otpm=ns.otpm,
     )
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
 
 from .errors import RowFailed
 from .records import ManifestRow, PreparedImage
@@ -83,5 +86,11 @@ class ImageSource:
         if size > self.max_image_bytes:
             raise RowFailed(f"image too large: {size} bytes as base64 > limit "
                             f"{self.max_image_bytes}: {path}", "bad_image")
+        try:
+            with Image.open(io.BytesIO(data)) as im:  # reads the header only
+                width, height = im.size
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise RowFailed(f"corrupt or unreadable {mime} image: {path} ({e})",
+                            "bad_image") from None
         uri = f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
-        return PreparedImage(uri, mime, len(data))
+        return PreparedImage(uri, mime, len(data), width, height)

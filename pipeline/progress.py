@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -48,6 +48,33 @@ class Counters:
         return self.ok + self.failed
 
 
+class RateWindow:
+    """Requests and tokens over the last ``span`` seconds, in per-second buckets."""
+
+    def __init__(self, clock: Callable[[], float], span: int = 60) -> None:
+        self.clock = clock
+        self.span = span
+        self._buckets: deque[list[float]] = deque()  # [second, requests, tokens]
+
+    def add(self, tokens: int) -> None:
+        sec = int(self.clock())
+        if not self._buckets or self._buckets[-1][0] != sec:
+            self._buckets.append([sec, 0, 0])
+        self._buckets[-1][1] += 1
+        self._buckets[-1][2] += tokens
+
+    def per_minute(self) -> tuple[float, float]:
+        now = self.clock()
+        while self._buckets and self._buckets[0][0] <= now - self.span:
+            self._buckets.popleft()
+        if not self._buckets:
+            return 0.0, 0.0
+        elapsed = max(1.0, min(self.span, now - self._buckets[0][0]))
+        reqs = sum(b[1] for b in self._buckets)
+        toks = sum(b[2] for b in self._buckets)
+        return reqs * 60 / elapsed, toks * 60 / elapsed
+
+
 class Progress:
     """Shows progress on stderr; ``update`` is called once per finished row."""
 
@@ -60,6 +87,7 @@ class Progress:
         self.interval = interval
         self._last_line = self.started
         self.total: int | None = None
+        self.rates = RateWindow(clock)
         self.bar: tqdm[Any] | None = None
         if show_bar:
             self.bar = tqdm(total=None, unit="img", file=stream, dynamic_ncols=True,
@@ -71,12 +99,15 @@ class Progress:
             self.bar.total = total
             self.bar.refresh()
 
-    def update(self) -> None:
+    def update(self, tokens: int = 0) -> None:
+        self.rates.add(tokens)
         if self.bar is not None:
             self.bar.update(1)
             if self.c.finished % 8 == 0 or self.c.finished == self.total:
+                rpm, tpm = self.rates.per_minute()
                 self.bar.set_postfix(ok=self.c.ok, failed=self.c.failed,
-                                     tok=self.c.tokens_in + self.c.tokens_out, refresh=False)
+                                     tok=self.c.tokens_in + self.c.tokens_out,
+                                     rpm=f"{rpm:.0f}", tpm=f"{tpm:.0f}", refresh=False)
         elif self.clock() - self._last_line >= self.interval:
             self._last_line = self.clock()
             print(self.status_line(), file=self.stream, flush=True)
@@ -84,8 +115,10 @@ class Progress:
     def status_line(self) -> str:
         wall = max(self.clock() - self.started, 1e-9)
         total = f"/{self.total}" if self.total is not None else ""
+        rpm, tpm = self.rates.per_minute()
         return (f"progress: {self.c.finished}{total} rows, ok={self.c.ok} "
-                f"failed={self.c.failed}, {self.c.finished / wall:.2f} img/s")
+                f"failed={self.c.failed}, {self.c.finished / wall:.2f} img/s, "
+                f"{rpm:.0f} req/min, {tpm:.0f} tokens/min")
 
     def close(self) -> None:
         if self.bar is not None:

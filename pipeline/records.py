@@ -76,6 +76,8 @@ class PreparedImage:
     url: str
     mime: str | None
     sent_bytes: int | None
+    width: int | None = None    # as sent; None for a pass-through URL
+    height: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,8 @@ class ApiRequest:
     path: str
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
+    est_input_tokens: int = 0   # for the token budgets; reconciled with reported usage
+    est_output_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,7 @@ from .errors import RunFatal
 from .images import ImageSource
 from .manifest import Manifest
 from .progress import Counters, Progress
-from .ratelimit import PauseGate
+from .ratelimit import Budgets, Limiter
 from .records import ManifestRow, output_schema
 from .retry import RetryPolicy
 from .settings import Settings
@@ -113,10 +113,12 @@ class Run:
                               self.s.concurrency, self.s.connect_timeout, self.s.read_timeout)
         policy = RetryPolicy(self.s.retries, self.s.backoff_base, self.s.backoff_max,
                              self.s.max_retry_after)
+        self.limiter = Limiter(Budgets(self.s.rpm, self.s.tpm, self.s.itpm, self.s.otpm),
+                               self.s.concurrency)
         async with transport:
             worker = Worker(self.s, adapter, transport,
                             ImageSource(self.s.manifest.parent, self.s.max_image_bytes),
-                            PauseGate(), policy)
+                            self.limiter, policy)
             await self._run_pool(manifest, resume.done, worker, sink)
         self.progress.close()
         if not self.halting:
@@ -207,7 +209,7 @@ class Run:
             if isinstance(item, dict):
                 sink.add(item)
                 self.counters.record(item)
-                self.progress.update()
+                self.progress.update(item.get("total_tokens") or 0)
             if sink.due:
                 await asyncio.to_thread(sink.write, sink.take())
         await asyncio.to_thread(sink.write, sink.take())

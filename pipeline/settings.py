@@ -62,6 +62,10 @@ class Settings:
     grace: float = 30.0
     retry_errors: bool = False
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    rpm: float | None = None    # budgets per minute; None = learn from headers / adapt
+    tpm: float | None = None
+    itpm: float | None = None
+    otpm: float | None = None
 
     def __post_init__(self) -> None:
         _positive("--concurrency", self.concurrency)
@@ -75,6 +79,9 @@ class Settings:
         _non_negative("--backoff-max", self.backoff_max)
         _non_negative("--grace", self.grace)
         _positive("--flush-seconds", self.flush_seconds)
+        for name in ("rpm", "tpm", "itpm", "otpm"):
+            if getattr(self, name) is not None:
+                _positive(f"--{name}", getattr(self, name))
         if self.limit is not None:
             _non_negative("--limit", self.limit)
         if self.temperature is not None and not 0 <= self.temperature <= 2:

@@ -51,6 +51,8 @@ TOKENS_PER_MESSAGE = 4
 # http(s) images are never fetched; they are priced as if they were this size.
 URL_IMAGE_SIZE = (1024, 768)
 ANTHROPIC_MEDIA_TYPES = {"image/jpeg", "image/png", "image/gif", "image/webp"}
+# Pillow names multi-picture camera JPEGs "MPO"; on the wire they are plain image/jpeg.
+_FORMAT_MIME = {"MPO": "image/jpeg"}
 
 NAMED_COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (0, 0, 0),
@@ -323,9 +325,10 @@ def _anthropic_image(source: Any, where: str) -> ImageInfo:
     info = inspect_image(data) if data else None
     if info is None:
         raise InvalidImage(f"{where}.image.source.base64: image cannot be empty")
-    if f"image/{info.fmt.lower()}" != media_type:
+    if _FORMAT_MIME.get(info.fmt, f"image/{info.fmt.lower()}") != media_type:
         # The real API checks the declared type against the bytes; so does the simulator.
-        raise InvalidImage(f"{where}.image.source.base64: Image does not match the provided media type {media_type}")
+        message = f"Image does not match the provided media type {media_type}"
+        raise InvalidImage(f"{where}.image.source.base64: {message}")
     return info
 
 

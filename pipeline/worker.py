@@ -17,7 +17,7 @@ from typing import Any
 from .adapters.base import Adapter
 from .errors import PipelineError, Retryable, RowFailed, classify_http
 from .images import ImageSource
-from .ratelimit import PauseGate
+from .ratelimit import Limiter
 from .records import ApiRequest, Completion, ManifestRow, error_row, ok_row
 from .retry import RetryPolicy
 from .settings import Settings
@@ -27,14 +27,14 @@ from .transport import Head, Transport
 
 class Worker:
     def __init__(self, settings: Settings, adapter: Adapter, transport: Transport,
-                 images: ImageSource, gate: PauseGate, policy: RetryPolicy,
+                 images: ImageSource, limiter: Limiter, policy: RetryPolicy,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.settings = settings
         self.adapter = adapter
         self.transport = transport
         self.images = images
-        self.gate = gate
+        self.limiter = limiter
         self.policy = policy
         self.clock = clock
         self.sleep = sleep
@@ -53,12 +53,14 @@ class Worker:
         attempts = 0
         waited: float | None = None
         while True:
-            await self.gate.wait()
+            permit = await self.limiter.acquire(req.est_input_tokens, req.est_output_tokens)
             attempts += 1
             start = self.clock()
             try:
                 completion, head, ttft = await self._attempt(req, start)
             except Retryable as e:
+                throttled = e.error_class in ("rate_limit", "overloaded")
+                self.limiter.finish(permit, "throttled" if throttled else "error")
                 if not self.policy.may_retry(attempts):
                     return self._failed(row, e, attempts, start, waited,
                                         suffix=f" (gave up after {attempts} attempts)")
@@ -66,12 +68,17 @@ class Worker:
                 if e.retry_after is not None:
                     waited = delay
                 if e.error_class == "rate_limit":
-                    self.gate.pause(delay)  # one 429 slows the whole pool
+                    self.limiter.gate.pause(delay)  # one 429 slows the whole pool
                 else:
                     await self.sleep(delay)
                 continue
-            except RowFailed as e:
-                return self._failed(row, e, attempts, start, waited)
+            except BaseException as e:  # RowFailed, RunFatal, cancellation
+                self.limiter.finish(permit, "error")
+                if isinstance(e, RowFailed):
+                    return self._failed(row, e, attempts, start, waited)
+                raise
+            u = completion.usage
+            self.limiter.finish(permit, "ok", u and u.prompt_tokens, u and u.completion_tokens)
             return ok_row(row, completion, attempts=attempts, latency_s=self.clock() - start,
                           ttft_s=ttft, request_id=head.request_id, http_status=head.status,
                           retry_after_s=waited)
@@ -85,6 +92,7 @@ class Worker:
     async def _attempt(self, req: ApiRequest, start: float
                        ) -> tuple[Completion, Head, float | None]:
         async with self.transport.open(req) as (head, chunks):
+            self.limiter.observe(head.headers)
             try:
                 if not 200 <= head.status < 300:
                     body = await self.transport.read_body(chunks)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import PipelineError, Retryable, RowFailed, classify_stream_error
 from ..records import ApiRequest, Completion, ManifestRow, PreparedImage, Usage
 from ..sse import Event
+from ..tokens import image_tokens, text_tokens
 from .base import normalize_finish
 
 if TYPE_CHECKING:
@@ -180,8 +181,10 @@ class OpenAIChat:
         }
         if settings.temperature is not None:
             body["temperature"] = settings.temperature
+        size = (image.width, image.height) if image.width and image.height else None
+        est_in = image_tokens(settings.model, size) + text_tokens(prompt, settings.system)
         return ApiRequest(self.path, json.dumps(body, ensure_ascii=False).encode(),
-                          {"Accept": "text/event-stream"})
+                          {"Accept": "text/event-stream"}, est_in, settings.max_tokens)
 
     def new_state(self) -> ChatStreamState:
         return ChatStreamState()

@@ -13,7 +13,7 @@ import pytest
 from pipeline.adapters.openai_chat import OpenAIChat
 from pipeline.errors import Retryable, RunFatal
 from pipeline.images import ImageSource
-from pipeline.ratelimit import PauseGate
+from pipeline.ratelimit import Budgets, Limiter
 from pipeline.records import ApiRequest, ManifestRow
 from pipeline.retry import RetryPolicy
 from pipeline.settings import Secret, Settings
@@ -74,12 +74,12 @@ class Clock:
 
 
 def make(script: list[Any], tmp_path: Path, retries: int = 3) -> tuple[Worker, FakeTransport,
-                                                                      Clock, PauseGate]:
+                                                                      Clock, Limiter]:
     clock = Clock()
     settings = Settings(manifest=tmp_path / "m.csv", out=tmp_path / "out",
                         base_url="http://127.0.0.1:1/v1", api_key=Secret("k"))
     transport = FakeTransport(script)
-    gate = PauseGate(clock=clock, sleep=clock.sleep)
+    gate = Limiter(Budgets(), 4, clock=clock, sleep=clock.sleep)
     policy = RetryPolicy(retries=retries, base=1.0, cap=8.0, rand=lambda: 0.5)
     w = Worker(settings, OpenAIChat(), transport,  # type: ignore[arg-type]
                ImageSource(tmp_path, 1 << 20), gate, policy, clock=clock, sleep=clock.sleep)
@@ -115,7 +115,7 @@ async def test_429_retry_after_pauses_the_whole_pool(tmp_path: Path) -> None:
     ], tmp_path)
     row = await w.process(ROW)
     assert (row["status"], row["attempts"], row["retry_after_s"]) == ("ok", 2, 7.0)
-    assert gate.pauses == 1 and clock.sleeps == [7.0]
+    assert gate.gate.pauses == 1 and clock.sleeps == [7.0]
 
 
 async def test_a_permanent_error_is_not_retried(tmp_path: Path) -> None:
