@@ -20,6 +20,7 @@ import json
 import re
 import time
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from typing import Any
 
 __all__ = [
@@ -75,6 +76,12 @@ _RETRY_STATUS = {408: "timeout", 409: "server", 425: "server", 429: "rate_limit"
                  520: "server", 521: "server", 522: "timeout", 524: "timeout",
                  529: "overloaded"}
 _IMAGE_WORDS = re.compile(r"image|media type|base64", re.I)
+_MODERATION = re.compile(r"moderation|flagged", re.I)
+_TRY_AGAIN = re.compile(r"try again in (\d+(?:\.\d+)?)(ms|s)\b", re.I)
+_RESET_HEADERS = [(f"x-ratelimit-remaining-{k}", f"x-ratelimit-reset-{k}")
+                  for k in ("requests", "tokens")] + [
+                 (f"anthropic-ratelimit-{k}-remaining", f"anthropic-ratelimit-{k}-reset")
+                 for k in ("requests", "tokens", "input-tokens", "output-tokens")]
 _TOO_LARGE = re.compile(r"request too large", re.I)
 
 
@@ -123,7 +130,11 @@ def classify_http(status: int, headers: Mapping[str, str], body: bytes,
     msg = f"HTTP {status}: {error_message(doc, body)}"
     etype, code, detail = _error_fields(doc)
     retry_after = parse_retry_after(headers, now)
+    if retry_after is None and status == 429:
+        retry_after = _reset_hint(headers, now) or _message_hint(msg)
     kw: dict[str, Any] = {"http_status": status}
+    if status == 403 and _MODERATION.search(msg):  # OpenRouter: this input was flagged
+        return RowFailed(msg, "refused", **kw)
     if status in (401, 403) or etype in ("authentication_error", "permission_error"):
         return RunFatal(f"authentication failed ({msg})", "auth", http_status=status)
     if status == 402 or etype == "billing_error":
@@ -144,6 +155,25 @@ def classify_http(status: int, headers: Mapping[str, str], body: bytes,
         return Retryable(msg, _RETRY_STATUS.get(status, "server"),
                          retry_after=retry_after, **kw)
     return RowFailed(msg, _row_class(status, msg), **kw)
+
+
+def _reset_hint(headers: Mapping[str, str], now: float | None) -> float | None:
+    """A 429 without Retry-After: wait for the reset of the exhausted bucket."""
+    waits = []
+    for remaining, reset in _RESET_HEADERS:
+        if reset in headers and headers.get(remaining, "0").strip() in ("0", "0.0"):
+            wait = parse_duration(headers[reset], now)
+            if wait is not None:
+                waits.append(wait)
+    return max(waits) if waits else None
+
+
+def _message_hint(msg: str) -> float | None:
+    """OpenAI's "Please try again in 1.146s." when no header says how long."""
+    m = _TRY_AGAIN.search(msg)
+    if not m:
+        return None
+    return float(m.group(1)) / (1000 if m.group(2).lower() == "ms" else 1)
 
 
 def _row_class(status: int, msg: str) -> str:
@@ -197,9 +227,11 @@ def parse_duration(value: str, now: float | None = None) -> float | None:
             return max(0.0, num - now)
         return max(0.0, num)
     try:
-        ts = email.utils.parsedate_to_datetime(v).timestamp()
+        when = email.utils.parsedate_to_datetime(v)
+        if when.tzinfo is None:  # asctime dates carry no zone; HTTP dates are GMT
+            when = when.replace(tzinfo=timezone.utc)
+        ts = when.timestamp()
     except (TypeError, ValueError, IndexError):
-        from datetime import datetime
         try:
             ts = datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
         except ValueError:

@@ -1,10 +1,11 @@
 """Stream the manifest CSV one record at a time, turning each into a ``ManifestRow``.
 
 Memory stays flat whatever the manifest size: the file is read line by line and
-nothing is kept but the current record. A bad line never stops the run: it becomes a
-row with ``error`` set (and its line number), which the worker records as an error
-row. Only a manifest that cannot be read at all (missing, not CSV, no ``image``
-column) is a ``RunFatal`` with exit code 2.
+nothing is kept but the current record (plus at most ``_MAX_RECORD_LINES`` look-ahead
+lines). A bad line never stops the run: it becomes a row with ``error`` set (and its
+line number), which the worker records as an error row, and it costs that line only.
+Only a manifest that cannot be read at all (missing, not CSV, no ``image`` column,
+clashing column names) is a ``RunFatal`` with exit code 2.
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ from .records import BASE_NAMES, ManifestRow
 __all__ = ["Manifest", "derive_id"]
 
 _MAX_RECORD_LINES = 50  # a quoted field may span lines, but an unclosed quote must not eat the file
+_MAX_LINE_BYTES = 1 << 20  # a file without newlines must not be read whole into one "line"
+_CORE = ("id", "image", "prompt")
 _SCHEMES_OK = ("http://", "https://")
+
+Line = tuple[int, bytes]  # (physical line number, raw bytes with their line ending)
 
 
 def derive_id(image: str) -> str:
@@ -34,6 +39,10 @@ def _fatal(path: Path, problem: str) -> RunFatal:
     return RunFatal(f"manifest {path}: {problem}", "manifest", exit_code=2)
 
 
+class _BadLine(Exception):
+    """Why a line is unusable; it becomes the error of that line's row."""
+
+
 class Manifest:
     """A manifest file: its header, validated at construction, and a row iterator."""
 
@@ -41,18 +50,30 @@ class Manifest:
         self.path = path
         self.columns = self._read_header()
         self.has_id = "id" in self.columns
-        self.extra_columns = [self._extra_name(c) for c in self.columns
-                              if c not in ("id", "image", "prompt")]
+        self._extras = self._extra_names()  # (manifest column, output column) pairs
+        self.extra_columns = [name for _, name in self._extras]
 
-    @staticmethod
-    def _extra_name(col: str) -> str:
-        # A manifest column named like an output column must not overwrite it.
-        return f"manifest_{col}" if col in BASE_NAMES else col
+    def _extra_names(self) -> list[tuple[str, str]]:
+        # A manifest column named like an output column must not overwrite it, so it is
+        # renamed; the new name must not land on another manifest column either, or one
+        # value would silently replace the other in every row.
+        owner: dict[str, str] = {}
+        for col in self.columns:
+            if col in _CORE:
+                continue
+            name = f"manifest_{col}" if col in BASE_NAMES else col
+            if name in owner:
+                renamed = col if name != col else owner[name]
+                raise _fatal(self.path, f"line 1: column {renamed!r} is an output column name, so "
+                                        f"it is stored as {name!r}, which clashes with the "
+                                        f"manifest's own {name!r} column; rename one of them")
+            owner[name] = col
+        return [(col, name) for name, col in owner.items()]
 
     def _read_header(self) -> list[str]:
         try:
             with self.path.open("rb") as f:
-                first = f.readline(1 << 20)
+                first = f.readline(_MAX_LINE_BYTES)
         except FileNotFoundError:
             raise _fatal(self.path, "file not found") from None
         except IsADirectoryError:
@@ -61,6 +82,8 @@ class Manifest:
             raise _fatal(self.path, f"cannot be read ({e.strerror})") from None
         if not first.strip():
             raise _fatal(self.path, "is empty (expected a CSV header with an 'image' column)")
+        if _too_long(first):
+            raise _fatal(self.path, "line 1: longer than 1 MiB, not a CSV header")
         try:
             text = first.decode("utf-8-sig")
         except UnicodeDecodeError:
@@ -79,82 +102,135 @@ class Manifest:
 
     def __iter__(self) -> Iterator[ManifestRow]:
         with self.path.open("rb") as f:
-            f.readline(1 << 20)  # header
-            yield from self._records(f)
+            lines = _numbered_lines(f)
+            next(lines, None)  # the header, validated at construction
+            # Lines read ahead by a failed multi-line join; they are re-read as records.
+            ahead: deque[Line] = deque()
+            while (item := ahead.popleft() if ahead else next(lines, None)) is not None:
+                row = self._record(item, ahead, lines)
+                if row is not None:
+                    yield row
 
-    def _records(self, f: BinaryIO) -> Iterator[ManifestRow]:
-        """Group physical lines into CSV records; an unclosed quote costs one line only."""
-        pending: deque[tuple[int, bytes]] = deque()
-        lineno = 1
-        source = iter(f)
-        while True:
-            if not pending:
-                raw = next(source, None)
-                if raw is None:
-                    return
-                lineno += 1
-                pending.append((lineno, raw))
-            start, _ = pending[0]
-            while pending_quotes_open(pending) and len(pending) < _MAX_RECORD_LINES:
-                raw = next(source, None)
-                if raw is None:
-                    break
-                lineno += 1
-                pending.append((lineno, raw))
-            if pending_quotes_open(pending):
-                _, first = pending.popleft()  # the following lines are re-read as records
-                row = self._bad(start, "unterminated quote", first)
-            else:
-                data = b"".join(raw for _, raw in pending)
-                pending.clear()
-                row = self._parse(start, data)
-            if row is not None:
-                yield row
-
-    def _parse(self, line: int, data: bytes) -> ManifestRow | None:
-        if not data.strip():
+    def _record(self, item: Line, ahead: deque[Line], lines: Iterator[Line]) -> ManifestRow | None:
+        lineno, raw = item
+        if not raw.strip():
             return None
         try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            return self._bad(line, f"not valid UTF-8 (byte 0x{data[e.start]:02x} at "
-                                   f"column {e.start + 1})", data)
-        try:
-            fields = next(csv.reader([text], strict=True))
-        except (csv.Error, StopIteration) as e:
-            return self._bad(line, f"malformed CSV ({e})", data)
-        if len(fields) != len(self.columns):
-            return self._bad(line, f"expected {len(self.columns)} fields, found {len(fields)}",
-                             data)
-        return self._row(line, dict(zip(self.columns, fields)))
+            text = _decode(raw)
+            fields = _split(text)
+            if fields is None:  # a quoted field is still open: it may end on a later line
+                fields = self._join(text, ahead, lines)
+            elif len(fields) != len(self.columns):
+                raise _BadLine(f"expected {len(self.columns)} fields, found {len(fields)}")
+        except _BadLine as e:
+            return self._bad(lineno, str(e), raw)
+        return self._row(lineno, dict(zip(self.columns, fields)))
+
+    def _join(self, text: str, ahead: deque[Line], lines: Iterator[Line]) -> list[str]:
+        """Fields of the record begun by ``text`` and completed by the next lines.
+
+        Accepted only when the joined lines parse strictly as ONE record with the right
+        field count; otherwise the first line alone is bad and the look-ahead lines stay
+        in ``ahead`` to be read as records of their own (a stray quote costs one line).
+        """
+        parts = [text]
+        for i in range(_MAX_RECORD_LINES - 1):
+            if i == len(ahead) and not _read_one(ahead, lines):
+                break
+            try:
+                parts.append(_decode(ahead[i][1]))
+                fields = _split("".join(parts))
+            except _BadLine:
+                break  # an error before the end of the text: more lines cannot fix it
+            if fields is None:
+                continue
+            if len(fields) != len(self.columns):
+                break
+            for _ in range(i + 1):
+                ahead.popleft()
+            return fields
+        raise _BadLine(f"unclosed quote (no valid record ends within {_MAX_RECORD_LINES} lines)")
 
     def _row(self, line: int, rec: dict[str, str]) -> ManifestRow:
         image = rec["image"].strip()
         rid = rec.get("id", "").strip() if self.has_id else ""
         prompt = (rec.get("prompt") or "").strip() or None
-        extra: dict[str, str | None] = {self._extra_name(c): rec[c] for c in self.columns
-                                        if c not in ("id", "image", "prompt")}
+        extra: dict[str, str | None] = {name: rec[col] for col, name in self._extras}
         error = image_ref_problem(image)
         if not rid:
             rid = derive_id(image) if image else f"line-{line}"
         return ManifestRow(rid, image, prompt, line, extra, error=error)
 
-    def _bad(self, line: int, problem: str, data: bytes) -> ManifestRow:
+    def _bad(self, line: int, problem: str, raw: bytes) -> ManifestRow:
         """A row for an unusable line; keep its id when a lenient parse can find one."""
-        rid = ""
-        if self.has_id and data:
-            text = data.decode("utf-8", "replace")
-            fields = next(csv.reader([text]), [])
-            if len(fields) == len(self.columns):
-                rid = fields[self.columns.index("id")].strip()
+        rid = self._lenient_id(raw) if self.has_id else ""
         extra: dict[str, str | None] = {c: None for c in self.extra_columns}
         return ManifestRow(rid or f"line-{line}", "", None, line, extra,
                            error=f"manifest line {line}: {problem}")
 
+    def _lenient_id(self, raw: bytes) -> str:
+        # Best effort only, so it must never raise: this line already failed the strict parse.
+        text = raw.decode("utf-8", "replace").rstrip("\r\n").replace("\r", " ")
+        try:
+            fields = next(csv.reader([text]), [])
+        except csv.Error:
+            return ""
+        return fields[self.columns.index("id")].strip() if len(fields) == len(self.columns) else ""
 
-def pending_quotes_open(pending: deque[tuple[int, bytes]]) -> bool:
-    """True while the record's double quotes are unbalanced (a quoted field goes on)."""
-    return sum(raw.count(b'"') for _, raw in pending) % 2 == 1
+
+def _numbered_lines(f: BinaryIO) -> Iterator[Line]:
+    """Physical lines, numbered from 1; an over-long line is cut (``_decode`` rejects it)."""
+    lineno = 0
+    while raw := f.readline(_MAX_LINE_BYTES):
+        lineno += 1
+        if _too_long(raw):
+            while (rest := f.readline(_MAX_LINE_BYTES)) and _too_long(rest):
+                pass  # skip the rest of the line without holding it
+        yield lineno, raw
+
+
+def _read_one(ahead: deque[Line], lines: Iterator[Line]) -> bool:
+    item = next(lines, None)
+    if item is not None:
+        ahead.append(item)
+    return item is not None
+
+
+def _too_long(raw: bytes) -> bool:
+    return len(raw) >= _MAX_LINE_BYTES and not raw.endswith(b"\n")
+
+
+def _decode(raw: bytes) -> str:
+    if _too_long(raw):
+        raise _BadLine(f"line longer than {_MAX_LINE_BYTES >> 20} MiB")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _BadLine(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                       ) from None
+
+
+def _split(text: str) -> list[str] | None:
+    """The fields of ``text`` parsed strictly as one record; None if a quoted field is open.
+
+    The reader asks for another line only when the text ends inside a quoted field, so
+    that request (not the wording of csv's error) tells "open" from "malformed".
+    """
+    wanted_more = False
+
+    def source() -> Iterator[str]:
+        nonlocal wanted_more
+        yield text
+        wanted_more = True
+
+    try:
+        return next(csv.reader(source(), strict=True))
+    except csv.Error as e:
+        if wanted_more:
+            return None
+        if "\r" in text.rstrip("\r\n"):  # csv's own message blames the file's open mode
+            raise _BadLine("malformed CSV (stray carriage return inside a field)") from None
+        raise _BadLine(f"malformed CSV ({e})") from None
 
 
 def image_ref_problem(image: str) -> str | None:

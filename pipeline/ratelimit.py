@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -142,6 +143,60 @@ class AdaptiveConcurrency:
             self.limit = max(1.0, self.limit / 2)
 
 
+class AdaptiveRate:
+    """A request rate found by probing when neither user nor headers give one.
+
+    On a 429 for a request sent after the last cut (those sent before it were paced
+    at the old rate and say nothing new) the rate becomes the lower of ``cut`` times
+    itself and just under the rate the server accepted over the last ``span``
+    seconds, which, once the server's initial burst allowance is spent, is the
+    server's own refill rate.
+    Every second without a 429 raises it by ``gain`` of the rate at the last cut, so
+    the rate oscillates just under the limit.
+    """
+
+    def __init__(self, clock: Clock, cut: float = 0.8, gain: float = 0.1,
+                 span: float = 1.0) -> None:
+        self.clock = clock
+        self.cut, self.gain, self.span = cut, gain, span
+        self.settle = 0.1  # the server's bucket needs a moment to refill after a cut
+        self.bucket: TokenBucket | None = None
+        self._ok: deque[float] = deque()
+        self._last_cut = -1e9
+        self._base = 0.0
+        self._t = clock()
+
+    def on_success(self) -> None:
+        now = self.clock()
+        self._ok.append(now)
+        while self._ok and self._ok[0] < now - self.span:
+            self._ok.popleft()
+        if self.bucket is not None:
+            self.bucket.set_rate(self.bucket.rate * (1 + self.gain * (now - self._t)))
+        self._t = now
+
+    def on_throttle(self, sent_at: float) -> TokenBucket | None:
+        now = self.clock()
+        if sent_at < self._last_cut + self.settle:
+            return None
+        previous_cut, self._last_cut, self._t = self._last_cut, now, now
+        while self._ok and self._ok[0] < now - self.span:
+            self._ok.popleft()
+        accepted = len(self._ok) / self.span
+        if self.bucket is None:
+            self.bucket = TokenBucket(max(0.2, 0.5 * accepted), self.clock, learned=True)
+        else:
+            # Still rejected soon after a cut: far above the limit, so halve (the
+            # slow 0.8 cut is for probing just above it).
+            cut = 0.5 if now - previous_cut < self.span else self.cut
+            rate = self.bucket.rate * cut
+            if len(self._ok) >= 5:  # enough evidence of what the server accepts
+                rate = min(rate, 0.95 * accepted)
+            self.bucket.set_rate(max(0.05, rate))
+        self._base = self.bucket.rate
+        return self.bucket
+
+
 @dataclass(frozen=True)
 class Budgets:
     """User budgets per minute; None = learn from headers (or adapt)."""
@@ -154,8 +209,10 @@ class Budgets:
 
 @dataclass
 class Permit:
-    cost_in: int
+    cost_in: int      # charged: the estimate times the learned input scale
     cost_out: int
+    estimate_in: int  # the raw estimate, to learn the scale from
+    sent_at: float = 0.0
 
 
 # header kind → bucket name; OpenAI, Anthropic, and LiteLLM's re-emitted copies.
@@ -198,6 +255,7 @@ class Limiter:
         self.buckets: dict[str, TokenBucket] = {
             name: TokenBucket(per_minute / 60.0, clock)
             for name, per_minute in vars(budgets).items() if per_minute}
+        self.adaptive = AdaptiveRate(clock)
         self.input_scale = 1.0  # learned ratio of reported to estimated input tokens
         self._pacer = asyncio.Lock()
         self.throttled = 0
@@ -208,7 +266,7 @@ class Limiter:
                 "otpm": p.cost_out}
 
     async def acquire(self, est_in: int, est_out: int) -> Permit:
-        permit = Permit(round(est_in * self.input_scale), est_out)
+        permit = Permit(round(est_in * self.input_scale), est_out, est_in)
         await self.gate.wait()
         await self.slots.acquire()
         try:
@@ -228,6 +286,7 @@ class Limiter:
         except BaseException:
             self.slots.release()
             raise
+        permit.sent_at = self.clock()
         return permit
 
     def observe(self, headers: Mapping[str, str]) -> None:
@@ -247,22 +306,22 @@ class Limiter:
                completion_tokens: int | None = None) -> None:
         """Release the slot and reconcile the token buckets with what really happened.
 
-        ``outcome``: "ok", "throttled" (429/overload: the request was not served) or
-        "error" (served, but no usable usage).
+        ``outcome``: "ok", "throttled" (429) or "overloaded" (529/503): the request was
+        not served, or "error" (served, but no usable usage).
         """
         self.slots.release()
         refund = {"tpm": 0.0, "itpm": 0.0, "otpm": 0.0}
-        if outcome == "throttled":
+        if outcome in ("throttled", "overloaded"):
             self.throttled += 1
-            self.slots.on_throttle()
+            self._on_throttle(outcome, permit.sent_at)
             refund = {"tpm": permit.cost_in + permit.cost_out, "itpm": permit.cost_in,
                       "otpm": permit.cost_out}
         elif prompt_tokens is not None and completion_tokens is not None:
             refund = {"tpm": permit.cost_in + permit.cost_out - prompt_tokens - completion_tokens,
                       "itpm": permit.cost_in - prompt_tokens,
                       "otpm": permit.cost_out - completion_tokens}
-            if permit.cost_in > 0 and prompt_tokens > 0:
-                ratio = prompt_tokens / (permit.cost_in / self.input_scale)
+            if permit.estimate_in > 0 and prompt_tokens > 0:
+                ratio = prompt_tokens / permit.estimate_in
                 self.input_scale = 0.9 * self.input_scale + 0.1 * ratio
         else:
             refund["otpm"] = refund["tpm"] = permit.cost_out  # reserved output never came
@@ -271,3 +330,16 @@ class Limiter:
                 self.buckets[name].credit(amount)
         if outcome == "ok":
             self.slots.on_success()
+            self.adaptive.on_success()
+
+    def _on_throttle(self, outcome: str, sent_at: float) -> None:
+        """A 429 means "too fast": adapt the rate unless a budget already sets it.
+        An overload (529/503) means "too busy": halve the requests in flight."""
+        if outcome == "overloaded":
+            self.slots.on_throttle()
+            return
+        rpm = self.buckets.get("rpm")
+        if rpm is None or rpm is self.adaptive.bucket:
+            bucket = self.adaptive.on_throttle(sent_at)
+            if bucket is not None:
+                self.buckets["rpm"] = bucket

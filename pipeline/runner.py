@@ -41,7 +41,7 @@ from .retry import RetryPolicy
 from .settings import Settings
 from .sink import ParquetSink, compact
 from .transport import Transport
-from .worker import Worker
+from .worker import Interrupted, Worker
 
 log = logging.getLogger("pipeline")
 
@@ -87,7 +87,6 @@ class Run:
         self.queue: asyncio.Queue[ManifestRow | None] = asyncio.Queue(2 * settings.concurrency)
         self.results: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self.workers: list[asyncio.Task[None]] = []
-        self._busy: set[asyncio.Task[Any] | None] = set()
         self._stop_now = asyncio.Event()
 
     @property
@@ -118,7 +117,8 @@ class Run:
         async with transport:
             worker = Worker(self.s, adapter, transport,
                             ImageSource(self.s.manifest.parent, self.s.max_image_bytes),
-                            self.limiter, policy)
+                            self.limiter, policy, should_stop=lambda: self.halting)
+            self.worker = worker
             await self._run_pool(manifest, resume.done, worker, sink)
         self.progress.close()
         if not self.halting:
@@ -144,12 +144,20 @@ class Run:
     async def _wait_workers(self, producer: asyncio.Task[None]) -> None:
         workers = asyncio.gather(*self.workers)
         stop = asyncio.create_task(self._stop_now.wait())
-        await asyncio.wait([workers, stop], return_when=asyncio.FIRST_COMPLETED)
+        waiting: set[asyncio.Future[Any]] = {workers, stop, producer}
+        while not (workers.done() or stop.done()):
+            done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if producer in done and not producer.cancelled() and producer.exception():
+                # The manifest could not be read on: no row is lost, stop cleanly.
+                exc = producer.exception()
+                self.fatal = RunFatal(f"manifest {self.s.manifest}: reading stopped: {exc}",
+                                      "manifest", exit_code=2)
+                self._stop_now.set()
         if not workers.done():
             producer.cancel()
-            if self.fatal is None:  # a signal: idle workers go now, busy ones get the grace
+            if self.fatal is None:  # a signal: rows mid-request get the grace, others go now
                 for t in self.workers:
-                    if t not in self._busy:
+                    if t not in self.worker.in_request:
                         t.cancel()
                 await asyncio.wait([workers], timeout=self.s.grace)
             for t in self.workers:
@@ -182,20 +190,18 @@ class Run:
             await self.queue.put(_DONE)
 
     async def _worker_loop(self, worker: Worker) -> None:
-        me = asyncio.current_task()
         while not self.halting:
             row = await self.queue.get()
             if row is None:
                 return
-            self._busy.add(me)
             try:
                 result = await worker.process(row)
+            except Interrupted:
+                return  # the row stays pending for the next run
             except RunFatal as e:
                 self.fatal = self.fatal or e
                 self._stop_now.set()
                 return
-            finally:
-                self._busy.discard(me)
             await self.results.put(result)
 
     async def _sink_loop(self, sink: ParquetSink) -> None:

@@ -40,7 +40,10 @@ from pipeline.sim_captions import (
     split_tokens,
 )
 
-__all__ = ["FAULT_MODES", "STATS", "SimConfig", "SimStats", "build_app", "main", "start"]
+__all__ = [
+    "CONFIG", "FAULT_MODES", "LIMITS", "STATS", "RateLimits", "SimConfig", "SimStats",
+    "TokenBucket", "build_app", "go_duration", "main", "start",
+]  # fmt: skip
 
 FAULT_MODES = (
     "429", "500", "502html", "503", "529",
@@ -53,7 +56,8 @@ MAX_BODY_BYTES = 32 * 1024 * 1024  # the Messages API request limit (reference 6
 _DONE = b"data: [DONE]\n\n"
 _HTML_502 = (
     "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
-    "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+    "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    "</body>\r\n</html>\r\n"
 )
 
 
@@ -104,6 +108,7 @@ class SimStats:
     in_flight: int = 0
     max_in_flight: int = 0
     accepted_at: list[float] = field(default_factory=list)  # time.monotonic() at admission
+    rejected_at: list[float] = field(default_factory=list)  # time.monotonic() of each 429
     statuses: Counter[int] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
 
@@ -207,15 +212,18 @@ class ApiError(Exception):
     ) -> None:  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
-        self.openai_type, self.anthropic_type, self.retry_after = openai_type, anthropic_type, retry_after
+        self.openai_type, self.anthropic_type = openai_type, anthropic_type
+        self.retry_after = retry_after
 
 
 def _fault_error(fault: str) -> ApiError:
     if fault == "429":
         message = "Rate limit reached for requests (simulated fault). Please try again in 1s."
-        return ApiError(429, message, "requests", "rate_limit_error", "rate_limit_exceeded", retry_after=1.0)
+        code = "rate_limit_exceeded"
+        return ApiError(429, message, "requests", "rate_limit_error", code, retry_after=1.0)
     if fault == "503":
-        return ApiError(503, "The server is overloaded or not ready yet.", "server_error", "api_error", retry_after=1.0)
+        message = "The server is overloaded or not ready yet."
+        return ApiError(503, message, "server_error", "api_error", retry_after=1.0)
     if fault == "529":
         return ApiError(529, "Overloaded", "overloaded_error", "overloaded_error")
     message = "The server had an error while processing your request. Sorry about that!"
@@ -259,8 +267,9 @@ class Plan:
 
 @dataclass(frozen=True)
 class Job:
-    """A parsed, admitted request."""
+    """A parsed request: what to answer and how to frame it."""
 
+    request_id: str
     model: str
     prompt: Prompt
     stream: bool
@@ -306,11 +315,11 @@ class Dialect(Protocol):
     request_id_header: str
 
     def api_key(self, request: web.Request) -> str | None: ...
-    async def parse(self, body: dict[str, Any], config: SimConfig) -> Job: ...
+    async def parse(self, body: dict[str, Any], config: SimConfig, request_id: str) -> Job: ...
     def error(self, err: ApiError, request_id: str) -> web.Response: ...
     def plan(self, job: Job, choices: tuple[Choice, ...]) -> Plan: ...
     def body(self, job: Job, choices: tuple[Choice, ...], finished: bool) -> dict[str, Any]: ...
-    def endings(self, job: Job) -> dict[str, tuple[Frame, ...]]: ...
+    def endings(self) -> dict[str, tuple[Frame, ...]]: ...
     def limit_headers(self, limits: RateLimits) -> dict[str, str]: ...
 
 
@@ -332,21 +341,25 @@ class OpenAIDialect:
     def api_key(self, request: web.Request) -> str | None:
         return _bearer(request)
 
-    async def parse(self, body: dict[str, Any], config: SimConfig) -> Job:
+    async def parse(self, body: dict[str, Any], config: SimConfig, request_id: str) -> Job:
         model, stream = _model(body), _flag(body, "stream")
         options = body.get("stream_options")
-        include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
-        max_tokens = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
+        include_usage = stream and isinstance(options, dict) and bool(options.get("include_usage"))
+        # max_completion_tokens is the newer name; either is accepted.
+        max_tokens = _positive_int(body, "max_completion_tokens")
+        max_tokens = max_tokens or _positive_int(body, "max_tokens")
         n = _positive_int(body, "n", high=128) or 1
         # Pillow work runs off the event loop so a benchmark's streams keep flowing.
         prompt = await asyncio.to_thread(parse_openai_messages, body.get("messages"))
         response_id = f"chatcmpl-{secrets.token_hex(12)}"
         limit = max_tokens or config.max_tokens_default
-        return Job(model, prompt, stream, include_usage, limit, n, response_id, int(time.time()))
+        created = int(time.time())
+        return Job(request_id, model, prompt, stream, include_usage, limit, n, response_id, created)
 
     def error(self, err: ApiError, request_id: str) -> web.Response:
-        detail = {"message": err.message, "type": err.openai_type, "param": err.param, "code": err.code}
-        headers = {}
+        detail = {"message": err.message, "type": err.openai_type}
+        detail |= {"param": err.param, "code": err.code}
+        headers = {self.request_id_header: request_id}
         if err.retry_after is not None:
             headers["Retry-After"] = _retry_after_text(err.retry_after)
         return web.json_response({"error": detail}, status=err.status, headers=headers)
@@ -363,7 +376,7 @@ class OpenAIDialect:
             tail.append(self._chunk(job, [], self._usage(job, choices)))
         return Plan(head, tokens, (*tail, Frame(_DONE)))
 
-    def endings(self, job: Job) -> dict[str, tuple[Frame, ...]]:
+    def endings(self) -> dict[str, tuple[Frame, ...]]:
         message = "The server had an error while processing your request."
         error = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
         return {
@@ -423,7 +436,7 @@ class AnthropicDialect:
     def api_key(self, request: web.Request) -> str | None:
         return request.headers.get("x-api-key") or _bearer(request)
 
-    async def parse(self, body: dict[str, Any], config: SimConfig) -> Job:
+    async def parse(self, body: dict[str, Any], config: SimConfig, request_id: str) -> Job:
         model, stream = _model(body), _flag(body, "stream")
         max_tokens = _positive_int(body, "max_tokens")
         if max_tokens is None:  # required by the real API; a client that omits it is buggy
@@ -431,11 +444,12 @@ class AnthropicDialect:
         system, messages = body.get("system"), body.get("messages")
         prompt = await asyncio.to_thread(parse_anthropic_messages, system, messages)
         response_id = f"msg_{secrets.token_hex(12)}"
-        return Job(model, prompt, stream, True, max_tokens, 1, response_id, int(time.time()))
+        created = int(time.time())
+        return Job(request_id, model, prompt, stream, True, max_tokens, 1, response_id, created)
 
     def error(self, err: ApiError, request_id: str) -> web.Response:
         detail = {"type": err.anthropic_type, "message": err.message}
-        headers = {}
+        headers = {self.request_id_header: request_id}
         if err.retry_after is not None:  # Anthropic sends whole seconds
             headers["retry-after"] = str(max(1, math.ceil(err.retry_after)))
         if err.status == 400:
@@ -448,18 +462,25 @@ class AnthropicDialect:
         usage = {"input_tokens": job.prompt.tokens, "cache_creation_input_tokens": 0,
                  "cache_read_input_tokens": 0, "output_tokens": 1}  # fmt: skip
         message = {"id": job.response_id, "type": "message", "role": "assistant", "content": [],
-                   "model": job.model, "stop_reason": None, "stop_sequence": None, "usage": usage}  # fmt: skip
-        block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
-        head = (_event("message_start", message=message), _sse(block, "content_block_start"),
-                _event("ping"))  # fmt: skip
+                   "model": job.model, "stop_reason": None, "stop_sequence": None,
+                   "usage": usage}  # fmt: skip
+        block = {"type": "text", "text": ""}
+        head = (
+            _event("message_start", message=message),
+            _event("content_block_start", index=0, content_block=block),
+            _event("ping"),
+        )
         tokens = tuple(_token(self._delta(piece)) for piece in choice.pieces)
         delta = {"stop_reason": _STOP_REASONS[choice.finish], "stop_sequence": None}
         output = {"output_tokens": max(1, len(choice.pieces))}
-        tail = (_event("content_block_stop", index=0), _event("message_delta", delta=delta, usage=output),
-                _event("message_stop"))  # fmt: skip
+        tail = (
+            _event("content_block_stop", index=0),
+            _event("message_delta", delta=delta, usage=output),
+            _event("message_stop"),
+        )
         return Plan(head, tokens, tail)
 
-    def endings(self, job: Job) -> dict[str, tuple[Frame, ...]]:
+    def endings(self) -> dict[str, tuple[Frame, ...]]:
         overloaded = {"type": "overloaded_error", "message": "Overloaded"}
         return {
             "error_event": (_event("error", error=overloaded),),
@@ -481,15 +502,15 @@ class AnthropicDialect:
         headers, now = {}, datetime.now(UTC)
         for kind, bucket in limits.buckets.items():
             reset = now + timedelta(seconds=math.ceil(bucket.reset_seconds()))
-            headers[f"anthropic-ratelimit-{kind}-limit"] = str(bucket.limit)
-            headers[f"anthropic-ratelimit-{kind}-remaining"] = str(max(0, math.floor(bucket.level())))
-            headers[f"anthropic-ratelimit-{kind}-reset"] = reset.strftime("%Y-%m-%dT%H:%M:%SZ")
+            prefix = f"anthropic-ratelimit-{kind}"
+            headers[f"{prefix}-limit"] = str(bucket.limit)
+            headers[f"{prefix}-remaining"] = str(max(0, math.floor(bucket.level())))
+            headers[f"{prefix}-reset"] = reset.strftime("%Y-%m-%dT%H:%M:%SZ")
         return headers
 
     @staticmethod
     def _delta(piece: str) -> Frame:
-        delta = {"type": "text_delta", "text": piece}
-        return _sse({"type": "content_block_delta", "index": 0, "delta": delta}, "content_block_delta")
+        return _event("content_block_delta", index=0, delta={"type": "text_delta", "text": piece})
 
 
 def _event(name: str, **fields: Any) -> Frame:
@@ -555,12 +576,12 @@ def _draw_fault(app: web.Application) -> str | None:
 async def _handle(request: web.Request, dialect: Dialect) -> web.StreamResponse:
     fault = _draw_fault(request.app)  # before any await: faults follow arrival order
     request.app[STATS].requests_total += 1
-    request_id = request["request_id"] = f"req_{secrets.token_hex(12)}"
+    request_id = f"req_{secrets.token_hex(12)}"
     try:
         if dialect.api_key(request) == INVALID_KEY:  # the key itself is never echoed
             raise ApiError(401, "Incorrect API key provided", "invalid_request_error",
                            "authentication_error", "invalid_api_key")  # fmt: skip
-        job = await _parse(request, dialect)
+        job = await _parse(request, dialect, request_id)
         reserved = job.prompt.tokens + job.max_tokens * job.n
         refusal = request.app[LIMITS].admit(reserved)
         if refusal is not None:
@@ -570,7 +591,7 @@ async def _handle(request: web.Request, dialect: Dialect) -> web.StreamResponse:
     return await _serve(request, dialect, job, fault, reserved)
 
 
-async def _parse(request: web.Request, dialect: Dialect) -> Job:
+async def _parse(request: web.Request, dialect: Dialect, request_id: str) -> Job:
     try:
         body = json.loads(await request.read())
     except ValueError:  # includes UnicodeDecodeError
@@ -578,17 +599,29 @@ async def _parse(request: web.Request, dialect: Dialect) -> Job:
     try:
         if not isinstance(body, dict):
             raise BadRequest("We could not parse the JSON body of your request.")
-        return await dialect.parse(body, request.app[CONFIG])
+        return await dialect.parse(body, request.app[CONFIG], request_id)
     except BadRequest as exc:
         raise ApiError(400, exc.message, "invalid_request_error", "invalid_request_error",
                        param=exc.param) from None  # fmt: skip
+
+
+@dataclass
+class _Exchange:
+    """One admitted request being answered; mutable so a cancelled stream still counts."""
+
+    request: web.Request
+    dialect: Dialect
+    job: Job
+    fault: str | None
+    completion: int = 0  # content pieces actually delivered
 
 
 async def _serve(
     request: web.Request, dialect: Dialect, job: Job, fault: str | None, reserved: int
 ) -> web.StreamResponse:
     """Answer an admitted request; always reconcile the token bucket with actual use."""
-    app, stats, sent, prompt_used = request.app, request.app[STATS], 0, 0
+    app, stats, prompt_used = request.app, request.app[STATS], 0
+    exchange = _Exchange(request, dialect, job, fault)
     stats.accepted_at.append(time.monotonic())
     stats.in_flight += 1
     stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
@@ -596,36 +629,38 @@ async def _serve(
         if fault:
             stats.faults[fault] += 1
         if fault in _HTTP_FAULTS:
-            return _http_fault(dialect, fault, request["request_id"])
+            return _http_fault(dialect, fault, job.request_id)
         choices = _choices(job, app[CONFIG].seed)
         prompt_used = job.prompt.tokens
         await asyncio.sleep(app[CONFIG].latency)
-        answer = _stream if job.stream else _complete
-        response, sent = await answer(request, dialect, job, choices, fault)
-        return response
-    finally:
+        return await (_stream if job.stream else _complete)(exchange, choices)
+    finally:  # also on cancellation, when the client hangs up mid-stream
         stats.in_flight -= 1
         stats.prompt_tokens += prompt_used
-        stats.completion_tokens += sent
-        app[LIMITS].refund(reserved - prompt_used - sent)
+        stats.completion_tokens += exchange.completion
+        app[LIMITS].refund(reserved - prompt_used - exchange.completion)
 
 
 def _http_fault(dialect: Dialect, fault: str, request_id: str) -> web.Response:
     if fault == "502html":  # a CDN/proxy page, not JSON (reference 7, item 36)
-        return web.Response(status=502, text=_HTML_502, content_type="text/html")
+        headers = {dialect.request_id_header: request_id}
+        return web.Response(status=502, text=_HTML_502, content_type="text/html", headers=headers)
     return dialect.error(_fault_error(fault), request_id)
 
 
-async def _stream(
-    request: web.Request, dialect: Dialect, job: Job, choices: tuple[Choice, ...], fault: str | None
-) -> tuple[web.StreamResponse, int]:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await response.prepare(request)
-    frames = _faulted(dialect.plan(job, choices), dialect.endings(job), fault)
-    return response, await _play(request, response, frames, request.app[CONFIG])
+async def _stream(ex: _Exchange, choices: tuple[Choice, ...]) -> web.StreamResponse:
+    headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    headers[ex.dialect.request_id_header] = ex.job.request_id
+    response = web.StreamResponse(headers=headers)
+    await response.prepare(ex.request)
+    plan = ex.dialect.plan(ex.job, choices)
+    await _play(ex, response, _faulted(plan, ex.dialect.endings(), ex.fault))
+    return response
 
 
-def _faulted(plan: Plan, endings: dict[str, tuple[Frame, ...]], fault: str | None) -> tuple[Frame, ...]:
+def _faulted(
+    plan: Plan, endings: dict[str, tuple[Frame, ...]], fault: str | None
+) -> tuple[Frame, ...]:
     """The frames to send: the whole plan, or a prefix of it ended the way `fault` says."""
     if fault is None:
         return plan.head + plan.tokens + plan.tail
@@ -636,25 +671,22 @@ def _faulted(plan: Plan, endings: dict[str, tuple[Frame, ...]], fault: str | Non
     return plan.head + some + ending
 
 
-async def _play(
-    request: web.Request, response: web.StreamResponse, frames: tuple[Frame, ...], config: SimConfig
-) -> int:
-    """Write each event with its own write; returns the content pieces delivered."""
-    pacer, sent = _Pacer(config.tokens_per_second), 0
+async def _play(ex: _Exchange, response: web.StreamResponse, frames: tuple[Frame, ...]) -> None:
+    """Write each event with its own write, counting the content pieces delivered."""
+    pacer = _Pacer(ex.request.app[CONFIG].tokens_per_second)
     try:
         for frame in frames:
             if frame.action == "stall":
-                await _stall(request)
+                await _stall(ex.request)
             if frame.action:
-                _cut(request)
-                break
+                _cut(ex.request)
+                return
             if frame.token:
                 await pacer.wait()
             await response.write(frame.data)
-            sent += frame.token
+            ex.completion += frame.token
     except ConnectionError:  # the client went away; nothing left to do
         pass
-    return sent
 
 
 class _Pacer:
@@ -696,29 +728,33 @@ async def _stall(request: web.Request) -> None:
             await asyncio.wait_for(closing.wait(), 0.25)
 
 
-async def _complete(
-    request: web.Request, dialect: Dialect, job: Job, choices: tuple[Choice, ...], fault: str | None
-) -> tuple[web.StreamResponse, int]:
+async def _complete(ex: _Exchange, choices: tuple[Choice, ...]) -> web.StreamResponse:
     """A non-streamed answer; stream faults get their closest non-streamed equivalent."""
-    if fault == "error_event":
-        return dialect.error(_fault_error("500"), request["request_id"]), 0
-    if fault == "bad_json":
-        return web.Response(body=b"{not json", content_type="application/json"), 0
-    if fault == "stall":
-        await _stall(request)
-        _cut(request)
-        return web.Response(status=504), 0
-    body = _json(dialect.body(job, choices, finished=fault != "done_no_finish")).encode()
-    sent = sum(len(c.pieces) for c in choices)
-    if fault != "truncate":
-        return web.Response(body=body, content_type="application/json"), sent
-    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    headers = {ex.dialect.request_id_header: ex.job.request_id}
+    if ex.fault == "error_event":
+        return ex.dialect.error(_fault_error("500"), ex.job.request_id)
+    if ex.fault == "bad_json":
+        return web.Response(body=b"{not json", content_type="application/json", headers=headers)
+    if ex.fault == "stall":
+        await _stall(ex.request)
+        _cut(ex.request)
+        return web.Response(status=504)
+    body = _json(ex.dialect.body(ex.job, choices, finished=ex.fault != "done_no_finish"))
+    if ex.fault == "truncate":
+        return await _truncated(ex, body.encode(), headers)
+    ex.completion = sum(len(c.pieces) for c in choices)
+    return web.Response(text=body, content_type="application/json", headers=headers)
+
+
+async def _truncated(ex: _Exchange, body: bytes, headers: dict[str, str]) -> web.StreamResponse:
+    """Announce the full Content-Length, send half the body, then cut the connection."""
+    response = web.StreamResponse(headers={**headers, "Content-Type": "application/json"})
     response.content_length = len(body)
-    await response.prepare(request)
+    await response.prepare(ex.request)
     with contextlib.suppress(ConnectionError):
         await response.write(body[: len(body) // 2])
-    _cut(request)
-    return response, 0
+    _cut(ex.request)
+    return response
 
 
 # ---------------------------------------------------------------- the application
@@ -742,16 +778,17 @@ async def _health(request: web.Request) -> web.Response:
 
 
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    """Headers every API answer carries (request id, rate limits), and status counters."""
+    """Rate-limit headers on every API answer (429s included), and status counters."""
     dialect = _DIALECTS.get(request.path) if request.method == "POST" else None
     if dialect is None:
         return
     app = request.app
-    response.headers[dialect.request_id_header] = request.get("request_id", "req_unknown")
     if app[CONFIG].rate_limit_headers:
         response.headers.update(dialect.limit_headers(app[LIMITS]))
     app[STATS].statuses[response.status] += 1
-    app[STATS].requests_429 += response.status == 429
+    if response.status == 429:
+        app[STATS].requests_429 += 1
+        app[STATS].rejected_at.append(time.monotonic())
 
 
 async def _on_shutdown(app: web.Application) -> None:
@@ -824,7 +861,8 @@ def _arg_parser() -> _Parser:
     add("--rpm", type=int, default=None, help="requests per window (token bucket)")
     add("--tpm", type=int, default=None, help="tokens per window (token bucket)")
     add("--window", type=float, default=d.window, help="rate-limit window in seconds")
-    add("--no-rate-limit-headers", dest="rate_limit_headers", action="store_false")
+    add("--no-rate-limit-headers", dest="rate_limit_headers", action="store_false",
+        help="omit the x-ratelimit-* / anthropic-ratelimit-* headers")  # fmt: skip
     return parser
 
 

@@ -25,11 +25,20 @@ from .sse import SSEDecoder
 from .transport import Head, Transport
 
 
+# How a retryable failure feeds the limiter: "slow down" versus "server busy".
+_OUTCOME = {"rate_limit": "throttled", "overloaded": "overloaded"}
+
+
+class Interrupted(Exception):
+    """The run is stopping: leave the row unwritten (pending) instead of retrying it."""
+
+
 class Worker:
     def __init__(self, settings: Settings, adapter: Adapter, transport: Transport,
                  images: ImageSource, limiter: Limiter, policy: RetryPolicy,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 should_stop: Callable[[], bool] = lambda: False) -> None:
         self.settings = settings
         self.adapter = adapter
         self.transport = transport
@@ -38,6 +47,8 @@ class Worker:
         self.policy = policy
         self.clock = clock
         self.sleep = sleep
+        self.should_stop = should_stop
+        self.in_request: set[asyncio.Task[Any] | None] = set()  # tasks with a request open
 
     async def process(self, row: ManifestRow) -> dict[str, Any]:
         if row.error:
@@ -59,11 +70,12 @@ class Worker:
             try:
                 completion, head, ttft = await self._attempt(req, start)
             except Retryable as e:
-                throttled = e.error_class in ("rate_limit", "overloaded")
-                self.limiter.finish(permit, "throttled" if throttled else "error")
+                self.limiter.finish(permit, _OUTCOME.get(e.error_class, "error"))
                 if not self.policy.may_retry(attempts):
                     return self._failed(row, e, attempts, start, waited,
                                         suffix=f" (gave up after {attempts} attempts)")
+                if self.should_stop():
+                    raise Interrupted from e
                 delay = self.policy.next_delay(attempts, e.retry_after)
                 if e.retry_after is not None:
                     waited = delay
@@ -91,6 +103,15 @@ class Worker:
 
     async def _attempt(self, req: ApiRequest, start: float
                        ) -> tuple[Completion, Head, float | None]:
+        task = asyncio.current_task()
+        self.in_request.add(task)
+        try:
+            return await self._exchange(req, start)
+        finally:
+            self.in_request.discard(task)
+
+    async def _exchange(self, req: ApiRequest, start: float
+                        ) -> tuple[Completion, Head, float | None]:
         async with self.transport.open(req) as (head, chunks):
             self.limiter.observe(head.headers)
             try:

@@ -1,0 +1,217 @@
+"""Specification of pipeline/images.py: what is sent for a manifest row's ``image``.
+
+Local files become ``data:`` URIs whose media type comes from the bytes, never the
+extension; URLs pass through untouched; every local problem is a ``RowFailed`` with
+class ``bad_image`` and a message a person can act on (it names the file).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline.errors import RowFailed
+from pipeline.images import ImageSource, b64_len, sniff_mime
+from pipeline.records import ManifestRow, PreparedImage
+
+SAMPLES = Path(__file__).resolve().parents[2] / "data" / "sample"
+PNG = SAMPLES / "horse.png"
+JPG = SAMPLES / "rocket.jpg"
+BIG = 50 * 1024 * 1024
+
+
+def row(image: str) -> ManifestRow:
+    return ManifestRow("r1", image, None, 2, {})
+
+
+async def load(image: str, base: Path = SAMPLES, limit: int = BIG) -> PreparedImage:
+    return await ImageSource(base, limit).load(row(image))
+
+
+async def failure(image: str, base: Path, limit: int = BIG) -> RowFailed:
+    with pytest.raises(RowFailed) as info:
+        await load(image, base, limit)
+    assert info.value.error_class == "bad_image"
+    return info.value
+
+
+def decode(uri: str) -> tuple[str, bytes]:
+    head, _, payload = uri.partition(",")
+    assert head.startswith("data:") and head.endswith(";base64")
+    return head[5:-7], base64.b64decode(payload, validate=True)
+
+
+def pillow_file(path: Path, fmt: str) -> Path:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, format=fmt)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+# --------------------------------------------------------------------------- accepted images
+
+
+async def test_png_becomes_a_png_data_uri_with_the_exact_bytes() -> None:
+    img = await load("horse.png")
+    mime, data = decode(img.url)
+    assert mime == "image/png" and img.mime == "image/png"
+    assert data == PNG.read_bytes()
+    assert img.sent_bytes == PNG.stat().st_size
+
+
+async def test_local_image_reports_its_pixel_size() -> None:
+    img = await load("horse.png")
+    with Image.open(PNG) as im:
+        assert (img.width, img.height) == im.size
+
+
+async def test_jpg_becomes_a_jpeg_data_uri_never_image_jpg() -> None:
+    img = await load("rocket.jpg")
+    assert img.url.startswith("data:image/jpeg;base64,")
+    assert decode(img.url)[1] == JPG.read_bytes()
+
+
+async def test_media_type_is_sniffed_when_a_png_is_renamed_jpg(tmp_path: Path) -> None:
+    shutil.copy(PNG, tmp_path / "actually-png.jpg")
+    img = await load("actually-png.jpg", tmp_path)
+    assert img.mime == "image/png" and img.url.startswith("data:image/png;base64,")
+
+
+async def test_media_type_is_sniffed_when_a_jpeg_has_no_or_wrong_extension(
+        tmp_path: Path) -> None:
+    shutil.copy(JPG, tmp_path / "photo.png")
+    shutil.copy(JPG, tmp_path / "photo")
+    assert (await load("photo.png", tmp_path)).mime == "image/jpeg"
+    assert (await load("photo", tmp_path)).mime == "image/jpeg"
+
+
+@pytest.mark.parametrize("fmt, mime", [("GIF", "image/gif"), ("WEBP", "image/webp")])
+async def test_gif_and_webp_are_accepted(tmp_path: Path, fmt: str, mime: str) -> None:
+    pillow_file(tmp_path / f"x.{fmt.lower()}", fmt)
+    assert (await load(f"x.{fmt.lower()}", tmp_path)).mime == mime
+
+
+async def test_relative_paths_resolve_against_the_base_dir(tmp_path: Path) -> None:
+    (tmp_path / "sub dir").mkdir()
+    shutil.copy(PNG, tmp_path / "sub dir" / "ünïcode horse.png")
+    assert (await load("sub dir/ünïcode horse.png", tmp_path)).mime == "image/png"
+
+
+async def test_absolute_paths_ignore_the_base_dir(tmp_path: Path) -> None:
+    assert (await load(str(PNG), tmp_path / "elsewhere")).mime == "image/png"
+
+
+async def test_image_exactly_at_the_base64_limit_is_accepted() -> None:
+    limit = b64_len(PNG.stat().st_size)
+    img = await load("horse.png", limit=limit)
+    assert len(img.url.partition(",")[2]) == limit
+
+
+# --------------------------------------------------------------------------- URLs
+
+
+@pytest.mark.parametrize("url", [
+    "http://example.com/a.png",
+    "https://example.com/photos/a%20b.jpg?sig=abc&x=1",
+    "HTTPS://EXAMPLE.COM/A.PNG",
+])
+async def test_http_urls_pass_through_unchanged(tmp_path: Path, url: str) -> None:
+    img = await load(url, tmp_path)
+    assert img == PreparedImage(url, None, None)
+
+
+# --------------------------------------------------------------------------- bad images
+
+
+async def test_missing_file_is_bad_image_naming_the_path(tmp_path: Path) -> None:
+    e = await failure("nope.png", tmp_path)
+    assert "not found" in e.message and str(tmp_path / "nope.png") in e.message
+
+
+async def test_zero_byte_file_is_bad_image(tmp_path: Path) -> None:
+    (tmp_path / "empty.png").write_bytes(b"")
+    e = await failure("empty.png", tmp_path)
+    assert "empty" in e.message and "empty.png" in e.message
+
+
+async def test_directory_is_bad_image(tmp_path: Path) -> None:
+    (tmp_path / "album.jpg").mkdir()
+    e = await failure("album.jpg", tmp_path)
+    assert "directory" in e.message
+
+
+async def test_text_file_named_jpg_is_bad_image(tmp_path: Path) -> None:
+    (tmp_path / "notes.jpg").write_text("this is not a picture\n")
+    e = await failure("notes.jpg", tmp_path)
+    assert "not an image" in e.message and "notes.jpg" in e.message
+
+
+@pytest.mark.parametrize("fmt, mime", [("BMP", "image/bmp"), ("TIFF", "image/tiff")])
+async def test_formats_the_providers_refuse_are_bad_image(tmp_path: Path, fmt: str,
+                                                          mime: str) -> None:
+    pillow_file(tmp_path / "scan.jpg", fmt)  # extension lies too
+    e = await failure("scan.jpg", tmp_path)
+    assert mime in e.message
+    assert "JPEG, PNG, GIF, WebP" in e.message
+
+
+async def test_image_over_the_limit_is_bad_image_with_both_sizes() -> None:
+    limit = b64_len(PNG.stat().st_size) - 1
+    e = await failure("horse.png", SAMPLES, limit=limit)
+    assert "too large" in e.message
+    assert str(limit + 1) in e.message and str(limit) in e.message
+
+
+async def test_limit_is_measured_on_base64_not_file_size(tmp_path: Path) -> None:
+    size = PNG.stat().st_size
+    assert size < b64_len(size)
+    e = await failure("horse.png", SAMPLES, limit=size + 1)  # file fits, its base64 does not
+    assert "as base64" in e.message
+
+
+async def test_file_with_image_magic_but_no_image_is_bad_image(tmp_path: Path) -> None:
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    e = await failure("broken.png", tmp_path)
+    assert "broken.png" in e.message and "image/png" in e.message
+
+
+async def test_unreadable_file_is_bad_image(tmp_path: Path) -> None:
+    link = tmp_path / "loop.png"
+    link.symlink_to(link)  # reading a self-referencing link fails with an OSError
+    e = await failure("loop.png", tmp_path)
+    assert "loop.png" in e.message
+
+
+# --------------------------------------------------------------------------- sniff_mime
+
+
+@pytest.mark.parametrize("head, mime", [
+    (b"\xff\xd8\xff\xe0\x00\x10JFIF", "image/jpeg"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00", "image/png"),
+    (b"GIF89a\x01\x00", "image/gif"),
+    (b"GIF87a\x01\x00", "image/gif"),
+    (b"RIFF\x24\x00\x00\x00WEBPVP8 ", "image/webp"),
+    (b"II*\x00\x08\x00\x00\x00", "image/tiff"),
+    (b"MM\x00*\x00\x00\x00\x08", "image/tiff"),
+    (b"BM\x36\x00\x00\x00", "image/bmp"),
+    (b"\x00\x00\x00\x18ftypheic\x00\x00", "image/heic"),
+    (b"\x00\x00\x00\x1cftypavif\x00\x00", "image/avif"),
+])
+def test_sniff_mime_recognises_magic_numbers(head: bytes, mime: str) -> None:
+    assert sniff_mime(head) == mime
+
+
+@pytest.mark.parametrize("head", [b"", b"hello world", b"RIFF\x24\x00\x00\x00WAVEfmt ",
+                                  b"%PDF-1.7", b"\xff\xd8"])
+def test_sniff_mime_returns_none_for_non_images(head: bytes) -> None:
+    assert sniff_mime(head) is None
+
+
+@pytest.mark.parametrize("n, expected", [(0, 0), (1, 4), (2, 4), (3, 4), (4, 8), (3_000, 4_000)])
+def test_b64_len_is_the_padded_base64_length(n: int, expected: int) -> None:
+    assert b64_len(n) == expected == len(base64.b64encode(b"x" * n))
