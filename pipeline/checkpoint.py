@@ -86,12 +86,8 @@ class Checkpoint:
         """Clean leftovers, repair duplicates, and index the keys that count as done."""
         state = ResumeState(KeySet())
         state.temp_files_removed = self._remove_temp_files()
-        parts, hashes, oks = self._scan()
-        dups = _duplicates(hashes)
-        if dups.size:
-            touched = [p for p, h in zip(parts, hashes) if np.isin(h, dups).any()]
-            state.duplicates_removed = self._repair(touched, set(dups.tolist()))
-            parts, hashes, oks = self._scan()
+        removed, (parts, hashes, oks) = self._dedupe()
+        state.duplicates_removed = removed
         state.parts = parts
         for h, ok in zip(hashes, oks):
             n_ok = int(ok.sum())
@@ -99,6 +95,20 @@ class Checkpoint:
             state.rows_error += len(ok) - n_ok
             state.done.add_many(h[ok] if retry_errors else h)
         return state
+
+    def repair(self) -> int:
+        """Reduce every key to one row (after ``--retry-errors`` wrote replacements)."""
+        return self._dedupe()[0]
+
+    def _dedupe(self) -> tuple[int, tuple[list[Path], list[np.ndarray], list[np.ndarray]]]:
+        scan = self._scan()
+        parts, hashes, _ = scan
+        dups = _duplicates(hashes)
+        if not dups.size:
+            return 0, scan
+        touched = [p for p, h in zip(parts, hashes) if np.isin(h, dups).any()]
+        removed = self._repair(touched, set(dups.tolist()))
+        return removed, self._scan()
 
     def _scan(self) -> tuple[list[Path], list[np.ndarray], list[np.ndarray]]:
         parts = part_files(self.out)

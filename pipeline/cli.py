@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--backoff-max", type=float, default=60.0, help="largest retry delay ceiling, s (60)")
     a("--flush-rows", type=int, default=100, help="commit a Parquet part every K rows (100)")
     a("--flush-seconds", type=float, default=10.0, help="... or every T seconds (10)")
+    a("--max-retry-wait", type=float, default=600.0,
+      help="longest server-directed wait (Retry-After, reset headers) honoured, s (600)")
     a("--grace", type=float, default=30.0,
       help="seconds in-flight rows get after SIGINT/SIGTERM (30)")
     a("--retry-errors", action="store_true",
@@ -97,7 +99,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         progress=not ns.no_progress, retries=ns.retries, read_timeout=ns.read_timeout,
         connect_timeout=ns.connect_timeout, backoff_base=ns.backoff_base,
         backoff_max=ns.backoff_max, flush_rows=ns.flush_rows, flush_seconds=ns.flush_seconds,
-        grace=ns.grace, retry_errors=ns.retry_errors, max_image_bytes=ns.max_image_bytes,
+        grace=ns.grace, max_retry_after=ns.max_retry_wait, retry_errors=ns.retry_errors, max_image_bytes=ns.max_image_bytes,
         rpm=ns.rpm, tpm=ns.tpm, itpm=ns.itpm, otpm=ns.otpm,
     )
 
@@ -118,7 +120,7 @@ def caption(argv: Sequence[str]) -> int:
         return 130
     if result.fatal:
         print(f"error: {result.fatal}", file=sys.stderr)
-    print(result.summary, file=sys.stderr)
+    print(result.summary, flush=True)  # the result on stdout; diagnostics on stderr
     return result.exit_code
 
 

@@ -51,6 +51,8 @@ class PipelineError(Exception):
         self.http_status = http_status
         self.retry_after = retry_after
         self.request_id: str | None = None  # set by the worker from the response head
+        self.finish_reason_raw: str | None = None  # a clean stream that still failed the row
+        self.usage: Any = None
 
 
 class Retryable(PipelineError):

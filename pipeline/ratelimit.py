@@ -184,7 +184,10 @@ class AdaptiveRate:
             self._ok.popleft()
         accepted = len(self._ok) / self.span
         if self.bucket is None:
-            self.bucket = TokenBucket(max(0.2, 0.5 * accepted), self.clock, learned=True)
+            if len(self._ok) < 5:  # no evidence of a rate yet: the shared pause must do
+                self._last_cut = previous_cut
+                return None
+            self.bucket = TokenBucket(0.5 * accepted, self.clock, learned=True)
         else:
             # Still rejected soon after a cut: far above the limit, so halve (the
             # slow 0.8 cut is for probing just above it).

@@ -123,6 +123,8 @@ class Run:
         self.progress.close()
         if not self.halting:
             await asyncio.to_thread(compact, self.s.out, sink.parts, self.run_id)
+            if self.s.retry_errors:  # the new rows replace the error rows they retried
+                await asyncio.to_thread(Checkpoint(self.s.out).repair)
         return self._result()
 
     async def _run_pool(self, manifest: Manifest, done: KeySet, worker: Worker,

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .adapters.base import Adapter
+from .adapters.base import Adapter, normalize_finish
 from .errors import PipelineError, Retryable, RowFailed, classify_http
 from .images import ImageSource
 from .ratelimit import Limiter
@@ -97,9 +97,17 @@ class Worker:
 
     def _failed(self, row: ManifestRow, e: PipelineError, attempts: int, start: float,
                 waited: float | None, suffix: str = "") -> dict[str, Any]:
-        return error_row(row, e.message + suffix, e.error_class, attempts=attempts,
-                         latency_s=self.clock() - start, http_status=e.http_status,
-                         retry_after_s=waited, request_id=e.request_id)
+        out = error_row(row, e.message + suffix, e.error_class, attempts=attempts,
+                        latency_s=self.clock() - start, http_status=e.http_status,
+                        retry_after_s=waited, request_id=e.request_id)
+        if e.finish_reason_raw:
+            out.update(finish_reason=normalize_finish(e.finish_reason_raw),
+                       finish_reason_raw=e.finish_reason_raw)
+        if e.usage is not None:  # tokens were spent even though the row failed
+            out.update(prompt_tokens=e.usage.prompt_tokens,
+                       completion_tokens=e.usage.completion_tokens,
+                       total_tokens=e.usage.total_tokens, usage_source="reported")
+        return out
 
     async def _attempt(self, req: ApiRequest, start: float
                        ) -> tuple[Completion, Head, float | None]:

@@ -1,0 +1,177 @@
+"""The CLI edge, as a subprocess: secrets never leak, exit codes, one-line errors,
+the output lock and signal handling."""
+
+from __future__ import annotations
+
+import fcntl
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, caption_cmd, read_out, subprocess_env, write_manifest
+from fake_gateway import default_caption, img
+
+SECRET = "sk-test-SECRET-123"
+
+
+def run(cmd: list[str], timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(**env), capture_output=True,
+                          timeout=timeout)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    err = proc.stderr.decode("utf-8", "replace")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def test_api_key_never_appears_in_output_logs_or_files(gateway, tmp_path):
+    rows = [{"id": "ok", "image": img("ok")},
+            {"id": "bad", "image": img("bad400")},
+            {"id": "boom", "image": img("s500")}]
+    fatal_rows = rows + [{"id": "deny", "image": img("C35-401")},
+                         {"id": "after", "image": img("ok", "after.jpg")}]
+    m1 = write_manifest(tmp_path / "batch.csv", rows)
+    m2 = write_manifest(tmp_path / "fatal.csv", fatal_rows)
+    out1, out2 = tmp_path / "out1", tmp_path / "out2"
+
+    p1 = run(caption_cmd(m1, out1, gateway.base_url, "--retries", "1", "--concurrency", "1"),
+             CAPTION_API_KEY=SECRET)
+    p2 = run(caption_cmd(m2, out2, gateway.base_url, "--retries", "1", "--concurrency", "1"),
+             CAPTION_API_KEY=SECRET)
+    assert p1.returncode == 1, p1.stderr
+    assert p2.returncode == 3, p2.stderr
+    # the key was really used, so its absence below means something
+    auth = {c.headers.get("Authorization") for c in gateway.calls()}
+    assert auth == {f"Bearer {SECRET}"}
+    statuses = {c.status for c in gateway.calls()}
+    assert {200, 400, 500, 401} <= statuses
+
+    leaks = []
+    for name, blob in (("stdout1", p1.stdout), ("stderr1", p1.stderr),
+                       ("stdout2", p2.stdout), ("stderr2", p2.stderr)):
+        if SECRET.encode() in blob:
+            leaks.append(name)
+    files = [p for d in (out1, out2) for p in d.rglob("*") if p.is_file()]
+    assert files, "no output files were written"
+    leaks += [str(p) for p in files if SECRET.encode() in p.read_bytes()]
+    assert leaks == []
+    df = read_out(out1)
+    assert sorted(df["id"]) == ["bad", "boom", "ok"]
+
+
+# --------------------------------------------------------------------------- exit code 2
+
+
+def _no_image_column(tmp_path: Path) -> Path:
+    return write_manifest(tmp_path / "m.csv", [{"id": "1", "path": "a.png"}])
+
+
+@pytest.mark.parametrize("case", ["missing_manifest", "no_image_column", "no_endpoint"])
+def test_usage_and_config_errors_exit_2_with_one_line(gateway, tmp_path, case):
+    good = write_manifest(tmp_path / "good.csv", [{"id": "1", "image": img("ok")}])
+    out = tmp_path / "out"
+    if case == "missing_manifest":
+        cmd = caption_cmd(tmp_path / "nope.csv", out, gateway.base_url)
+    elif case == "no_image_column":
+        cmd = caption_cmd(_no_image_column(tmp_path), out, gateway.base_url)
+    else:
+        cmd = caption_cmd(good, out, gateway.base_url)
+        i = cmd.index("--base-url")
+        del cmd[i:i + 2]
+    proc = run(cmd, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    line = one_line_error(proc)
+    word = {"missing_manifest": "nope.csv", "no_image_column": "image",
+            "no_endpoint": "url"}[case]
+    assert word in line.lower() or word in line
+    assert gateway.count() == 0
+
+
+# --------------------------------------------------------------------------- exit code 3
+
+
+@pytest.mark.parametrize("scenario,word", [("C35-401", "401"), ("C31-quota", "quota")])
+def test_fatal_api_error_is_exactly_one_stderr_line(gateway, tmp_path, scenario, word):
+    """Contract: exit 3 and stderr one line naming the cause."""
+    manifest = write_manifest(tmp_path / "m.csv", [{"id": "1", "image": img(scenario)},
+                                                   {"id": "2", "image": img("ok")}])
+    proc = run(caption_cmd(manifest, tmp_path / "out", gateway.base_url,
+                           "--concurrency", "1"), timeout=30)
+    assert proc.returncode == 3, proc.stderr
+    assert word in one_line_error(proc).lower()
+    assert SECRET.encode() not in proc.stderr
+
+
+# --------------------------------------------------------------------------- exit code 4
+
+
+def test_locked_output_exits_4(gateway, tmp_path):
+    manifest = write_manifest(tmp_path / "m.csv", [{"id": "1", "image": img("ok")}])
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        proc = run(caption_cmd(manifest, out, gateway.base_url), timeout=30)
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    assert proc.returncode == 4, proc.stderr
+    one_line_error(proc)
+    assert gateway.count() == 0
+    assert read_out(out).empty
+
+
+# --------------------------------------------------------------------------- signals
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_stops_the_run_and_flushes_finished_rows(gateway, tmp_path, sig, code):
+    urls = [img("slow", f"{i:02d}.jpg", n=10, pace=0.05) for i in range(10)]
+    manifest = write_manifest(tmp_path / "m.csv",
+                              [{"id": f"s{i:02d}", "image": u} for i, u in enumerate(urls)])
+    out = tmp_path / "out"
+    # flushing is left to the shutdown path: no size/time flush can happen first
+    cmd = caption_cmd(manifest, out, gateway.base_url, "--concurrency", "2",
+                      "--flush-rows", "1000", "--flush-seconds", "1000", "--grace", "5")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while sum(c.outcome == "ok" for c in gateway.calls()) < 3:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no row finished in time"
+            time.sleep(0.02)
+        time.sleep(0.2)  # let the client read what the server already sent
+        cutoff = time.monotonic() - 0.2
+        finished = {c.url for c in gateway.calls()
+                    if c.outcome == "ok" and c.t_end is not None and c.t_end < cutoff}
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, err
+    assert b"Traceback" not in err, err
+    df = read_out(out)
+    assert not df.empty, "finished rows were not flushed on shutdown"
+    got = dict(zip(df["image"], df["caption"]))
+    assert finished <= set(got), f"finished before the signal, not written: {finished - set(got)}"
+    assert len(df) == len(set(df["id"])) < len(urls)
+    assert all(got[u] == default_caption(u) for u in finished)
+    assert (df["status"] == "ok").all()
+
+    # and a rerun completes the rest, each id once
+    gateway.clear()
+    rerun = run(cmd, timeout=60)
+    assert rerun.returncode == 0, rerun.stderr
+    df2 = read_out(out)
+    assert sorted(df2["id"]) == [f"s{i:02d}" for i in range(10)]
+    assert not ({c.url for c in gateway.calls()} & finished)
