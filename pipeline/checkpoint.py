@@ -12,8 +12,10 @@ a merge interrupted before its originals were removed) is reduced to its best ro
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +24,7 @@ import pyarrow.parquet as pq
 
 from .sink import TMP_SUFFIX, commit_table, part_files
 
-__all__ = ["KeySet", "key_hash", "Checkpoint", "ResumeState"]
+__all__ = ["KeySet", "key_hash", "Checkpoint", "ImageIndex", "ResumeState"]
 
 _KEY_COLUMNS = ["id", "prompt_name", "status", "finished_at"]
 
@@ -184,3 +186,53 @@ def _hashes(t: pa.Table) -> np.ndarray:
     names = t["prompt_name"].to_pylist()
     return np.fromiter((key_hash(a or "", b or "") for a, b in zip(ids, names)),
                        dtype=np.int64, count=len(ids))
+
+
+class ImageIndex:
+    """Where OUT holds an ok row for each dedup key: 16 bytes a row, rows read lazily."""
+
+    def __init__(self, parts: list[Path]) -> None:
+        self.parts = parts
+        keys: list[np.ndarray] = []
+        refs: list[np.ndarray] = []
+        for i, part in enumerate(parts):
+            pf = pq.ParquetFile(part)
+            if "dedup_key" not in pf.schema_arrow.names:
+                continue  # written before images were keyed
+            t = pf.read(columns=["dedup_key", "status"])
+            ok = pc.and_(pc.equal(t["status"], "ok"), pc.is_valid(t["dedup_key"]))
+            rows = np.flatnonzero(ok.fill_null(False).to_numpy(zero_copy_only=False))
+            dk = t["dedup_key"].to_pylist()
+            keys.append(np.fromiter((hash(dk[r]) for r in rows), np.int64, len(rows)))
+            refs.append((np.int64(i) << 32) | rows.astype(np.int64))
+        all_keys = np.concatenate(keys) if keys else np.empty(0, np.int64)
+        order = np.argsort(all_keys, kind="stable")
+        self._keys = all_keys[order]
+        self._refs = (np.concatenate(refs) if refs else np.empty(0, np.int64))[order]
+        self._cache: tuple[int, pa.Table] | None = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def lookup(self, key: str) -> dict[str, Any] | None:
+        """The original ok row for ``key`` (id and caption fields), or None."""
+        h = hash(key)
+        i = int(np.searchsorted(self._keys, h))
+        while i < len(self._keys) and int(self._keys[i]) == h:
+            ref = int(self._refs[i])
+            row = self._row(ref >> 32, ref & 0xFFFFFFFF)
+            if row.get("dedup_key") == key:  # guard against a hash collision
+                return row
+            i += 1
+        return None
+
+    def _row(self, part: int, row: int) -> dict[str, Any]:
+        with self._lock:  # lookups run in worker threads; one cached part at a time
+            if self._cache is None or self._cache[0] != part:
+                self._cache = (part, pq.read_table(self.parts[part], columns=_ORIGINAL))
+            return self._cache[1].slice(row, 1).to_pylist()[0]
+
+
+_ORIGINAL = ["id", "dedup_key", "caption", "finish_reason", "finish_reason_raw", "model",
+             "response_id", "terminal"]

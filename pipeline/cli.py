@@ -75,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
       help="re-attempt rows that earlier runs recorded as errors")
     a("--max-image-bytes", type=int, default=5 * 1024 * 1024,
       help="largest image payload, measured as base64 (default 5 MiB, Claude's limit)")
+    a("--max-edge", type=int, default=1568,
+      help="downscale so the long edge is at most N px (default 1568; never upscaled)")
+    a("--fetch-urls", action="store_true",
+      help="download http(s) images and send them inline (default: pass URLs through)")
+    a("--max-download-bytes", type=int, default=50 * 1024 * 1024,
+      help="largest image download with --fetch-urls (default 50 MiB)")
+    a("--download-timeout", type=float, default=60.0,
+      help="seconds per image download with --fetch-urls (60)")
+    a("--no-dedupe", action="store_true",
+      help="caption every row even when its image, prompt and model repeat")
     a("--rpm", type=float, help="requests-per-minute budget (default: learn from the "
                                 "server's rate-limit headers, else adapt to 429s)")
     a("--tpm", type=float, help="tokens-per-minute budget (input + output)")
@@ -100,7 +110,9 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         connect_timeout=ns.connect_timeout, backoff_base=ns.backoff_base,
         backoff_max=ns.backoff_max, flush_rows=ns.flush_rows, flush_seconds=ns.flush_seconds,
         grace=ns.grace, max_retry_after=ns.max_retry_wait, retry_errors=ns.retry_errors, max_image_bytes=ns.max_image_bytes,
-        rpm=ns.rpm, tpm=ns.tpm, itpm=ns.itpm, otpm=ns.otpm,
+        rpm=ns.rpm, tpm=ns.tpm, itpm=ns.itpm, otpm=ns.otpm, max_edge=ns.max_edge,
+        fetch_urls=ns.fetch_urls, max_download_bytes=ns.max_download_bytes,
+        download_timeout=ns.download_timeout, dedupe=not ns.no_dedupe,
     )
 
 

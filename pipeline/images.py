@@ -1,64 +1,55 @@
-"""Image references → what is sent: a base64 ``data:`` URI for local files, URLs as given.
+"""Image references → what is sent, prepared off the event loop.
 
-The media type comes from the file's first bytes, never its extension. Local files
-are read and encoded in a worker thread so the event loop keeps streaming. Every
-local problem (missing, unreadable, empty, not an image, a format the provider does
-not take, over the byte limit) is a ``RowFailed`` with class ``bad_image``.
+Local files (and, with ``--fetch-urls``, downloaded URLs) are read and prepared by
+``imageprep.prepare`` in a thread pool sized to the cores: Pillow releases the GIL
+while it decodes, resizes and encodes, so streams keep flowing while images are
+prepared. Without ``--fetch-urls`` a URL is passed through for the provider to fetch.
+Every local problem is a ``RowFailed`` with class ``bad_image``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import io
+import os
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
-
-from PIL import Image, UnidentifiedImageError
+from typing import Protocol
 
 from .errors import RowFailed
+from .imageprep import ImagePolicy, ImageProblem, Prepared, b64_len, prepare, sniff_mime
 from .records import ManifestRow, PreparedImage
 
-__all__ = ["ImageSource", "sniff_mime"]
-
-# The formats Claude, OpenAI and Gemini all take (protocol-reference 6).
-ACCEPTED = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
+__all__ = ["ImageSource", "b64_len", "default_executor", "sniff_mime"]
 
 
-def sniff_mime(head: bytes) -> str | None:
-    """Media type from magic numbers; None when the bytes are no image we know."""
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "image/gif"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    if head[:4] in (b"II*\x00", b"MM\x00*"):
-        return "image/tiff"
-    if head[:2] == b"BM":
-        return "image/bmp"
-    if head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"):
-        return "image/heic" if b"hei" in head[8:12] else "image/avif"
-    return None
+class Fetcher(Protocol):
+    async def fetch(self, url: str) -> bytes: ...
 
 
-def b64_len(n: int) -> int:
-    return 4 * ((n + 2) // 3)
+def default_executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="image")
 
 
 class ImageSource:
     """Resolves a manifest row's ``image`` into a ``PreparedImage``."""
 
-    def __init__(self, base_dir: Path, max_image_bytes: int) -> None:
+    def __init__(self, base_dir: Path, policy: ImagePolicy, executor: Executor | None = None,
+                 fetcher: Fetcher | None = None) -> None:
         self.base_dir = base_dir
-        self.max_image_bytes = max_image_bytes
+        self.policy = policy
+        self.executor = executor
+        self.fetcher = fetcher
 
     async def load(self, row: ManifestRow) -> PreparedImage:
         ref = row.image
+        loop = asyncio.get_running_loop()
         if ref.lower().startswith(("http://", "https://")):
-            return PreparedImage(ref, None, None)
-        return await asyncio.to_thread(self._load_local, ref)
+            if self.fetcher is None:
+                return PreparedImage(ref, None, None)
+            data = await self.fetcher.fetch(ref)
+            return await loop.run_in_executor(self.executor, self._prepare, data, ref)
+        return await loop.run_in_executor(self.executor, self._load_local, ref)
 
     def resolve(self, ref: str) -> Path:
         p = Path(ref).expanduser()
@@ -74,23 +65,13 @@ class ImageSource:
             raise RowFailed(f"image path is a directory: {path}", "bad_image") from None
         except OSError as e:
             raise RowFailed(f"image file unreadable: {path} ({e.strerror})", "bad_image") from None
-        if not data:
-            raise RowFailed(f"image file is empty (0 bytes): {path}", "bad_image")
-        mime = sniff_mime(data[:16])
-        if mime is None:
-            raise RowFailed(f"not an image (unrecognised content): {path}", "bad_image")
-        if mime not in ACCEPTED:
-            raise RowFailed(f"image format {mime} is not accepted by the provider "
-                            f"(JPEG, PNG, GIF, WebP): {path}", "bad_image")
-        size = b64_len(len(data))
-        if size > self.max_image_bytes:
-            raise RowFailed(f"image too large: {size} bytes as base64 > limit "
-                            f"{self.max_image_bytes}: {path}", "bad_image")
+        return self._prepare(data, str(path))
+
+    def _prepare(self, data: bytes, where: str) -> PreparedImage:
         try:
-            with Image.open(io.BytesIO(data)) as im:  # reads the header only
-                width, height = im.size
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise RowFailed(f"corrupt or unreadable {mime} image: {path} ({e})",
-                            "bad_image") from None
-        uri = f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
-        return PreparedImage(uri, mime, len(data), width, height)
+            p: Prepared = prepare(data, self.policy)
+        except ImageProblem as e:
+            raise RowFailed(f"{e}: {where}", "bad_image") from None
+        uri = f"data:{p.mime};base64," + base64.b64encode(p.data).decode("ascii")
+        return PreparedImage(uri, p.mime, len(p.data), p.sent_width, p.sent_height,
+                             p.width, p.height, p.sha256)

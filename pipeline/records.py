@@ -42,6 +42,14 @@ BASE_FIELDS: list[pa.Field] = [
     pa.field("terminal", pa.string()),
     pa.field("quirks", pa.string()),
     pa.field("line", pa.int64()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("sent_width", pa.int32()),
+    pa.field("sent_height", pa.int32()),
+    pa.field("sent_bytes", pa.int64()),
+    pa.field("image_sha256", pa.string()),
+    pa.field("dedup_key", pa.string()),
+    pa.field("dedup_of", pa.string()),
     pa.field("finished_at", pa.timestamp("us", tz="UTC")),
 ]
 BASE_NAMES = frozenset(f.name for f in BASE_FIELDS)
@@ -78,6 +86,14 @@ class PreparedImage:
     sent_bytes: int | None
     width: int | None = None    # as sent; None for a pass-through URL
     height: int | None = None
+    orig_width: int | None = None   # the original, after EXIF orientation
+    orig_height: int | None = None
+    sha256: str | None = None       # of the original bytes; None when never downloaded
+
+    def columns(self) -> dict[str, object]:
+        return {"width": self.orig_width, "height": self.orig_height,
+                "sent_width": self.width, "sent_height": self.height,
+                "sent_bytes": self.sent_bytes, "image_sha256": self.sha256}
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +155,16 @@ def ok_row(row: ManifestRow, c: Completion, **timing: Any) -> dict[str, Any]:
         out.update(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                    total_tokens=u.total_tokens, cached_tokens=u.cached_tokens)
     out.update(timing)
+    return out
+
+
+def copied_row(row: ManifestRow, original: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A duplicate image: the caption of the row that was captioned, no tokens spent."""
+    out = base_row(row)
+    out.update({k: v for k, v in original.items() if k != "id" and k != "dedup_key"})
+    out.update(status="ok", dedup_of=original["id"], usage_source="dedup",
+               finished_at=now_utc())
+    out.update(extra)
     return out
 
 

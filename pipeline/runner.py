@@ -30,17 +30,19 @@ from pathlib import Path
 from typing import Any
 
 from .adapters import get_adapter
-from .checkpoint import Checkpoint, KeySet, key_hash
+from .checkpoint import Checkpoint, ImageIndex, KeySet, key_hash
+from .dedupe import Dedupe
+from .imageprep import ImagePolicy
 from .errors import RunFatal
-from .images import ImageSource
+from .images import ImageSource, default_executor
 from .manifest import Manifest
 from .progress import Counters, Progress
 from .ratelimit import Budgets, Limiter
-from .records import ManifestRow, output_schema
+from .records import ManifestRow, PreparedImage, output_schema
 from .retry import RetryPolicy
 from .settings import Settings
 from .sink import ParquetSink, compact
-from .transport import Transport
+from .transport import ImageFetcher, Transport
 from .worker import Interrupted, Worker
 
 log = logging.getLogger("pipeline")
@@ -84,7 +86,8 @@ class Run:
         self.counters = Counters()
         self.stopping: signal.Signals | None = None
         self.fatal: RunFatal | None = None
-        self.queue: asyncio.Queue[ManifestRow | None] = asyncio.Queue(2 * settings.concurrency)
+        self.queue: asyncio.Queue[tuple[ManifestRow, asyncio.Future[PreparedImage] | None] | None]
+        self.queue = asyncio.Queue(2 * settings.concurrency)
         self.results: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self.workers: list[asyncio.Task[None]] = []
         self._stop_now = asyncio.Event()
@@ -107,18 +110,8 @@ class Run:
         estimate = max(0, lines - 1 - len(resume.done))
         self.progress.set_total(min(estimate, self.s.limit) if self.s.limit is not None
                                 else estimate)
-        adapter = get_adapter(self.s.api)
-        transport = Transport(self.s.endpoint, adapter.auth_headers(self.s.api_key.reveal()),
-                              self.s.concurrency, self.s.connect_timeout, self.s.read_timeout)
-        policy = RetryPolicy(self.s.retries, self.s.backoff_base, self.s.backoff_max,
-                             self.s.max_retry_after)
-        self.limiter = Limiter(Budgets(self.s.rpm, self.s.tpm, self.s.itpm, self.s.otpm),
-                               self.s.concurrency)
-        async with transport:
-            worker = Worker(self.s, adapter, transport,
-                            ImageSource(self.s.manifest.parent, self.s.max_image_bytes),
-                            self.limiter, policy, should_stop=lambda: self.halting)
-            self.worker = worker
+        async with contextlib.AsyncExitStack() as stack:
+            worker = await self._worker(stack, resume.parts)
             await self._run_pool(manifest, resume.done, worker, sink)
         self.progress.close()
         if not self.halting:
@@ -126,6 +119,31 @@ class Run:
             if self.s.retry_errors:  # the new rows replace the error rows they retried
                 await asyncio.to_thread(Checkpoint(self.s.out).repair)
         return self._result()
+
+    async def _worker(self, stack: contextlib.AsyncExitStack, parts: list[Path]) -> Worker:
+        """Wire the stages: protocol, transport, image preparation, limits, dedupe."""
+        s = self.s
+        adapter = get_adapter(s.api)
+        policy = RetryPolicy(s.retries, s.backoff_base, s.backoff_max, s.max_retry_after)
+        transport = await stack.enter_async_context(Transport(
+            s.endpoint, adapter.auth_headers(s.api_key.reveal()), s.concurrency,
+            s.connect_timeout, s.read_timeout))
+        executor = default_executor()
+        stack.callback(executor.shutdown, wait=False, cancel_futures=True)
+        fetcher = None
+        if s.fetch_urls:
+            fetcher = await stack.enter_async_context(
+                ImageFetcher(policy, s.max_download_bytes, s.download_timeout))
+        images = ImageSource(s.manifest.parent, ImagePolicy(s.max_edge, s.max_image_bytes),
+                             executor, fetcher)
+        dedupe = None
+        if s.dedupe:
+            index = await asyncio.to_thread(ImageIndex, parts)
+            dedupe = Dedupe(index.lookup if len(index) else None)
+        self.limiter = Limiter(Budgets(s.rpm, s.tpm, s.itpm, s.otpm), s.concurrency)
+        self.worker = Worker(s, adapter, transport, images, self.limiter, policy,
+                             should_stop=lambda: self.halting, dedupe=dedupe)
+        return self.worker
 
     async def _run_pool(self, manifest: Manifest, done: KeySet, worker: Worker,
                         sink: ParquetSink) -> None:
@@ -139,6 +157,7 @@ class Run:
         finally:
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
+            self._drop_queued()
             await self.results.put(_DONE)
             await sink_task
             self._remove_signals()
@@ -186,18 +205,29 @@ class Run:
             if self.s.limit is not None and pending >= self.s.limit:
                 break
             pending += 1
-            await self.queue.put(row)
+            # Start preparing the image now, so it is ready when a worker takes the row
+            # (the queue bounds how many are prepared ahead).
+            prepared = None if row.error else asyncio.ensure_future(self.worker.images.load(row))
+            await self.queue.put((row, prepared))
         self.progress.set_total(pending)
         for _ in self.workers:
             await self.queue.put(_DONE)
 
+    def _drop_queued(self) -> None:
+        """Rows still queued at a stop stay pending; cancel their image preparation."""
+        while not self.queue.empty():
+            item = self.queue.get_nowait()
+            if item is not None and item[1] is not None:
+                item[1].cancel()
+
     async def _worker_loop(self, worker: Worker) -> None:
         while not self.halting:
-            row = await self.queue.get()
-            if row is None:
+            item = await self.queue.get()
+            if item is None:
                 return
+            row, prepared = item
             try:
-                result = await worker.process(row)
+                result = await worker.process(row, prepared)
             except Interrupted:
                 return  # the row stays pending for the next run
             except RunFatal as e:

@@ -62,6 +62,11 @@ class Settings:
     grace: float = 30.0
     retry_errors: bool = False
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_edge: int = 1568        # long edge sent at most (Claude's native resolution)
+    fetch_urls: bool = False    # download http(s) images and send them inline
+    max_download_bytes: int = 50 * 1024 * 1024
+    download_timeout: float = 60.0
+    dedupe: bool = True         # caption identical images (bytes, prompt, model) once
     rpm: float | None = None    # budgets per minute; None = learn from headers / adapt
     tpm: float | None = None
     itpm: float | None = None
@@ -74,6 +79,9 @@ class Settings:
         _positive("--read-timeout", self.read_timeout)
         _positive("--connect-timeout", self.connect_timeout)
         _positive("--max-image-bytes", self.max_image_bytes)
+        _positive("--max-edge", self.max_edge)
+        _positive("--max-download-bytes", self.max_download_bytes)
+        _positive("--download-timeout", self.download_timeout)
         _non_negative("--retries", self.retries)
         _non_negative("--backoff-base", self.backoff_base)
         _non_negative("--backoff-max", self.backoff_max)

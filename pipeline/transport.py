@@ -9,16 +9,18 @@ headers at send time and appears nowhere else.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import aiohttp
 
-from .errors import Retryable, RunFatal
+from .errors import Retryable, RowFailed, RunFatal, classify_http
 from .records import ApiRequest
+from .retry import RetryPolicy
 
-__all__ = ["Head", "Transport"]
+__all__ = ["Head", "ImageFetcher", "Transport"]
 
 _REQUEST_ID_HEADERS = ("x-request-id", "request-id", "x-litellm-call-id", "cf-ray")
 _MAX_ERROR_BODY = 64 * 1024
@@ -114,3 +116,80 @@ class Transport:
             if size >= _MAX_ERROR_BODY:
                 break
         return b"".join(parts)
+
+
+class ImageFetcher:
+    """Downloads images for ``--fetch-urls``: size cap, timeout, type check, retries.
+
+    Its own session, so the API key can never reach an image host, and a cap on
+    parallel downloads per host, so one slow site cannot hold every worker.
+    """
+
+    def __init__(self, policy: RetryPolicy, max_bytes: int, timeout: float,
+                 per_host: int = 4, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+                 ) -> None:
+        self.policy = policy
+        self.max_bytes = max_bytes
+        self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 15.0))
+        self.per_host = per_host
+        self.sleep = sleep
+        self._hosts: dict[str, asyncio.Semaphore] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> ImageFetcher:
+        self._session = aiohttp.ClientSession(timeout=self.timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def fetch(self, url: str) -> bytes:
+        host = urlsplit(url).hostname or ""
+        gate = self._hosts.setdefault(host, asyncio.Semaphore(self.per_host))
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                async with gate:
+                    return await self._get(url)
+            except Retryable as e:
+                if not self.policy.may_retry(attempts):
+                    raise RowFailed(f"image download failed after {attempts} attempts: "
+                                    f"{e.message}: {url}", "bad_image") from None
+                await self.sleep(self.policy.next_delay(attempts, e.retry_after))
+
+    async def _get(self, url: str) -> bytes:
+        assert self._session is not None, "ImageFetcher used outside 'async with'"
+        with _mapped(self.timeout.total or 0):
+            async with self._session.get(url) as resp:
+                if resp.status != 200:
+                    err = classify_http(resp.status, resp.headers, b"")
+                    if isinstance(err, Retryable):
+                        raise err
+                    raise RowFailed(f"image download failed: HTTP {resp.status}: {url}",
+                                    "bad_image")
+                ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+                if ctype and not ctype.startswith("image/") and ctype not in _BINARY_TYPES:
+                    raise RowFailed(f"not an image: {url} answered with content-type "
+                                    f"{ctype}", "bad_image")
+                if (resp.content_length or 0) > self.max_bytes:
+                    raise self._too_big(url)
+                return await self._read_capped(resp, url)
+
+    async def _read_capped(self, resp: aiohttp.ClientResponse, url: str) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise self._too_big(url)
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def _too_big(self, url: str) -> RowFailed:
+        return RowFailed(f"image download larger than {self.max_bytes} bytes: {url}",
+                         "bad_image")
+
+
+_BINARY_TYPES = frozenset({"application/octet-stream", "binary/octet-stream"})

@@ -18,7 +18,9 @@ from .adapters.base import Adapter, normalize_finish
 from .errors import PipelineError, Retryable, RowFailed, classify_http
 from .images import ImageSource
 from .ratelimit import Limiter
-from .records import ApiRequest, Completion, ManifestRow, error_row, ok_row
+from .dedupe import Dedupe, dedup_key
+from .records import (ApiRequest, Completion, ManifestRow, PreparedImage, copied_row,
+                      error_row, ok_row)
 from .retry import RetryPolicy
 from .settings import Settings
 from .sse import SSEDecoder
@@ -38,7 +40,8 @@ class Worker:
                  images: ImageSource, limiter: Limiter, policy: RetryPolicy,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 should_stop: Callable[[], bool] = lambda: False) -> None:
+                 should_stop: Callable[[], bool] = lambda: False,
+                 dedupe: Dedupe | None = None) -> None:
         self.settings = settings
         self.adapter = adapter
         self.transport = transport
@@ -48,17 +51,36 @@ class Worker:
         self.clock = clock
         self.sleep = sleep
         self.should_stop = should_stop
+        self.dedupe = dedupe
         self.in_request: set[asyncio.Task[Any] | None] = set()  # tasks with a request open
 
-    async def process(self, row: ManifestRow) -> dict[str, Any]:
+    async def process(self, row: ManifestRow,
+                      prepared: Awaitable[PreparedImage] | None = None) -> dict[str, Any]:
+        """The result row for ``row``; ``prepared`` is its image if already under way."""
         if row.error:
             return error_row(row, row.error, "bad_input")
         try:
-            image = await self.images.load(row)
+            image = await (prepared if prepared is not None else self.images.load(row))
         except RowFailed as e:
             return error_row(row, e.message, e.error_class)
-        req = self.adapter.build_request(row, image, self.settings)
-        return await self._with_retries(row, req)
+        columns = image.columns()
+        key = None
+        if image.sha256 is not None and self.dedupe is not None:
+            s = self.settings
+            key = dedup_key(image.sha256, row.prompt or s.prompt, s.system, s.model)
+            columns["dedup_key"] = key
+            original = await self.dedupe.claim(key)
+            if original is not None:
+                return copied_row(row, original, **columns)
+        result = None
+        try:
+            req = self.adapter.build_request(row, image, self.settings)
+            result = await self._with_retries(row, req)
+            result.update(columns)
+            return result
+        finally:
+            if key is not None and self.dedupe is not None:
+                self.dedupe.resolve(key, result)
 
     async def _with_retries(self, row: ManifestRow, req: ApiRequest) -> dict[str, Any]:
         attempts = 0

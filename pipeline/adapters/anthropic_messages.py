@@ -1,0 +1,198 @@
+"""Anthropic Messages API (``/messages``) streaming: request body and event folding.
+
+Folding follows protocol-reference sections 3, 7 and 8: events are dispatched by their
+SSE name (the JSON ``type`` when a gateway drops the name); only ``text_delta`` text
+reaches the caption (thinking and signatures stay out); usage is ``message_start``'s
+overlaid with each ``message_delta``'s non-null counts (cumulative, never summed);
+``event: error`` inside the 200 ends the attempt. The success rule is the one shared
+with the OpenAI adapter (``finish_completion``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from ..errors import Retryable, RowFailed, classify_stream_error
+from ..records import ApiRequest, Completion, ManifestRow, PreparedImage, Usage
+from ..sse import Event
+from ..tokens import image_tokens, text_tokens
+from .openai_chat import _int, _try_json, finish_completion
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+
+API_VERSION = "2023-06-01"
+_CACHE_FIELDS = ("cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+def parse_usage(u: Any) -> Usage | None:
+    """Anthropic usage → Usage. ``input_tokens`` counts only what follows the last cache
+    breakpoint, so the prompt is input + cache creation + cache read (reference 3.3)."""
+    if not isinstance(u, dict):
+        return None
+    parts = [_int(u.get(k)) for k in ("input_tokens", *_CACHE_FIELDS)]
+    known = [p for p in parts if p is not None]
+    prompt = sum(known) if known else None
+    completion = _int(u.get("output_tokens"))
+    if prompt is None and completion is None:
+        return None
+    total = prompt + completion if prompt is not None and completion is not None else None
+    return Usage(prompt, completion, total, _int(u.get("cache_read_input_tokens")))
+
+
+def _broken(message: str) -> Retryable:
+    return Retryable(message, "stream_broken", http_status=200)
+
+
+class MessagesStreamState:
+    """Folds the named events of one Messages API stream."""
+
+    __slots__ = ("first_content_at", "model", "parts", "quirks", "response_id", "stop_reason",
+                 "stopped", "usage")
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.stop_reason = ""
+        self.usage: dict[str, Any] = {}
+        self.model: str | None = None
+        self.response_id: str | None = None
+        self.stopped = False
+        self.first_content_at: float | None = None
+        self.quirks: dict[str, int] = {}
+
+    def _quirk(self, name: str) -> None:
+        self.quirks[name] = self.quirks.get(name, 0) + 1
+
+    def on_event(self, event: Event, now: float) -> bool:
+        name = event.event
+        if name == "raw":  # bare JSON in an SSE body: a gateway's error (reference 7.10)
+            self._quirk("raw_json_line")
+            doc = _try_json(event.data)
+            raise classify_stream_error(doc if doc is not None
+                                        else {"error": {"message": event.data[:200]}})
+        if name == "ping":
+            return False
+        try:
+            doc = json.loads(event.data)
+        except ValueError:
+            raise _broken(f"invalid JSON in stream: {event.data[:80]!r}") from None
+        if not isinstance(doc, dict):
+            raise _broken("stream event is not a JSON object")
+        kind = name if name != "message" else str(doc.get("type") or "")
+        if kind == "error" or doc.get("error"):  # also an OpenAI-style error a gateway wrote
+            raise classify_stream_error(doc)
+        if kind == "message_start":
+            self._start(doc.get("message"))
+        elif kind == "content_block_start":
+            block = doc.get("content_block")
+            if isinstance(block, dict) and block.get("type") == "text":
+                self._text(block.get("text"), now)  # the SDK seeds a block with this text
+        elif kind == "content_block_delta":
+            delta = doc.get("delta")
+            if isinstance(delta, dict) and delta.get("type") == "text_delta":
+                self._text(delta.get("text"), now)
+            # thinking_delta, signature_delta, input_json_delta: never part of the caption
+        elif kind == "message_delta":
+            delta = doc.get("delta")
+            reason = delta.get("stop_reason") if isinstance(delta, dict) else None
+            if reason:
+                if self.stop_reason and reason != self.stop_reason:
+                    self._quirk("stop_reason_changed")
+                self.stop_reason = reason  # the last top-level change is the message's
+            self._merge_usage(doc.get("usage"))
+        elif kind == "message_stop":
+            self.stopped = True
+            return True
+        # content_block_stop and event types added later carry nothing a caption needs.
+        return False
+
+    def _start(self, message: Any) -> None:
+        if not isinstance(message, dict):
+            return
+        if self.parts:
+            # A gateway replayed a second attempt into the same body (reference 7.34):
+            # never concatenate attempts.
+            raise _broken("second message_start mid-stream (gateway replay)")
+        self.response_id = message.get("id") or self.response_id
+        self.model = message.get("model") or self.model
+        self._merge_usage(message.get("usage"))
+
+    def _text(self, text: Any, now: float) -> None:
+        if isinstance(text, str) and text:
+            if self.first_content_at is None:
+                self.first_content_at = now
+            self.parts.append(text)
+
+    def _merge_usage(self, usage: Any) -> None:
+        # Counts are cumulative: overwrite field by field, and only with present,
+        # non-null values, as the SDK does (a message_delta usually carries output only).
+        if isinstance(usage, dict):
+            self.usage.update((k, v) for k, v in usage.items() if v is not None)
+
+    def finish(self) -> Completion:
+        if not self.stopped and not self.stop_reason:
+            # EOF before message_delta (reference C38): the partial text is not a caption.
+            raise _broken("stream ended without stop_reason or message_stop")
+        # A stop_reason followed by a clean EOF is complete, as for OpenAI's missing [DONE].
+        terminal = "message_stop" if self.stopped else "eof_after_finish"
+        return finish_completion("".join(self.parts), self.stop_reason, self.model,
+                                 self.response_id, parse_usage(self.usage or None), terminal,
+                                 self.quirks)
+
+
+class AnthropicMessages:
+    """The Anthropic Messages protocol."""
+
+    name = "anthropic"
+    path = "/messages"
+
+    def auth_headers(self, api_key: str) -> dict[str, str]:
+        headers = {"anthropic-version": API_VERSION}
+        if api_key:
+            headers["x-api-key"] = api_key
+        return headers
+
+    def build_request(self, row: ManifestRow, image: PreparedImage,
+                      settings: Settings) -> ApiRequest:
+        prompt = row.prompt or settings.prompt
+        # Anthropic recommends the image before the text.
+        content = [image_block(image), {"type": "text", "text": prompt}]
+        body: dict[str, Any] = {"model": settings.model, "max_tokens": settings.max_tokens,
+                                "stream": True}
+        if settings.system:
+            body["system"] = settings.system  # top-level: the API has no system role
+        body["messages"] = [{"role": "user", "content": content}]
+        if settings.temperature is not None:
+            body["temperature"] = settings.temperature
+        size = (image.width, image.height) if image.width and image.height else None
+        est_in = image_tokens(settings.model, size) + text_tokens(prompt, settings.system)
+        return ApiRequest(self.path, json.dumps(body, ensure_ascii=False).encode(),
+                          {"Accept": "text/event-stream"}, est_in, settings.max_tokens)
+
+    def new_state(self) -> MessagesStreamState:
+        return MessagesStreamState()
+
+    def from_json(self, doc: Any) -> Completion:
+        if not isinstance(doc, dict) or doc.get("type") != "message" or doc.get("error"):
+            raise classify_stream_error(doc if isinstance(doc, dict) else {"error": str(doc)})
+        text = "".join(b["text"] for b in doc.get("content") or ()
+                       if isinstance(b, dict) and b.get("type") == "text"
+                       and isinstance(b.get("text"), str))
+        return finish_completion(text, doc.get("stop_reason") or "", doc.get("model"),
+                                 doc.get("id"), parse_usage(doc.get("usage")), "json", {})
+
+
+def image_block(image: PreparedImage) -> dict[str, Any]:
+    """A data: URI becomes a base64 source (payload without the prefix); a URL is
+    passed through for Anthropic to fetch (reference 3.1)."""
+    url = image.url
+    if url[:5].lower() == "data:":
+        header, sep, payload = url[5:].partition(",")
+        params = header.split(";")
+        if not sep or "base64" not in params[1:]:
+            raise RowFailed("image data URI is not base64-encoded", "bad_image")
+        mime = params[0] or image.mime
+        return {"type": "image",
+                "source": {"type": "base64", "media_type": mime, "data": payload}}
+    return {"type": "image", "source": {"type": "url", "url": url}}
