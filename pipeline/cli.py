@@ -40,6 +40,10 @@ def _env(*names: str) -> str | None:
     return None
 
 
+_KEY_ENV = {"openai": ("CAPTION_API_KEY", "OPENAI_API_KEY"),
+            "anthropic": ("CAPTION_API_KEY", "ANTHROPIC_API_KEY")}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m pipeline caption",
                 description="Caption every image of a CSV manifest with a vision LLM over a "
@@ -50,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", type=Path, help="output dataset directory (default out/<manifest stem>)")
     a("--base-url", help="API root such as https://host/v1 "
                          "(env CAPTION_BASE_URL, then OPENAI_BASE_URL)")
+    a("--api", choices=["openai", "anthropic"], default="openai",
+      help="wire protocol: OpenAI-compatible chat completions ({base}/chat/completions, "
+           "default) or Anthropic's native Messages API ({base}/messages)")
     a("--model", default=_env("CAPTION_MODEL") or DEFAULT_MODEL,
       help=f"model name (env CAPTION_MODEL; default {DEFAULT_MODEL})")
     a("--prompt", default=DEFAULT_PROMPT, help="user instruction sent with each image")
@@ -103,7 +110,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     out = ns.out or Path("out") / ns.manifest.stem
     return Settings(
         manifest=ns.manifest, out=out, base_url=base_url,
-        api_key=Secret(_env("CAPTION_API_KEY", "OPENAI_API_KEY") or ""),
+        api_key=Secret(_env(*_KEY_ENV[ns.api]) or ""), api=ns.api,
         model=ns.model, prompt=ns.prompt, system=ns.system, max_tokens=ns.max_tokens,
         temperature=ns.temperature, concurrency=ns.concurrency, limit=ns.limit,
         progress=not ns.no_progress, retries=ns.retries, read_timeout=ns.read_timeout,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from .anthropic_messages import AnthropicMessages
 from .base import Adapter
 from .openai_chat import OpenAIChat
 
-ADAPTERS: dict[str, type] = {"openai": OpenAIChat}
+ADAPTERS: dict[str, type] = {"openai": OpenAIChat, "anthropic": AnthropicMessages}
 
 
 def get_adapter(name: str) -> Adapter:

@@ -71,7 +71,7 @@ class MessagesStreamState:
             doc = _try_json(event.data)
             raise classify_stream_error(doc if doc is not None
                                         else {"error": {"message": event.data[:200]}})
-        if name == "ping":
+        if name == "ping":  # liveness only; its data need not even be JSON
             return False
         try:
             doc = json.loads(event.data)
