@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import PipelineError, RunFatal
+from .options import RequestOptions, load_response_format, parse_json_option
 from .settings import DEFAULT_MODEL, DEFAULT_PROMPT, Secret, Settings
 
 EXIT_CODES = """exit codes:
@@ -63,6 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     a("--system", help="optional system message")
     a("--max-tokens", type=int, default=300, help="max tokens per caption (default 300)")
     a("--temperature", type=float, help="sampling temperature, 0-2")
+    a("--top-p", type=float, help="nucleus sampling, 0-1")
+    a("--n", type=int, default=1, help="captions per image (choices; output column "
+                                      "'captions'); OpenAI-compatible only")
+    a("--stop", action="append", default=[], metavar="TEXT",
+      help="stop sequence (repeatable, up to 4)")
+    a("--presence-penalty", type=float, help="-2 to 2")
+    a("--frequency-penalty", type=float, help="-2 to 2")
+    a("--logit-bias", metavar="JSON", help='token id → bias -100..100, e.g. \'{"50256": -100}\'')
+    a("--user", help="end-user id passed to the provider (Anthropic: metadata.user_id)")
+    a("--seed", type=int, help="sampling seed, where the provider supports it")
+    a("--response-format", metavar="json_object|SCHEMA.json",
+      help="structured output: 'json_object', or a JSON Schema file (json_schema); the "
+           "caption is parsed into caption_json")
+    a("--extra-body", metavar="JSON", help="extra top-level request fields, merged as given")
     a("--concurrency", type=int, default=16, help="requests in flight at most (default 16)")
     a("--limit", type=int, help="caption only the first N pending rows")
     a("--no-progress", action="store_true", help="no progress bar (automatic without a TTY)")
@@ -112,7 +127,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         manifest=ns.manifest, out=out, base_url=base_url,
         api_key=Secret(_env(*_KEY_ENV[ns.api]) or ""), api=ns.api,
         model=ns.model, prompt=ns.prompt, system=ns.system, max_tokens=ns.max_tokens,
-        temperature=ns.temperature, concurrency=ns.concurrency, limit=ns.limit,
+        options=options_from_args(ns), concurrency=ns.concurrency, limit=ns.limit,
         progress=not ns.no_progress, retries=ns.retries, read_timeout=ns.read_timeout,
         connect_timeout=ns.connect_timeout, backoff_base=ns.backoff_base,
         backoff_max=ns.backoff_max, flush_rows=ns.flush_rows, flush_seconds=ns.flush_seconds,
@@ -121,6 +136,21 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         fetch_urls=ns.fetch_urls, max_download_bytes=ns.max_download_bytes,
         download_timeout=ns.download_timeout, dedupe=not ns.no_dedupe,
     )
+
+
+def options_from_args(ns: argparse.Namespace) -> RequestOptions:
+    bias = parse_json_option("--logit-bias", ns.logit_bias)
+    extra = parse_json_option("--extra-body", ns.extra_body)
+    if bias is not None and not isinstance(bias, dict):
+        raise RunFatal("--logit-bias must be a JSON object", "config", exit_code=2)
+    if extra is not None and not isinstance(extra, dict):
+        raise RunFatal("--extra-body must be a JSON object", "config", exit_code=2)
+    return RequestOptions(
+        temperature=ns.temperature, top_p=ns.top_p, n=ns.n, stop=tuple(ns.stop),
+        presence_penalty=ns.presence_penalty, frequency_penalty=ns.frequency_penalty,
+        logit_bias={str(k): v for k, v in bias.items()} if bias is not None else None,
+        user=ns.user, seed=ns.seed, response_format=load_response_format(ns.response_format),
+        extra_body=extra)
 
 
 def caption(argv: Sequence[str]) -> int:

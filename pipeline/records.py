@@ -21,6 +21,9 @@ BASE_FIELDS: list[pa.Field] = [
     pa.field("prompt_name", pa.string()),
     pa.field("image", pa.string()),
     pa.field("caption", pa.string()),
+    pa.field("captions", pa.list_(pa.string())),
+    pa.field("caption_json", pa.string()),
+    pa.field("json_valid", pa.bool_()),
     pa.field("status", pa.string()),
     pa.field("error", pa.string()),
     pa.field("error_class", pa.string()),
@@ -127,6 +130,7 @@ class Completion:
     usage: Usage | None
     terminal: str
     quirks: dict[str, int]
+    texts: tuple[str, ...] = ()  # every choice, in index order, when n > 1
 
 
 def now_utc() -> datetime:
@@ -145,7 +149,8 @@ def ok_row(row: ManifestRow, c: Completion, **timing: Any) -> dict[str, Any]:
     out = base_row(row)
     u = c.usage
     out.update(
-        caption=c.text, status="ok", finish_reason=c.finish_reason,
+        caption=c.text, captions=list(c.texts) if c.texts else [c.text], status="ok",
+        finish_reason=c.finish_reason,
         finish_reason_raw=c.finish_reason_raw, model=c.model, response_id=c.response_id,
         terminal=c.terminal, usage_source="reported" if u else "absent",
         quirks=json.dumps(c.quirks, sort_keys=True) if c.quirks else None,

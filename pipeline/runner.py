@@ -36,6 +36,7 @@ from .imageprep import ImagePolicy
 from .errors import RunFatal
 from .images import ImageSource, default_executor
 from .manifest import Manifest
+from .options import template_fields
 from .progress import Counters, Progress
 from .ratelimit import Budgets, Limiter
 from .records import ManifestRow, PreparedImage, output_schema
@@ -98,6 +99,7 @@ class Run:
 
     async def execute(self) -> RunResult:
         manifest = Manifest(self.s.manifest)
+        check_template(self.s.prompt, manifest)
         resume = await asyncio.to_thread(Checkpoint(self.s.out).load, self.s.retry_errors)
         if resume.duplicates_removed or resume.temp_files_removed:
             log.warning("repaired %s: removed %d duplicate rows and %d temporary files",
@@ -302,6 +304,16 @@ class Run:
         runs = self.s.out / "_runs"
         runs.mkdir(exist_ok=True)
         (runs / f"{self.run_id}.json").write_text(json.dumps(report, indent=2, default=str))
+
+
+def check_template(prompt: str, manifest: Manifest) -> None:
+    """A ``--prompt`` template may only name columns the manifest has: say so up front."""
+    known = set(manifest.columns) | {"id", "image"} | set(manifest.extra_columns)
+    for name in template_fields(prompt):
+        if name not in known:
+            raise RunFatal(f"--prompt refers to column {{{name}}}, which manifest "
+                           f"{manifest.path} does not have (columns: "
+                           f"{', '.join(manifest.columns)})", "config", exit_code=2)
 
 
 def count_lines(path: Path) -> int:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RunFatal
+from .options import RequestOptions
 
 DEFAULT_MODEL = "claude-3-5-sonnet-20240620"
 DEFAULT_PROMPT = (
@@ -47,7 +48,7 @@ class Settings:
     prompt: str = DEFAULT_PROMPT
     system: str | None = None
     max_tokens: int = 300
-    temperature: float | None = None
+    options: RequestOptions = field(default_factory=RequestOptions)
     concurrency: int = 16
     limit: int | None = None
     progress: bool = True
@@ -92,9 +93,7 @@ class Settings:
                 _positive(f"--{name}", getattr(self, name))
         if self.limit is not None:
             _non_negative("--limit", self.limit)
-        if self.temperature is not None and not 0 <= self.temperature <= 2:
-            raise RunFatal(f"--temperature must be between 0 and 2, got {self.temperature}",
-                           "config", exit_code=2)
+        self.options.check_protocol(self.api)
         if not self.base_url.startswith(("http://", "https://")):
             raise RunFatal(f"--base-url must start with http:// or https://, got "
                            f"{self.base_url!r}", "config", exit_code=2)

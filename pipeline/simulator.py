@@ -278,6 +278,7 @@ class Job:
     n: int
     response_id: str
     created: int
+    json_mode: bool = False  # response_format asked for JSON: answer {"caption": ...}
 
 
 @dataclass(frozen=True)
@@ -294,7 +295,10 @@ class Choice:
 def _choices(job: Job, seed: int) -> tuple[Choice, ...]:
     out = []
     for index in range(job.n):
-        pieces = split_tokens(caption_for(job.prompt, seed, index))
+        text = caption_for(job.prompt, seed, index)
+        if job.json_mode:
+            text = json.dumps({"caption": text})
+        pieces = split_tokens(text)
         finish = "length" if len(pieces) > job.max_tokens else "stop"
         out.append(Choice(index, tuple(pieces[: job.max_tokens]), finish))
     return tuple(out)
@@ -354,7 +358,10 @@ class OpenAIDialect:
         response_id = f"chatcmpl-{secrets.token_hex(12)}"
         limit = max_tokens or config.max_tokens_default
         created = int(time.time())
-        return Job(request_id, model, prompt, stream, include_usage, limit, n, response_id, created)
+        fmt = body.get("response_format")
+        json_mode = isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
+        return Job(request_id, model, prompt, stream, include_usage, limit, n, response_id,
+                   created, json_mode)
 
     def error(self, err: ApiError, request_id: str) -> web.Response:
         detail = {"message": err.message, "type": err.openai_type}

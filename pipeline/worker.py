@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .adapters.base import Adapter, normalize_finish
 from .errors import PipelineError, Retryable, RowFailed, classify_http
 from .images import ImageSource
+from .options import render_prompt
 from .ratelimit import Limiter
 from .dedupe import Dedupe, dedup_key
 from .records import (ApiRequest, Completion, ManifestRow, PreparedImage, copied_row,
@@ -29,6 +31,13 @@ from .transport import Head, Transport
 
 # How a retryable failure feeds the limiter: "slow down" versus "server busy".
 _OUTCOME = {"rate_limit": "throttled", "overloaded": "overloaded"}
+
+
+def _values(row: ManifestRow) -> dict[str, Any]:
+    """What a ``--prompt`` template may refer to: the row's columns, id and image."""
+    values: dict[str, Any] = {k.removeprefix("manifest_"): v for k, v in row.extra.items()}
+    values.update(row.extra, id=row.id, image=row.image)
+    return values
 
 
 class Interrupted(Exception):
@@ -59,6 +68,8 @@ class Worker:
         """The result row for ``row``; ``prepared`` is its image if already under way."""
         if row.error:
             return error_row(row, row.error, "bad_input")
+        if row.prompt is None:  # the run's prompt, with this row's columns filled in
+            row = replace(row, prompt=render_prompt(self.settings.prompt, _values(row)))
         try:
             image = await (prepared if prepared is not None else self.images.load(row))
         except RowFailed as e:
@@ -91,6 +102,7 @@ class Worker:
             start = self.clock()
             try:
                 completion, head, ttft = await self._attempt(req, start)
+                structured = self._structured(completion)
             except Retryable as e:
                 self.limiter.finish(permit, _OUTCOME.get(e.error_class, "error"))
                 if not self.policy.may_retry(attempts):
@@ -115,7 +127,18 @@ class Worker:
             self.limiter.finish(permit, "ok", u and u.prompt_tokens, u and u.completion_tokens)
             return ok_row(row, completion, attempts=attempts, latency_s=self.clock() - start,
                           ttft_s=ttft, request_id=head.request_id, http_status=head.status,
-                          retry_after_s=waited)
+                          retry_after_s=waited, **structured)
+
+    def _structured(self, completion: Completion) -> dict[str, Any]:
+        """With a response format, the caption must parse as JSON (else: try again)."""
+        if self.settings.options.response_format is None:
+            return {}
+        try:
+            doc = json.loads(completion.text)
+        except ValueError as e:
+            raise Retryable(f"the caption is not valid JSON ({e}): {completion.text[:80]!r}",
+                            "invalid_json", http_status=200) from None
+        return {"caption_json": json.dumps(doc, ensure_ascii=False), "json_valid": True}
 
     def _failed(self, row: ManifestRow, e: PipelineError, attempts: int, start: float,
                 waited: float | None, suffix: str = "") -> dict[str, Any]:
@@ -125,6 +148,8 @@ class Worker:
         if e.finish_reason_raw:
             out.update(finish_reason=normalize_finish(e.finish_reason_raw),
                        finish_reason_raw=e.finish_reason_raw)
+        if e.error_class == "invalid_json":
+            out["json_valid"] = False
         if e.usage is not None:  # tokens were spent even though the row failed
             out.update(prompt_tokens=e.usage.prompt_tokens,
                        completion_tokens=e.usage.completion_tokens,
@@ -157,7 +182,7 @@ class Worker:
         return completion, head, None if first is None else first - start
 
     async def _stream(self, chunks: Any) -> tuple[Completion, float | None]:
-        state = self.adapter.new_state()
+        state = self.adapter.new_state(self.settings.options.n)
         decoder = SSEDecoder()
         clock = self.clock
         async for chunk in chunks:

@@ -163,14 +163,14 @@ class AnthropicMessages:
         if settings.system:
             body["system"] = settings.system  # top-level: the API has no system role
         body["messages"] = [{"role": "user", "content": content}]
-        if settings.temperature is not None:
-            body["temperature"] = settings.temperature
+        body.update(settings.options.anthropic_fields())
+        body.update(settings.options.extra_body or {})  # vendor fields, as given
         size = (image.width, image.height) if image.width and image.height else None
         est_in = image_tokens(settings.model, size) + text_tokens(prompt, settings.system)
         return ApiRequest(self.path, json.dumps(body, ensure_ascii=False).encode(),
                           {"Accept": "text/event-stream"}, est_in, settings.max_tokens)
 
-    def new_state(self) -> MessagesStreamState:
+    def new_state(self, n: int = 1) -> MessagesStreamState:
         return MessagesStreamState()
 
     def from_json(self, doc: Any) -> Completion:

@@ -50,7 +50,9 @@ class Adapter(Protocol):
     def build_request(self, row: ManifestRow, image: PreparedImage,
                       settings: Settings) -> ApiRequest: ...
 
-    def new_state(self) -> StreamState: ...
+    def new_state(self, n: int = 1) -> StreamState:
+        """State for one attempt; ``n`` choices are kept apart when more than one."""
+        ...
 
     def from_json(self, doc: Any) -> Completion:
         """A complete (non-streamed) response body sent instead of a stream."""

@@ -10,6 +10,7 @@ non-null usage wins (never summed), reasoning text stays out, and errors inside 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PipelineError, Retryable, RowFailed, classify_stream_error
@@ -68,9 +69,15 @@ class ChatStreamState:
     """Folds ``chat.completion.chunk`` events of one attempt."""
 
     __slots__ = ("parts", "finish_raw", "usage", "model", "response_id", "done",
-                 "first_content_at", "quirks", "_error", "_content_seen")
+                 "first_content_at", "quirks", "_error", "_content_seen", "n", "choices",
+                 "finishes")
 
-    def __init__(self) -> None:
+    def __init__(self, n: int = 1) -> None:
+        self.n = n
+        # n == 1: every index folds into ``parts`` (gateways put text on index 1);
+        # n > 1: each index keeps its own text and finish reason.
+        self.choices: dict[int, list[str]] = {}
+        self.finishes: dict[int, str] = {}
         self.parts: list[str] = []
         self.finish_raw = ""
         self.usage: Any = None
@@ -130,16 +137,26 @@ class ChatStreamState:
                 if content:
                     if self.first_content_at is None:
                         self.first_content_at = now
-                    if choice.get("index", 0):
-                        self._quirk("nonzero_index")
                     self._content_seen = True
-                    self.parts.append(content)
+                    if self.n > 1:
+                        self.choices.setdefault(choice.get("index", 0), []).append(content)
+                    else:
+                        if choice.get("index", 0):
+                            self._quirk("nonzero_index")
+                        self.parts.append(content)
             fr = choice.get("finish_reason")
             if fr:
-                if self.finish_raw:
-                    self._quirk("duplicate_finish")
-                else:
-                    self.finish_raw = fr
+                self._finish(choice.get("index", 0), fr)
+
+    def _finish(self, index: int, fr: str) -> None:
+        if self.n > 1:
+            self.finishes.setdefault(index, fr)
+            if index != 0:
+                return
+        if self.finish_raw:
+            self._quirk("duplicate_finish")
+        else:
+            self.finish_raw = fr
 
     def _fail(self, doc: Any, data: str) -> None:
         if doc is None:
@@ -149,9 +166,18 @@ class ChatStreamState:
 
     def finish(self) -> Completion:
         terminal = "done" if self.done else "eof_after_finish"
-        return finish_completion("".join(self.parts), self.finish_raw, self.model,
-                                 self.response_id, parse_usage(self.usage), terminal,
-                                 self.quirks)
+        if self.n == 1:
+            return finish_completion("".join(self.parts), self.finish_raw, self.model,
+                                     self.response_id, parse_usage(self.usage), terminal,
+                                     self.quirks)
+        missing = [i for i in range(self.n) if i not in self.finishes]
+        if missing:
+            raise Retryable(f"stream ended without finish_reason for choice {missing[0]}",
+                            "stream_broken", http_status=200)
+        texts = tuple("".join(self.choices.get(i, ())) for i in range(self.n))
+        first = finish_completion(texts[0], self.finish_raw, self.model, self.response_id,
+                                  parse_usage(self.usage), terminal, self.quirks)
+        return replace(first, texts=texts)
 
 
 def _try_json(data: str) -> Any:
@@ -184,15 +210,15 @@ class OpenAIChat:
             "model": settings.model, "messages": messages, "stream": True,
             "stream_options": {"include_usage": True}, "max_tokens": settings.max_tokens,
         }
-        if settings.temperature is not None:
-            body["temperature"] = settings.temperature
+        body.update(settings.options.openai_fields())
+        body.update(settings.options.extra_body or {})  # vendor fields, as given
         size = (image.width, image.height) if image.width and image.height else None
         est_in = image_tokens(settings.model, size) + text_tokens(prompt, settings.system)
         return ApiRequest(self.path, json.dumps(body, ensure_ascii=False).encode(),
                           {"Accept": "text/event-stream"}, est_in, settings.max_tokens)
 
-    def new_state(self) -> ChatStreamState:
-        return ChatStreamState()
+    def new_state(self, n: int = 1) -> ChatStreamState:
+        return ChatStreamState(n)
 
     def from_json(self, doc: Any) -> Completion:
         if not isinstance(doc, dict) or doc.get("error") or not doc.get("choices"):

@@ -18,6 +18,7 @@ import pytest
 from pipeline.adapters.anthropic_messages import AnthropicMessages, MessagesStreamState
 from pipeline.errors import Retryable, RowFailed
 from pipeline.records import Completion, ManifestRow, PreparedImage
+from pipeline.options import RequestOptions
 from pipeline.settings import Secret, Settings
 from pipeline.simulator import SimConfig, start
 from pipeline.sse import SSEDecoder
@@ -278,6 +279,8 @@ def settings(tmp_path: Path, **kw: Any) -> Settings:
                             "base_url": "http://127.0.0.1/v1", "api_key": Secret("sk-ant-test"),
                             "model": "claude-sonnet-4-5", "api": "anthropic", "max_tokens": 200}
     base.update(kw)
+    if "temperature" in base:  # sampling options live in RequestOptions
+        base["options"] = RequestOptions(temperature=base.pop("temperature"))
     return Settings(**base)
 
 

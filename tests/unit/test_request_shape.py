@@ -22,12 +22,14 @@ import pytest
 from aioresponses import aioresponses
 from yarl import URL
 
+from pipeline.imageprep import ImagePolicy
 from pipeline.adapters import get_adapter
 from pipeline.errors import RunFatal
 from pipeline.images import ImageSource
 from pipeline import ratelimit
 from pipeline.records import ManifestRow
 from pipeline.retry import RetryPolicy
+from pipeline.options import RequestOptions
 from pipeline.settings import Secret, Settings
 from pipeline.transport import Transport
 from pipeline.worker import Worker
@@ -70,6 +72,8 @@ def settings(tmp_path: Path, **kw: Any) -> Settings:
                                 base_url=BASE_URL, api_key=Secret(KEY), model="gpt-4o-mini",
                                 max_tokens=300, retries=3)
     base.update(kw)
+    if "temperature" in base:  # sampling options live in RequestOptions
+        base["options"] = RequestOptions(temperature=base.pop("temperature"))
     return Settings(**base)
 
 
@@ -89,7 +93,7 @@ class Harness:
             self.sleeps.append(seconds)
 
         self.worker = Worker(s, adapter, self.transport,
-                             ImageSource(s.manifest.parent, s.max_image_bytes),
+                             ImageSource(s.manifest.parent, ImagePolicy(max_bytes=s.max_image_bytes)),
                              pacing(s, fake_sleep),
                              RetryPolicy(s.retries, s.backoff_base, s.backoff_max,
                                          s.max_retry_after, rand=lambda: 0.5),
