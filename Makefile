@@ -24,9 +24,9 @@ setup: $(STAMP) ## create .venv and install the package with test extras
 demo: $(STAMP) ## caption data/sample/images.csv against the bundled local simulator
 	$(BIN)/python -m pipeline demo
 
-caption: $(STAMP) ## caption MANIFEST=images.csv [OUT=dir] [ARGS="..."]
-	@test -n "$(MANIFEST)" || { echo "usage: make caption MANIFEST=images.csv [OUT=dir] [ARGS=...]" >&2; exit 2; }
-	$(BIN)/python -m pipeline caption "$(MANIFEST)" $(if $(OUT),--out "$(OUT)") $(ARGS)
+caption: $(STAMP) ## caption MANIFEST=images.csv [OUT=dir] [ARGS="..."], or JOB=jobs/NAME.toml
+	@test -n "$(MANIFEST)$(JOB)" || { echo "usage: make caption MANIFEST=images.csv [OUT=dir] [ARGS=...] | JOB=jobs/NAME.toml [ARGS=...]" >&2; exit 2; }
+	$(if $(JOB),$(BIN)/python -m pipeline run "$(JOB)" $(if $(OUT),--out "$(OUT)") $(ARGS),$(BIN)/python -m pipeline caption "$(MANIFEST)" $(if $(OUT),--out "$(OUT)") $(ARGS))
 
 test: $(STAMP) ## run the test suite
 	$(BIN)/python -m pytest

@@ -24,6 +24,7 @@ EXIT_CODES = """exit codes:
   2    usage, config or manifest error
   3    fatal API error (authentication, endpoint or model not found, quota exhausted)
   4    OUT is locked by another run
+  5    --max-cost reached: no new rows were started (rerun to resume)
   130  interrupted by SIGINT, 143 by SIGTERM (finished rows are flushed; rerun to resume)
 """
 
@@ -107,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
       help="seconds per image download with --fetch-urls (60)")
     a("--no-dedupe", action="store_true",
       help="caption every row even when its image, prompt and model repeat")
+    a("--named-prompt", action="append", default=[], metavar="NAME=TEXT",
+      help="a named prompt (repeatable): each image gets one row per prompt, keyed by "
+           "(id, prompt_name); replaces --prompt")
+    a("--price-in", type=float, help="USD per million input tokens (default: built-in "
+                                     "table for well-known models)")
+    a("--price-out", type=float, help="USD per million output tokens")
+    a("--max-cost", type=float, metavar="USD",
+      help="stop taking new rows once spent + in-flight estimates would pass this (exit 5)")
+    a("--dry-run", action="store_true",
+      help="read the manifest and images; print rows, estimated tokens and cost; send nothing")
+    a("--log-format", choices=["text", "json"], default="text",
+      help="status lines and summary as text or JSON lines (for log collectors)")
+    a("--status-interval", type=float, default=30.0,
+      help="seconds between status lines when stderr is not a TTY (30)")
     a("--rpm", type=float, help="requests-per-minute budget (default: learn from the "
                                 "server's rate-limit headers, else adapt to 429s)")
     a("--tpm", type=float, help="tokens-per-minute budget (input + output)")
@@ -135,7 +150,20 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         rpm=ns.rpm, tpm=ns.tpm, itpm=ns.itpm, otpm=ns.otpm, max_edge=ns.max_edge,
         fetch_urls=ns.fetch_urls, max_download_bytes=ns.max_download_bytes,
         download_timeout=ns.download_timeout, dedupe=not ns.no_dedupe,
+        prompts=named_prompts(ns.named_prompt), price_in=ns.price_in, price_out=ns.price_out,
+        max_cost=ns.max_cost, dry_run=ns.dry_run, log_format=ns.log_format,
+        status_interval=ns.status_interval,
     )
+
+
+def named_prompts(values: list[str]) -> tuple[tuple[str, str], ...]:
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, text = v.partition("=")
+        if not sep or not name.strip() or not text.strip():
+            raise RunFatal(f"--named-prompt wants NAME=TEXT, got {v!r}", "config", exit_code=2)
+        out[name.strip()] = text  # a later definition (command line) overrides the job's
+    return tuple(out.items())
 
 
 def options_from_args(ns: argparse.Namespace) -> RequestOptions:
@@ -161,6 +189,10 @@ def caption(argv: Sequence[str]) -> int:
 
     try:
         settings = settings_from_args(ns)
+        if settings.dry_run:
+            from .dryrun import dry_run
+
+            return asyncio.run(dry_run(settings))
         result = asyncio.run(run(settings))
     except PipelineError as e:
         print(f"error: {e.message}", file=sys.stderr)
@@ -168,7 +200,8 @@ def caption(argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         return 130
     if result.fatal:
-        print(f"error: {result.fatal}", file=sys.stderr)
+        label = "stopped" if result.exit_code == 5 else "error"
+        print(f"{label}: {result.fatal}", file=sys.stderr)
     print(result.summary, flush=True)  # the result on stdout; diagnostics on stderr
     return result.exit_code
 
@@ -176,10 +209,14 @@ def caption(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pipeline {caption,simulate,demo} ...``; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
-    commands = {"caption": caption, "simulate": _simulate, "demo": _demo}
+    commands = {"caption": caption, "run": _run_job, "status": _status, "report": _report,
+                "simulate": _simulate, "demo": _demo}
     if not args or args[0] in ("-h", "--help") or args[0] not in commands:
-        print("usage: python -m pipeline {caption,simulate,demo} ...\n"
+        print("usage: python -m pipeline {caption,run,status,report,simulate,demo} ...\n"
               "  caption MANIFEST [options]   caption a manifest (see caption --help)\n"
+              "  run JOB.toml [options]       run a job file; options override it\n"
+              "  status OUT [--manifest M]    done / failed / pending and the last runs\n"
+              "  report OUT                   write OUT/report.html, a review gallery\n"
               "  simulate [--port P]          serve the local gateway simulator\n"
               "  demo                         caption data/sample with the simulator",
               file=sys.stderr if args and args[0] not in ("-h", "--help") else sys.stdout)
@@ -188,6 +225,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return commands[args[0]](args[1:])
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _run_job(argv: Sequence[str]) -> int:
+    if not argv or argv[0].startswith("-"):
+        print("usage: python -m pipeline run JOB.toml [caption options]", file=sys.stderr)
+        return 2
+    from .jobfile import job_argv
+
+    try:
+        job = job_argv(Path(argv[0]))
+    except PipelineError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    return caption([*job, *argv[1:]])
+
+
+def _status(argv: Sequence[str]) -> int:
+    from . import status
+
+    return status.main(list(argv))
+
+
+def _report(argv: Sequence[str]) -> int:
+    from . import report
+
+    return report.main(list(argv))
 
 
 def _simulate(argv: Sequence[str]) -> int:

@@ -53,6 +53,7 @@ class PipelineError(Exception):
         self.request_id: str | None = None  # set by the worker from the response head
         self.finish_reason_raw: str | None = None  # a clean stream that still failed the row
         self.usage: Any = None
+        self.latency: float | None = None  # of the attempt that raised, when it got that far
 
 
 class Retryable(PipelineError):

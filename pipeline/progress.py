@@ -8,6 +8,8 @@ cannot grow memory.
 
 from __future__ import annotations
 
+import json
+import random
 import sys
 import time
 from collections import Counter, deque
@@ -18,6 +20,35 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 _MAX_REASONS = 50
+_RESERVOIR = 10_000  # latency samples kept: percentiles stay exact-ish in flat memory
+
+
+class Reservoir:
+    """A uniform sample of at most ``size`` values (Vitter's algorithm R)."""
+
+    def __init__(self, size: int = _RESERVOIR, rng: random.Random | None = None) -> None:
+        self.size = size
+        self.seen = 0
+        self.values: list[float] = []
+        self._rng = rng or random.Random(0)
+
+    def add(self, v: float | None) -> None:
+        if v is None:
+            return
+        self.seen += 1
+        if len(self.values) < self.size:
+            self.values.append(v)
+        else:
+            j = self._rng.randrange(self.seen)
+            if j < self.size:
+                self.values[j] = v
+
+    def percentiles(self) -> dict[str, float | None]:
+        vals = sorted(self.values)
+        if not vals:
+            return {"p50": None, "p95": None, "p99": None}
+        pick = lambda q: round(vals[min(len(vals) - 1, int(q * len(vals)))], 4)  # noqa: E731
+        return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99)}
 
 
 @dataclass
@@ -28,10 +59,20 @@ class Counters:
     skipped_duplicate: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
+    copies: int = 0
+    cost_usd: float = 0.0
     error_classes: Counter[str] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
+    latency: Reservoir = field(default_factory=Reservoir)
+    ttft: Reservoir = field(default_factory=Reservoir)
 
     def record(self, row: dict[str, Any]) -> None:
+        self.cost_usd += row.get("cost_usd") or 0.0
+        if row.get("dedup_of"):
+            self.copies += 1
+        elif row.get("attempts"):
+            self.latency.add(row.get("latency_s"))
+            self.ttft.add(row.get("ttft_s"))
         if row["status"] == "ok":
             self.ok += 1
         else:
@@ -79,7 +120,9 @@ class Progress:
     """Shows progress on stderr; ``update`` is called once per finished row."""
 
     def __init__(self, counters: Counters, show_bar: bool, interval: float = 30.0,
-                 stream: TextIO = sys.stderr, clock: Callable[[], float] = time.monotonic) -> None:
+                 stream: TextIO = sys.stderr, clock: Callable[[], float] = time.monotonic,
+                 json_lines: bool = False) -> None:
+        self.json_lines = json_lines
         self.c = counters
         self.stream = stream
         self.clock = clock
@@ -112,7 +155,19 @@ class Progress:
             self._last_line = self.clock()
             print(self.status_line(), file=self.stream, flush=True)
 
+    def stats(self) -> dict[str, Any]:
+        wall = max(self.clock() - self.started, 1e-9)
+        rpm, tpm = self.rates.per_minute()
+        return {"finished": self.c.finished, "total": self.total, "ok": self.c.ok,
+                "failed": self.c.failed, "skipped_done": self.c.skipped_done,
+                "tokens_in": self.c.tokens_in, "tokens_out": self.c.tokens_out,
+                "cost_usd": round(self.c.cost_usd, 6), "wall_s": round(wall, 3),
+                "images_per_s": round(self.c.finished / wall, 3),
+                "requests_per_min": round(rpm, 1), "tokens_per_min": round(tpm, 1)}
+
     def status_line(self) -> str:
+        if self.json_lines:
+            return json.dumps({"event": "progress", **self.stats()})
         wall = max(self.clock() - self.started, 1e-9)
         total = f"/{self.total}" if self.total is not None else ""
         rpm, tpm = self.rates.per_minute()
@@ -134,6 +189,13 @@ class Progress:
         ]
         if self.c.skipped_duplicate:
             parts.append(f"duplicate ids skipped={self.c.skipped_duplicate}")
-        parts += [f"tokens in/out={self.c.tokens_in}/{self.c.tokens_out}",
-                  f"wall={wall:.1f}s", f"{rate:.2f} img/s", f"out={out}"]
+        if self.c.copies:
+            parts.append(f"copied from identical images={self.c.copies}")
+        parts += [f"tokens in/out={self.c.tokens_in}/{self.c.tokens_out}"]
+        if self.c.cost_usd:
+            parts.append(f"cost=${self.c.cost_usd:.4f}")
+        parts += [f"wall={wall:.1f}s", f"{rate:.2f} img/s", f"out={out}"]
+        if self.json_lines:
+            return json.dumps({"event": "summary", **self.stats(), "out": out,
+                               "error_classes": dict(self.c.error_classes)})
         return "summary: " + " ".join(parts)

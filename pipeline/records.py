@@ -34,6 +34,7 @@ BASE_FIELDS: list[pa.Field] = [
     pa.field("completion_tokens", pa.int64()),
     pa.field("total_tokens", pa.int64()),
     pa.field("cached_tokens", pa.int64()),
+    pa.field("cost_usd", pa.float64()),
     pa.field("usage_source", pa.string()),
     pa.field("attempts", pa.int32()),
     pa.field("latency_s", pa.float64()),

@@ -30,25 +30,27 @@ from pathlib import Path
 from typing import Any
 
 from .adapters import get_adapter
-from .checkpoint import Checkpoint, ImageIndex, KeySet, key_hash
+from .checkpoint import Checkpoint, ImageIndex, KeySet
+from .cost import BudgetReached, CostBudget
 from .dedupe import Dedupe
 from .imageprep import ImagePolicy
 from .errors import RunFatal
 from .images import ImageSource, default_executor
 from .manifest import Manifest
+from .plan import Plan
 from .options import template_fields
 from .progress import Counters, Progress
 from .ratelimit import Budgets, Limiter
-from .records import ManifestRow, PreparedImage, output_schema
+from .records import ManifestRow, PreparedImage, now_utc, output_schema
 from .retry import RetryPolicy
 from .settings import Settings
-from .sink import ParquetSink, compact
+from .sink import ParquetSink, compact, write_run_report
 from .transport import ImageFetcher, Transport
 from .worker import Interrupted, Worker
 
 log = logging.getLogger("pipeline")
 
-EXIT_OK, EXIT_ROWS_FAILED, EXIT_FATAL, EXIT_LOCKED = 0, 1, 3, 4
+EXIT_OK, EXIT_ROWS_FAILED, EXIT_FATAL, EXIT_LOCKED, EXIT_BUDGET = 0, 1, 3, 4, 5
 _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 _DONE = None  # queue sentinel
 
@@ -87,19 +89,23 @@ class Run:
         self.counters = Counters()
         self.stopping: signal.Signals | None = None
         self.fatal: RunFatal | None = None
+        self.budget_stop: str | None = None  # --max-cost reached: no new rows, exit 5
         self.queue: asyncio.Queue[tuple[ManifestRow, asyncio.Future[PreparedImage] | None] | None]
         self.queue = asyncio.Queue(2 * settings.concurrency)
         self.results: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self.workers: list[asyncio.Task[None]] = []
         self._stop_now = asyncio.Event()
+        self.started_at = now_utc().isoformat()
 
     @property
     def halting(self) -> bool:
-        return self.stopping is not None or self.fatal is not None
+        return (self.stopping is not None or self.fatal is not None
+                or self.budget_stop is not None)
 
     async def execute(self) -> RunResult:
         manifest = Manifest(self.s.manifest)
-        check_template(self.s.prompt, manifest)
+        for p in self.s.named_prompts:
+            check_template(p.template, manifest)
         resume = await asyncio.to_thread(Checkpoint(self.s.out).load, self.s.retry_errors)
         if resume.duplicates_removed or resume.temp_files_removed:
             log.warning("repaired %s: removed %d duplicate rows and %d temporary files",
@@ -107,7 +113,8 @@ class Run:
         sink = ParquetSink(self.s.out, output_schema(manifest.extra_columns), self.run_id,
                            self.s.flush_rows, self.s.flush_seconds)
         show_bar = self.s.progress and sys.stderr.isatty()
-        self.progress = Progress(self.counters, show_bar)
+        self.progress = Progress(self.counters, show_bar, self.s.status_interval,
+                                 json_lines=self.s.log_format == "json")
         lines = await asyncio.to_thread(count_lines, self.s.manifest)
         estimate = max(0, lines - 1 - len(resume.done))
         self.progress.set_total(min(estimate, self.s.limit) if self.s.limit is not None
@@ -143,8 +150,11 @@ class Run:
             index = await asyncio.to_thread(ImageIndex, parts)
             dedupe = Dedupe(index.lookup if len(index) else None)
         self.limiter = Limiter(Budgets(s.rpm, s.tpm, s.itpm, s.otpm), s.concurrency)
+        price = s.price
+        self.budget = CostBudget(price, s.max_cost) if price is not None else None
         self.worker = Worker(s, adapter, transport, images, self.limiter, policy,
-                             should_stop=lambda: self.halting, dedupe=dedupe)
+                             should_stop=lambda: self.halting, dedupe=dedupe,
+                             budget=self.budget)
         return self.worker
 
     async def _run_pool(self, manifest: Manifest, done: KeySet, worker: Worker,
@@ -189,29 +199,22 @@ class Run:
         await asyncio.gather(workers, stop, return_exceptions=True)
 
     async def _produce(self, manifest: Manifest, done: KeySet) -> None:
-        seen = KeySet()
-        pending = 0
-        for n, row in enumerate(manifest, 1):
+        plan = Plan(manifest, done, self.s.named_prompts, self.s.limit, self.counters)
+        plan.log_duplicate = lambda row: log.warning(
+            "manifest line %d: duplicate id %r skipped (first one kept)", row.line, row.id)
+        for n, group in enumerate(plan, 1):
             if n % 1000 == 0:
                 await asyncio.sleep(0)  # a long run of done rows must not starve the loop
-            h = key_hash(*row.key)
-            if h in seen:
-                self.counters.skipped_duplicate += 1
-                log.warning("manifest line %d: duplicate id %r skipped (first one kept)",
-                            row.line, row.id)
+            if not group:
                 continue
-            seen.add(h)
-            if h in done:
-                self.counters.skipped_done += 1
-                continue
-            if self.s.limit is not None and pending >= self.s.limit:
-                break
-            pending += 1
-            # Start preparing the image now, so it is ready when a worker takes the row
-            # (the queue bounds how many are prepared ahead).
-            prepared = None if row.error else asyncio.ensure_future(self.worker.images.load(row))
-            await self.queue.put((row, prepared))
-        self.progress.set_total(pending)
+            # Start preparing the image now, once for all of the row's prompts, so it is
+            # ready when a worker takes the row (the queue bounds how many are ahead).
+            first = group[0]
+            prepared = None if first.error else asyncio.ensure_future(
+                self.worker.images.load(first))
+            for row in group:
+                await self.queue.put((row, prepared))
+        self.progress.set_total(plan.pending)
         for _ in self.workers:
             await self.queue.put(_DONE)
 
@@ -232,6 +235,12 @@ class Run:
                 result = await worker.process(row, prepared)
             except Interrupted:
                 return  # the row stays pending for the next run
+            except BudgetReached as e:
+                if self.budget_stop is None:  # what is in flight finishes; this row waits
+                    self.budget_stop = str(e)
+                    log.warning("%s; finishing the rows in flight", e)
+                    self._stop_now.set()
+                return
             except RunFatal as e:
                 self.fatal = self.fatal or e
                 self._stop_now.set()
@@ -279,31 +288,31 @@ class Run:
 
     def _result(self) -> RunResult:
         summary = self.progress.summary(str(self.s.out))
-        self._write_report(summary)
         if self.fatal is not None:
             code = self.fatal.exit_code
+        elif self.budget_stop is not None:
+            code = EXIT_BUDGET
         elif self.stopping is not None:
             code = _SIGNAL_EXIT[self.stopping]
         else:
             code = EXIT_ROWS_FAILED if self.counters.failed else EXIT_OK
-        return RunResult(code, self.counters, summary,
-                         self.fatal.message if self.fatal else None)
+        note = self.fatal.message if self.fatal else self.budget_stop
+        write_run_report(self.s.out, self.run_id, self._report(code, note))
+        return RunResult(code, self.counters, summary, note)
 
-    def _write_report(self, summary: str) -> None:
-        """OUT/_runs/<run id>.json: options without secrets, counts, outcome."""
+    def _report(self, code: int, note: str | None) -> dict[str, Any]:
+        """OUT/_runs/<run id>.json: what this run did, for operators and `status`."""
         options = {k: str(v) if isinstance(v, Path) else v
-                   for k, v in asdict(self.s).items() if k != "api_key"}
-        report = {"run_id": self.run_id, "options": options, "summary": summary,
-                  "ok": self.counters.ok, "failed": self.counters.failed,
-                  "skipped_done": self.counters.skipped_done,
-                  "skipped_duplicate": self.counters.skipped_duplicate,
-                  "tokens_in": self.counters.tokens_in, "tokens_out": self.counters.tokens_out,
-                  "error_classes": dict(self.counters.error_classes),
-                  "fatal": self.fatal.message if self.fatal else None,
-                  "interrupted": self.stopping.name if self.stopping and not self.fatal else None}
-        runs = self.s.out / "_runs"
-        runs.mkdir(exist_ok=True)
-        (runs / f"{self.run_id}.json").write_text(json.dumps(report, indent=2, default=str))
+                   for k, v in asdict(self.s).items() if k != "api_key"}  # never the key
+        c = self.counters
+        return {"run_id": self.run_id, "started_at": self.started_at,
+                "ended_at": now_utc().isoformat(), "exit_code": code, "note": note,
+                "interrupted": self.stopping.name if self.stopping else None,
+                **self.progress.stats(), "skipped_duplicate": c.skipped_duplicate,
+                "copied_from_identical": c.copies, "error_classes": dict(c.error_classes),
+                "top_errors": dict(c.reasons.most_common(10)),
+                "latency_s": c.latency.percentiles(), "ttft_s": c.ttft.percentiles(),
+                "options": options}
 
 
 def check_template(prompt: str, manifest: Manifest) -> None:

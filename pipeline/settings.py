@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RunFatal
+from .cost import Price, price_for
 from .options import RequestOptions
+from .plan import NamedPrompt
+from .records import DEFAULT_PROMPT_NAME
 
 DEFAULT_MODEL = "claude-3-5-sonnet-20240620"
 DEFAULT_PROMPT = (
@@ -49,6 +52,7 @@ class Settings:
     system: str | None = None
     max_tokens: int = 300
     options: RequestOptions = field(default_factory=RequestOptions)
+    prompts: tuple[tuple[str, str], ...] = ()  # named prompts; empty = ("default", prompt)
     concurrency: int = 16
     limit: int | None = None
     progress: bool = True
@@ -68,6 +72,12 @@ class Settings:
     max_download_bytes: int = 50 * 1024 * 1024
     download_timeout: float = 60.0
     dedupe: bool = True         # caption identical images (bytes, prompt, model) once
+    price_in: float | None = None   # USD per million tokens; None = the built-in table
+    price_out: float | None = None
+    max_cost: float | None = None   # USD this run may spend at most
+    dry_run: bool = False
+    log_format: str = "text"        # or "json": status lines and summary as JSON lines
+    status_interval: float = 30.0   # seconds between status lines when not on a TTY
     rpm: float | None = None    # budgets per minute; None = learn from headers / adapt
     tpm: float | None = None
     itpm: float | None = None
@@ -88,6 +98,14 @@ class Settings:
         _non_negative("--backoff-max", self.backoff_max)
         _non_negative("--grace", self.grace)
         _positive("--flush-seconds", self.flush_seconds)
+        for name in ("max_cost", "price_in", "price_out"):
+            if getattr(self, name) is not None:
+                _non_negative(f"--{name.replace('_', '-')}", getattr(self, name))
+        _positive("--status-interval", self.status_interval)
+        if self.max_cost is not None and self.price is None:
+            raise RunFatal(f"--max-cost needs a price: no built-in price for model "
+                           f"{self.model!r}; pass --price-in and --price-out (USD per "
+                           "million tokens)", "config", exit_code=2)
         for name in ("rpm", "tpm", "itpm", "otpm"):
             if getattr(self, name) is not None:
                 _positive(f"--{name}", getattr(self, name))
@@ -97,6 +115,16 @@ class Settings:
         if not self.base_url.startswith(("http://", "https://")):
             raise RunFatal(f"--base-url must start with http:// or https://, got "
                            f"{self.base_url!r}", "config", exit_code=2)
+
+    @property
+    def price(self) -> Price | None:
+        return price_for(self.model, self.price_in, self.price_out)
+
+    @property
+    def named_prompts(self) -> tuple[NamedPrompt, ...]:
+        if self.prompts:
+            return tuple(NamedPrompt(n, t) for n, t in self.prompts)
+        return (NamedPrompt(DEFAULT_PROMPT_NAME, self.prompt),)
 
     @property
     def endpoint(self) -> str:

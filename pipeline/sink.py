@@ -10,6 +10,7 @@ checkpoint's repair removes on the next start).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -99,6 +100,17 @@ class ParquetSink:
         self.rows_written += len(rows)
         self.parts.append(final)
         return final
+
+
+def write_run_report(out: Path, run_id: str, report: dict[str, Any]) -> Path:
+    """OUT/_runs/<run id>.json, written atomically like the parts."""
+    runs = out / "_runs"
+    runs.mkdir(exist_ok=True)
+    final = runs / f"{run_id}.json"
+    tmp = _tmp_name(final)
+    tmp.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, final)
+    return final
 
 
 def compact(out: Path, parts: Iterable[Path], run_id: str) -> int:

@@ -19,9 +19,11 @@ from .adapters.base import Adapter, normalize_finish
 from .errors import PipelineError, Retryable, RowFailed, classify_http
 from .images import ImageSource
 from .options import render_prompt
+from .plan import row_values
 from .ratelimit import Limiter
 from .dedupe import Dedupe, dedup_key
-from .records import (ApiRequest, Completion, ManifestRow, PreparedImage, copied_row,
+from .cost import CostBudget
+from .records import (ApiRequest, Completion, ManifestRow, PreparedImage, Usage, copied_row,
                       error_row, ok_row)
 from .retry import RetryPolicy
 from .settings import Settings
@@ -31,13 +33,6 @@ from .transport import Head, Transport
 
 # How a retryable failure feeds the limiter: "slow down" versus "server busy".
 _OUTCOME = {"rate_limit": "throttled", "overloaded": "overloaded"}
-
-
-def _values(row: ManifestRow) -> dict[str, Any]:
-    """What a ``--prompt`` template may refer to: the row's columns, id and image."""
-    values: dict[str, Any] = {k.removeprefix("manifest_"): v for k, v in row.extra.items()}
-    values.update(row.extra, id=row.id, image=row.image)
-    return values
 
 
 class Interrupted(Exception):
@@ -50,7 +45,7 @@ class Worker:
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  should_stop: Callable[[], bool] = lambda: False,
-                 dedupe: Dedupe | None = None) -> None:
+                 dedupe: Dedupe | None = None, budget: CostBudget | None = None) -> None:
         self.settings = settings
         self.adapter = adapter
         self.transport = transport
@@ -61,6 +56,7 @@ class Worker:
         self.sleep = sleep
         self.should_stop = should_stop
         self.dedupe = dedupe
+        self.budget = budget
         self.in_request: set[asyncio.Task[Any] | None] = set()  # tasks with a request open
 
     async def process(self, row: ManifestRow,
@@ -68,8 +64,8 @@ class Worker:
         """The result row for ``row``; ``prepared`` is its image if already under way."""
         if row.error:
             return error_row(row, row.error, "bad_input")
-        if row.prompt is None:  # the run's prompt, with this row's columns filled in
-            row = replace(row, prompt=render_prompt(self.settings.prompt, _values(row)))
+        if row.prompt is None:  # a row from outside the planner: the run's prompt, filled in
+            row = replace(row, prompt=render_prompt(self.settings.prompt, row_values(row)))
         try:
             image = await (prepared if prepared is not None else self.images.load(row))
         except RowFailed as e:
@@ -97,14 +93,11 @@ class Worker:
         attempts = 0
         waited: float | None = None
         while True:
-            permit = await self.limiter.acquire(req.est_input_tokens, req.est_output_tokens)
             attempts += 1
             start = self.clock()
             try:
-                completion, head, ttft = await self._attempt(req, start)
-                structured = self._structured(completion)
+                return await self._attempt_row(row, req, attempts, waited)
             except Retryable as e:
-                self.limiter.finish(permit, _OUTCOME.get(e.error_class, "error"))
                 if not self.policy.may_retry(attempts):
                     return self._failed(row, e, attempts, start, waited,
                                         suffix=f" (gave up after {attempts} attempts)")
@@ -117,17 +110,40 @@ class Worker:
                     self.limiter.gate.pause(delay)  # one 429 slows the whole pool
                 else:
                     await self.sleep(delay)
-                continue
-            except BaseException as e:  # RowFailed, RunFatal, cancellation
-                self.limiter.finish(permit, "error")
-                if isinstance(e, RowFailed):
-                    return self._failed(row, e, attempts, start, waited)
-                raise
-            u = completion.usage
-            self.limiter.finish(permit, "ok", u and u.prompt_tokens, u and u.completion_tokens)
-            return ok_row(row, completion, attempts=attempts, latency_s=self.clock() - start,
-                          ttft_s=ttft, request_id=head.request_id, http_status=head.status,
-                          retry_after_s=waited, **structured)
+            except RowFailed as e:
+                return self._failed(row, e, attempts, start, waited)
+
+    async def _attempt_row(self, row: ManifestRow, req: ApiRequest, attempts: int,
+                           waited: float | None) -> dict[str, Any]:
+        """One attempt under the cost budget and the limiter: the ok row, or it raises."""
+        reserved = self.budget.reserve(req.est_input_tokens, req.est_output_tokens) \
+            if self.budget else 0.0  # BudgetReached propagates: the run stops taking rows
+        permit = await self.limiter.acquire(req.est_input_tokens, req.est_output_tokens)
+        start = self.clock()
+        outcome, usage = "error", None
+        try:
+            completion, head, ttft = await self._attempt(req, start)
+            usage = completion.usage
+            structured = self._structured(completion)
+            outcome = "ok"
+        except PipelineError as e:
+            usage, outcome = e.usage, _OUTCOME.get(e.error_class, "error")
+            e.latency = self.clock() - start
+            raise
+        finally:
+            cost = self._settle(reserved, usage)
+            self.limiter.finish(permit, outcome, usage and usage.prompt_tokens,
+                                usage and usage.completion_tokens)
+        return ok_row(row, completion, attempts=attempts, latency_s=self.clock() - start,
+                      ttft_s=ttft, request_id=head.request_id, http_status=head.status,
+                      retry_after_s=waited, cost_usd=cost, **structured)
+
+    def _settle(self, reserved: float, usage: Usage | None) -> float | None:
+        if self.budget is None:
+            return None
+        tokens_in = usage.prompt_tokens if usage else None
+        tokens_out = usage.completion_tokens if usage else None
+        return self.budget.settle(reserved, tokens_in, tokens_out)
 
     def _structured(self, completion: Completion) -> dict[str, Any]:
         """With a response format, the caption must parse as JSON (else: try again)."""
@@ -142,8 +158,9 @@ class Worker:
 
     def _failed(self, row: ManifestRow, e: PipelineError, attempts: int, start: float,
                 waited: float | None, suffix: str = "") -> dict[str, Any]:
+        latency = e.latency if e.latency is not None else self.clock() - start
         out = error_row(row, e.message + suffix, e.error_class, attempts=attempts,
-                        latency_s=self.clock() - start, http_status=e.http_status,
+                        latency_s=latency, http_status=e.http_status,
                         retry_after_s=waited, request_id=e.request_id)
         if e.finish_reason_raw:
             out.update(finish_reason=normalize_finish(e.finish_reason_raw),
@@ -154,6 +171,9 @@ class Worker:
             out.update(prompt_tokens=e.usage.prompt_tokens,
                        completion_tokens=e.usage.completion_tokens,
                        total_tokens=e.usage.total_tokens, usage_source="reported")
+            if self.budget is not None:
+                out["cost_usd"] = self.budget.price.cost(e.usage.prompt_tokens,
+                                                         e.usage.completion_tokens)
         return out
 
     async def _attempt(self, req: ApiRequest, start: float

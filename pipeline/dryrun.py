@@ -1,0 +1,69 @@
+"""`--dry-run`: read the manifest and the images, show what would be sent and what it costs.
+
+Nothing is sent and nothing is written: each pending row is planned exactly as a real
+run would plan it (prompts rendered, images prepared, request built), and its token
+estimate and cost are printed, with totals at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import TextIO
+
+from .adapters import get_adapter
+from .checkpoint import Checkpoint, KeySet
+from .errors import RowFailed
+from .imageprep import ImagePolicy
+from .images import ImageSource, default_executor
+from .manifest import Manifest
+from .plan import Plan
+from .progress import Counters
+from .settings import Settings
+
+
+async def dry_run(s: Settings, stream: TextIO = sys.stdout) -> int:
+    manifest = Manifest(s.manifest)
+    done = (await asyncio.to_thread(Checkpoint(s.out).load, s.retry_errors)).done \
+        if s.out.exists() else None
+    adapter = get_adapter(s.api)
+    price = s.price
+    executor = default_executor()
+    images = ImageSource(s.manifest.parent, ImagePolicy(s.max_edge, s.max_image_bytes), executor)
+    counters = Counters()
+    plan = Plan(manifest, done if done is not None else KeySet(), s.named_prompts, s.limit,
+                counters)
+    total_in = total_out = 0
+    total_cost = 0.0
+    bad = 0
+    print("id\tprompt_name\timage\tsent\test_input_tokens\tmax_output_tokens\test_cost_usd",
+          file=stream)
+    try:
+        for group in plan:
+            for row in group:
+                try:
+                    if row.error:
+                        raise RowFailed(row.error, "bad_input")
+                    image = await images.load(row)
+                except RowFailed as e:
+                    bad += 1
+                    print(f"{row.id}\t{row.prompt_name}\t{row.image}\terror: {e.message}",
+                          file=stream)
+                    continue
+                req = adapter.build_request(row, image, s)
+                cost = price.cost(req.est_input_tokens, req.est_output_tokens) if price else None
+                total_in += req.est_input_tokens
+                total_out += req.est_output_tokens
+                total_cost += cost or 0.0
+                sent = f"{image.width}x{image.height}" if image.width else "url"
+                print(f"{row.id}\t{row.prompt_name}\t{row.image}\t{sent}\t"
+                      f"{req.est_input_tokens}\t{req.est_output_tokens}\t"
+                      f"{'' if cost is None else f'{cost:.6f}'}", file=stream)
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+    cost_text = f"${total_cost:.4f} at most" if price else "unknown (no price for the model)"
+    print(f"dry run: {plan.pending} rows would be captioned ({bad} unusable), "
+          f"skipped {counters.skipped_done} already done; estimated input tokens "
+          f"{total_in}, output at most {total_out}; cost {cost_text}", file=sys.stderr)
+    return 0
+

@@ -1,0 +1,79 @@
+"""Which rows this run captions: manifest rows × named prompts, minus what OUT holds.
+
+Each manifest row becomes one row per named prompt, keyed by (id, prompt_name), with
+its prompt text rendered from the row's columns. A duplicate id is skipped (the first
+is kept), keys already in OUT are skipped, and ``--limit`` caps the pending rows.
+Rows come out grouped per manifest row, so its image is prepared once for all prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .checkpoint import KeySet, key_hash
+from .manifest import Manifest
+from .options import render_prompt
+from .progress import Counters
+from .records import DEFAULT_PROMPT_NAME, ManifestRow
+
+__all__ = ["NamedPrompt", "Plan", "row_values"]
+
+
+@dataclass(frozen=True)
+class NamedPrompt:
+    name: str
+    template: str
+
+
+def row_values(row: ManifestRow) -> dict[str, Any]:
+    """What a prompt template may refer to: the row's columns, id and image."""
+    values: dict[str, Any] = {k.removeprefix("manifest_"): v for k, v in row.extra.items()}
+    values.update(row.extra, id=row.id, image=row.image)
+    return values
+
+
+class Plan:
+    def __init__(self, manifest: Manifest, done: KeySet, prompts: tuple[NamedPrompt, ...],
+                 limit: int | None, counters: Counters) -> None:
+        self.manifest = manifest
+        self.done = done
+        self.prompts = prompts
+        self.limit = limit
+        self.counters = counters
+        self.pending = 0
+        self.log_duplicate = lambda row: None
+
+    def __iter__(self) -> Iterator[list[ManifestRow]]:
+        seen = KeySet()
+        for row in self.manifest:
+            h = key_hash(row.id, "")
+            if h in seen:
+                self.counters.skipped_duplicate += 1
+                self.log_duplicate(row)
+                continue
+            seen.add(h)
+            group = []
+            for variant in self._variants(row):
+                if key_hash(*variant.key) in self.done:
+                    self.counters.skipped_done += 1
+                    continue
+                if self.limit is not None and self.pending >= self.limit:
+                    break
+                self.pending += 1
+                group.append(variant)
+            yield group
+            if self.limit is not None and self.pending >= self.limit:
+                return
+
+    def _variants(self, row: ManifestRow) -> Iterator[ManifestRow]:
+        values = None if row.error else row_values(row)
+        for p in self.prompts:
+            if values is None:
+                prompt = None
+            elif row.prompt and p.name == DEFAULT_PROMPT_NAME:
+                prompt = row.prompt  # the manifest's own prompt column wins for the default
+            else:
+                prompt = render_prompt(p.template, values)
+            yield replace(row, prompt_name=p.name, prompt=prompt)
