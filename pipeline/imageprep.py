@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +32,10 @@ _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
               6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
               8: Image.Transpose.ROTATE_90}
-Image.MAX_IMAGE_PIXELS = 200_000_000  # bigger than any camera; a decompression bomb is refused
+# Bigger than any camera. Checked here, from the header, before anything is decoded:
+# Pillow's own check warns through the (process-wide, not thread-safe) warnings module.
+MAX_PIXELS = 200_000_000
+Image.MAX_IMAGE_PIXELS = None
 
 
 class ImageProblem(Exception):
@@ -88,21 +90,21 @@ def prepare(data: bytes, policy: ImagePolicy) -> Prepared:
         raise ImageProblem("empty file (0 bytes)")
     sha = hashlib.sha256(data).hexdigest()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as e:
         raise ImageProblem(_unreadable(data, e)) from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageProblem(f"corrupt {sniff_mime(data[:16]) or ''} image ({e})") from None
     with im:
+        if im.width * im.height > MAX_PIXELS:
+            raise ImageProblem(f"image too large to decode safely ({im.width}x{im.height} "
+                               f"pixels > {MAX_PIXELS})")
         orientation = _orientation(im)
         w, h = im.size
         if orientation in _ROTATED:
             w, h = h, w
         mime = _MIME.get(im.format or "", sniff_mime(data[:16]) or "")
-        if _fits(im, mime, orientation, w, h, len(data), policy):
+        if _fits(im, mime, orientation, w, h, data, policy):
             return Prepared(data, mime, w, h, w, h, sha, False)
         try:
             out, out_mime, sw, sh = _reencode(im, orientation, policy)
@@ -112,8 +114,6 @@ def prepare(data: bytes, policy: ImagePolicy) -> Prepared:
 
 
 def _unreadable(data: bytes, e: Exception) -> str:
-    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return f"image too large to decode safely ({e})"
     kind = sniff_mime(data[:16])
     if kind:
         return f"{kind} image that cannot be decoded (unsupported variant or corrupt)"
@@ -127,11 +127,28 @@ def _orientation(im: Image.Image) -> int:
         return 1
 
 
-def _fits(im: Image.Image, mime: str, orientation: int, w: int, h: int, size: int,
+def _fits(im: Image.Image, mime: str, orientation: int, w: int, h: int, data: bytes,
           policy: ImagePolicy) -> bool:
     return (mime in policy.accepted and orientation in (0, 1) and max(w, h) <= policy.max_edge
-            and b64_len(size) <= policy.max_bytes and getattr(im, "n_frames", 1) == 1
-            and im.mode in ("RGB", "RGBA", "L", "LA", "P", "1"))
+            and b64_len(len(data)) <= policy.max_bytes and getattr(im, "n_frames", 1) == 1
+            and im.mode in ("RGB", "RGBA", "L", "LA", "P", "1") and _complete(mime, data))
+
+
+def _complete(mime: str, data: bytes) -> bool:
+    """A cheap check that a file sent untouched is whole: its format's end marker.
+
+    A truncated file fails it and goes through the decoder, which names the problem.
+    """
+    tail = data.rstrip(b"\x00")[-16:]
+    if mime == "image/jpeg":
+        return tail.endswith(b"\xff\xd9")
+    if mime == "image/png":
+        return b"IEND" in tail
+    if mime == "image/gif":
+        return tail.endswith(b";")
+    if mime == "image/webp":
+        return int.from_bytes(data[4:8], "little") + 8 <= len(data)
+    return False
 
 
 def _reencode(im: Image.Image, orientation: int, policy: ImagePolicy
@@ -155,10 +172,12 @@ def _reencode(im: Image.Image, orientation: int, policy: ImagePolicy
 
 def _to_8bit(im: Image.Image) -> Image.Image:
     """A mode JPEG or PNG can hold: 16-bit scaled down, CMYK/YCbCr to RGB, palette resolved."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(im, dtype=np.uint32 if im.mode == "I" else np.uint16)
-        top = 65535 if arr.max(initial=0) > 255 else 255
-        return Image.fromarray((arr.astype(np.float32) * (255 / top)).astype(np.uint8), "L")
+    if im.mode.startswith("I;16"):  # 16-bit samples: a fixed scale, not the brightest pixel
+        arr = np.asarray(im, dtype=np.uint16)
+        return Image.fromarray((arr // 257).astype(np.uint8), "L")
+    if im.mode == "I":  # 32-bit integers, in practice 16-bit data widened by the decoder
+        arr = np.clip(np.asarray(im, dtype=np.int64), 0, 65535)
+        return Image.fromarray((arr // 257).astype(np.uint8), "L")
     if im.mode == "F":
         return im.convert("L")
     if im.mode == "P":

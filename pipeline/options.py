@@ -49,7 +49,8 @@ class RequestOptions:
         if len(self.stop) > 4:
             raise _bad(f"--stop may be given at most 4 times, got {len(self.stop)}")
         for token, bias in (self.logit_bias or {}).items():
-            if not str(token).isdigit() or not isinstance(bias, int) or not -100 <= bias <= 100:
+            if (not str(token).isdigit() or isinstance(bias, bool) or not isinstance(bias, int)
+                    or not -100 <= bias <= 100):
                 raise _bad(f"--logit-bias wants token ids mapped to integers -100..100, "
                            f"got {token!r}: {bias!r}")
 

@@ -30,7 +30,7 @@ class NamedPrompt:
 def row_values(row: ManifestRow) -> dict[str, Any]:
     """What a prompt template may refer to: the row's columns, id and image."""
     values: dict[str, Any] = {k.removeprefix("manifest_"): v for k, v in row.extra.items()}
-    values.update(row.extra, id=row.id, image=row.image)
+    values.update(row.extra, id=row.id, image=row.image, prompt=row.prompt or "")
     return values
 
 

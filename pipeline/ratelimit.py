@@ -116,6 +116,12 @@ class AdaptiveConcurrency:
             self._waiters.append(fut)
             try:
                 await fut
+            except asyncio.CancelledError:
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+                if fut.done() and not fut.cancelled():
+                    self._wake()  # woken, then cancelled: pass the wake-up on
+                raise
             finally:
                 if fut in self._waiters:
                     self._waiters.remove(fut)
@@ -146,13 +152,14 @@ class AdaptiveConcurrency:
 class AdaptiveRate:
     """A request rate found by probing when neither user nor headers give one.
 
-    On a 429 for a request sent after the last cut (those sent before it were paced
-    at the old rate and say nothing new) the rate becomes the lower of ``cut`` times
-    itself and just under the rate the server accepted over the last ``span``
-    seconds, which, once the server's initial burst allowance is spent, is the
-    server's own refill rate.
-    Every second without a 429 raises it by ``gain`` of the rate at the last cut, so
-    the rate oscillates just under the limit.
+    The first 429 (once a few requests have succeeded) sets the rate to half of what
+    the server accepted over the last ``span`` seconds, with an empty bucket so no
+    burst follows. A later 429 for a request sent after the last cut (plus a settling
+    moment; those sent before were paced at the old rate and say nothing new) halves
+    the rate if it comes within ``span`` of that cut, else cuts it to ``cut`` of
+    itself, and never leaves it above what the server accepted. Success raises the
+    rate by ``gain`` per second, compounding, so it probes back up to the limit and
+    oscillates just under it.
     """
 
     def __init__(self, clock: Clock, cut: float = 0.8, gain: float = 0.1,
@@ -163,7 +170,6 @@ class AdaptiveRate:
         self.bucket: TokenBucket | None = None
         self._ok: deque[float] = deque()
         self._last_cut = -1e9
-        self._base = 0.0
         self._t = clock()
 
     def on_success(self) -> None:
@@ -188,6 +194,7 @@ class AdaptiveRate:
                 self._last_cut = previous_cut
                 return None
             self.bucket = TokenBucket(0.5 * accepted, self.clock, learned=True)
+            self.bucket.level = 0.0  # start paced, not with a fresh burst
         else:
             # Still rejected soon after a cut: far above the limit, so halve (the
             # slow 0.8 cut is for probing just above it).
@@ -196,7 +203,6 @@ class AdaptiveRate:
             if len(self._ok) >= 5:  # enough evidence of what the server accepts
                 rate = min(rate, 0.95 * accepted)
             self.bucket.set_rate(max(0.05, rate))
-        self._base = self.bucket.rate
         return self.bucket
 
 

@@ -35,6 +35,10 @@ from .transport import Head, Transport
 _OUTCOME = {"rate_limit": "throttled", "overloaded": "overloaded"}
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python accepts NaN/Infinity; JSON does not
+
+
 class Interrupted(Exception):
     """The run is stopping: leave the row unwritten (pending) instead of retrying it."""
 
@@ -150,7 +154,7 @@ class Worker:
         if self.settings.options.response_format is None:
             return {}
         try:
-            doc = json.loads(completion.text)
+            doc = json.loads(completion.text, parse_constant=_no_constant)
         except ValueError as e:
             raise Retryable(f"the caption is not valid JSON ({e}): {completion.text[:80]!r}",
                             "invalid_json", http_status=200) from None

@@ -1,13 +1,18 @@
 """Specification of pipeline/images.py: what is sent for a manifest row's ``image``.
 
 Local files become ``data:`` URIs whose media type comes from the bytes, never the
-extension; URLs pass through untouched; every local problem is a ``RowFailed`` with
-class ``bad_image`` and a message a person can act on (it names the file).
+extension; an image that fits is sent byte for byte, anything else (a format the
+providers refuse, too large in pixels or in base64 bytes) is converted by
+``imageprep`` (specified in detail in test_imageprep.py). URLs pass through untouched
+unless a fetcher (``--fetch-urls``) downloads them. Every local problem is a
+``RowFailed`` with class ``bad_image`` and a message a person can act on (it names
+the file or URL).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import shutil
 from pathlib import Path
@@ -16,6 +21,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import RowFailed
+from pipeline.imageprep import ImagePolicy
 from pipeline.images import ImageSource, b64_len, sniff_mime
 from pipeline.records import ManifestRow, PreparedImage
 
@@ -30,7 +36,7 @@ def row(image: str) -> ManifestRow:
 
 
 async def load(image: str, base: Path = SAMPLES, limit: int = BIG) -> PreparedImage:
-    return await ImageSource(base, limit).load(row(image))
+    return await ImageSource(base, ImagePolicy(max_bytes=limit)).load(row(image))
 
 
 async def failure(image: str, base: Path, limit: int = BIG) -> RowFailed:
@@ -151,27 +157,116 @@ async def test_text_file_named_jpg_is_bad_image(tmp_path: Path) -> None:
     assert "not an image" in e.message and "notes.jpg" in e.message
 
 
-@pytest.mark.parametrize("fmt, mime", [("BMP", "image/bmp"), ("TIFF", "image/tiff")])
-async def test_formats_the_providers_refuse_are_bad_image(tmp_path: Path, fmt: str,
-                                                          mime: str) -> None:
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF"])
+async def test_formats_the_providers_refuse_are_converted(tmp_path: Path, fmt: str) -> None:
     pillow_file(tmp_path / "scan.jpg", fmt)  # extension lies too
-    e = await failure("scan.jpg", tmp_path)
-    assert mime in e.message
-    assert "JPEG, PNG, GIF, WebP" in e.message
+    img = await load("scan.jpg", tmp_path)
+    mime, data = decode(img.url)
+    assert mime == img.mime and mime in ("image/jpeg", "image/png")
+    with Image.open(io.BytesIO(data)) as im:
+        assert Image.MIME[im.format] == mime
+        assert im.size == (8, 8) == (img.width, img.height)
+        r, g, b = im.convert("RGB").getpixel((4, 4))
+        assert r > 160 and g < 70 and b < 70  # still the red square
+    assert img.sent_bytes == len(data)
+    assert img.sha256 == hashlib.sha256((tmp_path / "scan.jpg").read_bytes()).hexdigest()
 
 
-async def test_image_over_the_limit_is_bad_image_with_both_sizes() -> None:
+async def test_image_over_the_limit_is_reencoded_to_fit() -> None:
     limit = b64_len(PNG.stat().st_size) - 1
-    e = await failure("horse.png", SAMPLES, limit=limit)
-    assert "too large" in e.message
-    assert str(limit + 1) in e.message and str(limit) in e.message
+    img = await load("horse.png", SAMPLES, limit=limit)
+    mime, data = decode(img.url)
+    assert data != PNG.read_bytes(), "over the cap: it cannot be the original bytes"
+    assert len(img.url.partition(",")[2]) <= limit
+    assert img.sent_bytes == len(data)
+    with Image.open(PNG) as im:
+        assert (img.orig_width, img.orig_height) == im.size
+    assert img.sha256 == hashlib.sha256(PNG.read_bytes()).hexdigest()  # of the original
 
 
 async def test_limit_is_measured_on_base64_not_file_size(tmp_path: Path) -> None:
     size = PNG.stat().st_size
     assert size < b64_len(size)
-    e = await failure("horse.png", SAMPLES, limit=size + 1)  # file fits, its base64 does not
-    assert "as base64" in e.message
+    img = await load("horse.png", SAMPLES, limit=size + 1)  # file fits, its base64 does not
+    assert decode(img.url)[1] != PNG.read_bytes()
+    assert len(img.url.partition(",")[2]) <= size + 1
+
+
+async def test_large_image_is_downscaled_and_reports_both_sizes(tmp_path: Path) -> None:
+    Image.new("RGB", (3200, 1600), (10, 120, 200)).save(tmp_path / "wide.jpg", quality=90)
+    img = await load("wide.jpg", tmp_path)
+    mime, data = decode(img.url)
+    assert mime == "image/jpeg"
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.size == (1568, 784)
+    assert (img.width, img.height) == (1568, 784)             # as sent
+    assert (img.orig_width, img.orig_height) == (3200, 1600)  # the original
+    assert img.columns() == {"width": 3200, "height": 1600, "sent_width": 1568,
+                             "sent_height": 784, "sent_bytes": len(data),
+                             "image_sha256": img.sha256}
+
+
+async def test_max_edge_of_the_policy_is_used(tmp_path: Path) -> None:
+    Image.new("RGB", (1000, 500), (10, 120, 200)).save(tmp_path / "a.png")
+    img = await ImageSource(tmp_path, ImagePolicy(max_edge=200)).load(row("a.png"))
+    assert (img.width, img.height, img.orig_width, img.orig_height) == (200, 100, 1000, 500)
+
+
+async def test_corrupt_image_that_must_be_decoded_is_bad_image_naming_the_file(
+        tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    Image.effect_noise((3000, 2000), 50).convert("RGB").save(buf, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: buf.tell() // 2])
+    e = await failure("cut.jpg", tmp_path)
+    assert "cut.jpg" in e.message and "truncated" in e.message
+
+
+# --------------------------------------------------------------------------- --fetch-urls seam
+
+
+class StubFetcher:
+    def __init__(self, data: bytes | Exception) -> None:
+        self.data = data
+        self.urls: list[str] = []
+
+    async def fetch(self, url: str) -> bytes:
+        self.urls.append(url)
+        if isinstance(self.data, Exception):
+            raise self.data
+        return self.data
+
+
+async def test_with_a_fetcher_urls_are_downloaded_and_sent_inline(tmp_path: Path) -> None:
+    fetcher = StubFetcher(PNG.read_bytes())
+    src = ImageSource(tmp_path, ImagePolicy(), fetcher=fetcher)
+    img = await src.load(row("https://example.com/horse?x=1"))
+    assert fetcher.urls == ["https://example.com/horse?x=1"]
+    assert decode(img.url) == ("image/png", PNG.read_bytes())
+    assert img.sha256 == hashlib.sha256(PNG.read_bytes()).hexdigest()
+
+
+async def test_downloaded_bytes_that_are_no_image_are_bad_image_naming_the_url(
+        tmp_path: Path) -> None:
+    src = ImageSource(tmp_path, ImagePolicy(), fetcher=StubFetcher(b"<html>nope</html>"))
+    with pytest.raises(RowFailed) as info:
+        await src.load(row("https://example.com/a.jpg"))
+    assert info.value.error_class == "bad_image"
+    assert "not an image" in info.value.message
+    assert "https://example.com/a.jpg" in info.value.message
+
+
+async def test_download_failure_is_passed_on(tmp_path: Path) -> None:
+    err = RowFailed("image download failed: HTTP 404: https://example.com/a.jpg", "bad_image")
+    src = ImageSource(tmp_path, ImagePolicy(), fetcher=StubFetcher(err))
+    with pytest.raises(RowFailed) as info:
+        await src.load(row("https://example.com/a.jpg"))
+    assert info.value is err
+
+
+async def test_local_files_do_not_use_the_fetcher(tmp_path: Path) -> None:
+    fetcher = StubFetcher(b"")
+    img = await ImageSource(SAMPLES, ImagePolicy(), fetcher=fetcher).load(row("horse.png"))
+    assert img.mime == "image/png" and fetcher.urls == []
 
 
 async def test_file_with_image_magic_but_no_image_is_bad_image(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from pipeline.imageprep import ImagePolicy
 from pipeline.adapters.openai_chat import OpenAIChat
 from pipeline.errors import Retryable, RunFatal
 from pipeline.images import ImageSource
@@ -82,7 +83,7 @@ def make(script: list[Any], tmp_path: Path, retries: int = 3) -> tuple[Worker, F
     gate = Limiter(Budgets(), 4, clock=clock, sleep=clock.sleep)
     policy = RetryPolicy(retries=retries, base=1.0, cap=8.0, rand=lambda: 0.5)
     w = Worker(settings, OpenAIChat(), transport,  # type: ignore[arg-type]
-               ImageSource(tmp_path, 1 << 20), gate, policy, clock=clock, sleep=clock.sleep)
+               ImageSource(tmp_path, ImagePolicy(max_bytes=1 << 20)), gate, policy, clock=clock, sleep=clock.sleep)
     return w, transport, clock, gate
 
 
