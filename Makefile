@@ -8,7 +8,7 @@ OUT ?=
 JOB ?=
 ARGS ?=
 
-.PHONY: help setup demo caption test bench-ratelimit bench-images clean
+.PHONY: help setup demo caption test bench-ratelimit bench-images bench-crash clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-10s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ bench-ratelimit: $(STAMP) ## achieved % of a server's RPM/TPM limit and 429 shar
 
 bench-images: $(STAMP) ## image stage vs a plain Pillow loop on 6000x4000 JPEGs; event-loop lag
 	$(BIN)/python tests/bench/bench_images.py
+
+bench-crash: $(STAMP) ## rows redone after SIGKILL and time to stop on SIGTERM
+	$(BIN)/python tests/bench/bench_crash.py
 
 clean: ## remove demo output
 	rm -rf out data/sample/out
