@@ -20,7 +20,7 @@ import json
 import re
 import time
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 __all__ = [
@@ -232,7 +232,7 @@ def parse_duration(value: str, now: float | None = None) -> float | None:
     try:
         when = email.utils.parsedate_to_datetime(v)
         if when.tzinfo is None:  # asctime dates carry no zone; HTTP dates are GMT
-            when = when.replace(tzinfo=timezone.utc)
+            when = when.replace(tzinfo=UTC)
         ts = when.timestamp()
     except (TypeError, ValueError, IndexError):
         try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import signal
@@ -33,12 +32,12 @@ from .adapters import get_adapter
 from .checkpoint import Checkpoint, ImageIndex, KeySet
 from .cost import BudgetReached, CostBudget
 from .dedupe import Dedupe
-from .imageprep import ImagePolicy
 from .errors import RunFatal
+from .imageprep import ImagePolicy
 from .images import ImageSource, default_executor
 from .manifest import Manifest
-from .plan import Plan
 from .options import template_fields
+from .plan import Plan
 from .progress import Counters, Progress
 from .ratelimit import Budgets, Limiter
 from .records import ManifestRow, PreparedImage, now_utc, output_schema

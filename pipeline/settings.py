@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import RunFatal
 from .cost import Price, price_for
+from .errors import RunFatal
 from .options import RequestOptions
 from .plan import NamedPrompt
 from .records import DEFAULT_PROMPT_NAME

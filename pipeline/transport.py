@@ -50,7 +50,7 @@ def _mapped(read_timeout: float) -> Iterator[None]:
         yield
     except aiohttp.ConnectionTimeoutError as e:
         raise Retryable("connect timeout", "timeout") from e
-    except (aiohttp.ServerTimeoutError, asyncio.TimeoutError, TimeoutError) as e:
+    except (aiohttp.ServerTimeoutError, TimeoutError) as e:
         raise Retryable(f"no data from the server for {read_timeout:g} s", "timeout") from e
     except aiohttp.ClientPayloadError as e:
         raise Retryable("connection closed mid-response", "connection") from e

@@ -11,25 +11,32 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import replace
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from .adapters.base import Adapter, normalize_finish
+from .cost import CostBudget
+from .dedupe import Dedupe, dedup_key
 from .errors import PipelineError, Retryable, RowFailed, classify_http
 from .images import ImageSource
 from .options import render_prompt
 from .plan import row_values
 from .ratelimit import Limiter
-from .dedupe import Dedupe, dedup_key
-from .cost import CostBudget
-from .records import (ApiRequest, Completion, ManifestRow, PreparedImage, Usage, copied_row,
-                      error_row, ok_row)
+from .records import (
+    ApiRequest,
+    Completion,
+    ManifestRow,
+    PreparedImage,
+    Usage,
+    copied_row,
+    error_row,
+    ok_row,
+)
 from .retry import RetryPolicy
 from .settings import Settings
 from .sse import SSEDecoder
 from .transport import Head, Transport
-
 
 # How a retryable failure feeds the limiter: "slow down" versus "server busy".
 _OUTCOME = {"rate_limit": "throttled", "overloaded": "overloaded"}
