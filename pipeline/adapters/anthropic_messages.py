@@ -11,12 +11,13 @@ with the OpenAI adapter (``finish_completion``).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..errors import Retryable, RowFailed, classify_stream_error
 from ..records import ApiRequest, Completion, ManifestRow, PreparedImage, Usage
 from ..sse import Event
-from ..tokens import image_tokens, text_tokens
+from .base import encode_request
 from .openai_chat import _int, _try_json, finish_completion
 
 if TYPE_CHECKING:
@@ -164,11 +165,7 @@ class AnthropicMessages:
             body["system"] = settings.system  # top-level: the API has no system role
         body["messages"] = [{"role": "user", "content": content}]
         body.update(settings.options.anthropic_fields())
-        body.update(settings.options.extra_body or {})  # vendor fields, as given
-        size = (image.width, image.height) if image.width and image.height else None
-        est_in = image_tokens(settings.model, size) + text_tokens(prompt, settings.system)
-        return ApiRequest(self.path, json.dumps(body, ensure_ascii=False).encode(),
-                          {"Accept": "text/event-stream"}, est_in, settings.max_tokens)
+        return encode_request(self.path, body, replace(row, prompt=prompt), image, settings)
 
     def new_state(self, n: int = 1) -> MessagesStreamState:
         return MessagesStreamState()

@@ -7,10 +7,12 @@ tested by feeding it events.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..records import ApiRequest, Completion, ManifestRow, PreparedImage
 from ..sse import Event
+from ..tokens import image_tokens, text_tokens
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -23,6 +25,18 @@ _FINISH = {
     "tool_calls": "tool_calls", "tool_use": "tool_calls", "function_call": "tool_calls",
     "error": "error",
 }
+
+
+def encode_request(path: str, body: dict[str, Any], row: ManifestRow, image: PreparedImage,
+                   settings: Settings) -> ApiRequest:
+    """The common tail of every adapter's ``build_request``: vendor fields, the token
+    estimate for the budgets (image by the provider's formula, prompt text,
+    ``max_tokens`` reserved), and the encoded body."""
+    body.update(settings.options.extra_body or {})  # vendor fields, as given
+    size = (image.width, image.height) if image.width and image.height else None
+    est_in = image_tokens(settings.model, size) + text_tokens(row.prompt, settings.system)
+    return ApiRequest(path, json.dumps(body, ensure_ascii=False).encode(),
+                      {"Accept": "text/event-stream"}, est_in, settings.max_tokens)
 
 
 def normalize_finish(raw: str | None) -> str:

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import PipelineError, Retryable, RowFailed, classify_stream_error
 from ..records import ApiRequest, Completion, ManifestRow, PreparedImage, Usage
 from ..sse import Event
-from ..tokens import image_tokens, text_tokens
-from .base import normalize_finish
+from .base import encode_request, normalize_finish
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -211,11 +210,7 @@ class OpenAIChat:
             "stream_options": {"include_usage": True}, "max_tokens": settings.max_tokens,
         }
         body.update(settings.options.openai_fields())
-        body.update(settings.options.extra_body or {})  # vendor fields, as given
-        size = (image.width, image.height) if image.width and image.height else None
-        est_in = image_tokens(settings.model, size) + text_tokens(prompt, settings.system)
-        return ApiRequest(self.path, json.dumps(body, ensure_ascii=False).encode(),
-                          {"Accept": "text/event-stream"}, est_in, settings.max_tokens)
+        return encode_request(self.path, body, replace(row, prompt=prompt), image, settings)
 
     def new_state(self, n: int = 1) -> ChatStreamState:
         return ChatStreamState(n)
