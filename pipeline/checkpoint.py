@@ -98,6 +98,14 @@ class Checkpoint:
             state.done.add_many(h[ok] if retry_errors else h)
         return state
 
+    def done_keys(self, retry_errors: bool) -> KeySet:
+        """The keys that count as done, read-only: no cleanup, no repair, no lock needed."""
+        done = KeySet()
+        _, hashes, oks = self._scan()
+        for h, ok in zip(hashes, oks):
+            done.add_many(h[ok] if retry_errors else h)
+        return done
+
     def repair(self) -> int:
         """Reduce every key to one row (after ``--retry-errors`` wrote replacements)."""
         return self._dedupe()[0]

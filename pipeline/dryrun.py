@@ -22,9 +22,11 @@ from .progress import Counters
 from .settings import Settings
 
 
-async def dry_run(s: Settings, stream: TextIO = sys.stdout) -> int:
+async def dry_run(s: Settings, stream: TextIO | None = None) -> int:
+    stream = stream or sys.stdout
     manifest = Manifest(s.manifest)
-    done = (await asyncio.to_thread(Checkpoint(s.out).load, s.retry_errors)).done \
+    # Read-only: a dry run may sit beside a running job, so it neither locks nor repairs.
+    done = await asyncio.to_thread(Checkpoint(s.out).done_keys, s.retry_errors) \
         if s.out.exists() else None
     adapter = get_adapter(s.api)
     price = s.price

@@ -68,6 +68,8 @@ def job_argv(path: Path) -> list[str]:
     base = path.parent
     if "manifest" not in doc:
         raise _bad(path, "missing the top-level key 'manifest'")
+    if not isinstance(doc["manifest"], str):
+        raise _bad(path, f"manifest: expected a string, got {doc['manifest']!r}")
     argv = [str(base / doc["manifest"])]
     for section, value in doc.items():
         if isinstance(value, dict):

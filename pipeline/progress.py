@@ -8,6 +8,7 @@ cannot grow memory.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import sys
@@ -120,15 +121,15 @@ class Progress:
     """Shows progress on stderr; ``update`` is called once per finished row."""
 
     def __init__(self, counters: Counters, show_bar: bool, interval: float = 30.0,
-                 stream: TextIO = sys.stderr, clock: Callable[[], float] = time.monotonic,
+                 stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic,
                  json_lines: bool = False) -> None:
         self.json_lines = json_lines
+        stream = stream or sys.stderr  # resolved per run, not at import
         self.c = counters
         self.stream = stream
         self.clock = clock
         self.started = clock()
         self.interval = interval
-        self._last_line = self.started
         self.total: int | None = None
         self.rates = RateWindow(clock)
         self.bar: tqdm[Any] | None = None
@@ -151,8 +152,14 @@ class Progress:
                 self.bar.set_postfix(ok=self.c.ok, failed=self.c.failed,
                                      tok=self.c.tokens_in + self.c.tokens_out,
                                      rpm=f"{rpm:.0f}", tpm=f"{tpm:.0f}", refresh=False)
-        elif self.clock() - self._last_line >= self.interval:
-            self._last_line = self.clock()
+
+    async def status_lines(self) -> None:
+        """Without a bar (cron, pipes): a status line every ``interval`` seconds, also
+        while rows are slow to finish. Run as a task; cancel it at the end."""
+        if self.bar is not None:
+            return
+        while True:
+            await asyncio.sleep(self.interval)
             print(self.status_line(), file=self.stream, flush=True)
 
     def stats(self) -> dict[str, Any]:

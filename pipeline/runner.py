@@ -159,6 +159,7 @@ class Run:
     async def _run_pool(self, manifest: Manifest, done: KeySet, worker: Worker,
                         sink: ParquetSink) -> None:
         self._install_signals()
+        status = asyncio.create_task(self.progress.status_lines())
         sink_task = asyncio.create_task(self._sink_loop(sink))
         self.workers = [asyncio.create_task(self._worker_loop(worker))
                         for _ in range(self.s.concurrency)]
@@ -171,6 +172,7 @@ class Run:
             self._drop_queued()
             await self.results.put(_DONE)
             await sink_task
+            status.cancel()
             self._remove_signals()
 
     async def _wait_workers(self, producer: asyncio.Task[None]) -> None:
