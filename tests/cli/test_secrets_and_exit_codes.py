@@ -175,3 +175,42 @@ def test_signal_stops_the_run_and_flushes_finished_rows(gateway, tmp_path, sig, 
     df2 = read_out(out)
     assert sorted(df2["id"]) == [f"s{i:02d}" for i in range(10)]
     assert not ({c.url for c in gateway.calls()} & finished)
+
+
+@pytest.mark.slow
+def test_second_sigint_stops_at_once_and_still_flushes(gateway, tmp_path):
+    # Two rows finish; two stall forever: after one SIGINT the run would wait out its
+    # 60 s grace for them, a second SIGINT must end it at once, keeping finished rows.
+    urls = [img("C01", f"ok{i}.jpg") for i in range(2)] + \
+           [img("C39", f"stuck{i}.jpg", stall=120) for i in range(2)]
+    manifest = write_manifest(tmp_path / "m.csv",
+                              [{"id": f"r{i}", "image": u} for i, u in enumerate(urls)])
+    out = tmp_path / "out"
+    cmd = caption_cmd(manifest, out, gateway.base_url, "--concurrency", "4",
+                      "--flush-rows", "1000", "--flush-seconds", "1000", "--grace", "60",
+                      "--read-timeout", "300")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while (sum(c.outcome == "ok" for c in gateway.calls()) < 2
+               or sum(c.outcome == "stalled" for c in gateway.calls()) < 2):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "rows did not start in time"
+            time.sleep(0.02)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        assert proc.poll() is None, "the first SIGINT must wait for rows in flight"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+        stopped_in = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert stopped_in < 5, f"second SIGINT took {stopped_in:.1f} s"
+    df = read_out(out)
+    assert sorted(df["id"]) == ["r0", "r1"] and (df["status"] == "ok").all()
