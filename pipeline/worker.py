@@ -78,7 +78,9 @@ class Worker:
         if row.prompt is None:  # a row from outside the planner: the run's prompt, filled in
             row = replace(row, prompt=render_prompt(self.settings.prompt, row_values(row)))
         try:
-            image = await (prepared if prepared is not None else self.images.load(row))
+            # Shielded: the same preparation serves every prompt of the row.
+            image = await (asyncio.shield(prepared) if prepared is not None
+                           else self.images.load(row))
         except RowFailed as e:
             return error_row(row, e.message, e.error_class)
         columns = image.columns()
