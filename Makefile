@@ -3,12 +3,13 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 MANIFEST ?=
 OUT ?=
 JOB ?=
 ARGS ?=
 
-.PHONY: help setup demo caption test bench-ratelimit bench-images bench-crash clean
+.PHONY: help setup demo caption test bench bench-ratelimit bench-images bench-crash clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-10s %s\n", $$1, $$2}'
@@ -30,6 +31,14 @@ caption: $(STAMP) ## caption MANIFEST=images.csv [OUT=dir] [ARGS="..."], or JOB=
 
 test: $(STAMP) ## run the test suite
 	$(BIN)/python -m pytest
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[test,bench]'
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) ## pipeline vs an openai-SDK script (images/s, CPU, RSS); manifest and resume at 1M rows
+	$(BIN)/python tests/bench/bench_client.py
+	$(BIN)/python tests/bench/bench_scale.py
 
 bench-ratelimit: $(STAMP) ## achieved % of a server's RPM/TPM limit and 429 share, three pacing modes
 	$(BIN)/python tests/bench/bench_ratelimit.py

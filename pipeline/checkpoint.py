@@ -27,6 +27,7 @@ from .sink import TMP_SUFFIX, commit_table, part_files
 __all__ = ["KeySet", "key_hash", "Checkpoint", "ImageIndex", "ResumeState"]
 
 _KEY_COLUMNS = ["id", "prompt_name", "status", "finished_at"]
+_BATCH = 65_536
 
 
 def key_hash(rid: str, prompt_name: str) -> int:
@@ -58,6 +59,19 @@ class KeySet:
             self._recent.add(h)
             if len(self._recent) >= self._MERGE_AT:
                 self._merge()
+
+    def contains_many(self, hashes: np.ndarray) -> np.ndarray:
+        """Membership of each hash, vectorised (one searchsorted for the whole array)."""
+        arr = self._sorted
+        if len(arr):
+            i = np.minimum(np.searchsorted(arr, hashes), len(arr) - 1)
+            found = arr[i] == hashes
+        else:
+            found = np.zeros(len(hashes), dtype=bool)
+        if self._recent:
+            recent = np.fromiter(self._recent, dtype=np.int64, count=len(self._recent))
+            found |= np.isin(hashes, recent)
+        return found
 
     def add_many(self, hashes: np.ndarray) -> None:
         self._merge()
@@ -91,19 +105,23 @@ class Checkpoint:
         removed, (parts, hashes, oks) = self._dedupe()
         state.duplicates_removed = removed
         state.parts = parts
+        done = []
         for h, ok in zip(hashes, oks):
             n_ok = int(ok.sum())
             state.rows_ok += n_ok
             state.rows_error += len(ok) - n_ok
-            state.done.add_many(h[ok] if retry_errors else h)
+            done.append(h[ok] if retry_errors else h)
+        if done:  # one sort for all parts, not one merge per part
+            state.done.add_many(np.concatenate(done))
         return state
 
     def done_keys(self, retry_errors: bool) -> KeySet:
         """The keys that count as done, read-only: no cleanup, no repair, no lock needed."""
         done = KeySet()
         _, hashes, oks = self._scan()
-        for h, ok in zip(hashes, oks):
-            done.add_many(h[ok] if retry_errors else h)
+        if hashes:
+            done.add_many(np.concatenate([h[ok] if retry_errors else h
+                                          for h, ok in zip(hashes, oks)]))
         return done
 
     def repair(self) -> int:
@@ -125,10 +143,16 @@ class Checkpoint:
         hashes: list[np.ndarray] = []
         oks: list[np.ndarray] = []
         for part in parts:
-            t = pq.ParquetFile(part).read(columns=["id", "prompt_name", "status"])
-            hashes.append(_hashes(t))
-            oks.append(pc.equal(t["status"], "ok").fill_null(False).to_numpy(
-                zero_copy_only=False))
+            h: list[np.ndarray] = []
+            ok: list[np.ndarray] = []
+            # In batches: a 500k-row part as Python strings at once would cost 100+ MB.
+            for t in pq.ParquetFile(part).iter_batches(_BATCH, columns=["id", "prompt_name",
+                                                                        "status"]):
+                h.append(_hashes(t))
+                ok.append(pc.equal(t["status"], "ok").fill_null(False).to_numpy(
+                    zero_copy_only=False))
+            hashes.append(np.concatenate(h) if h else np.empty(0, np.int64))
+            oks.append(np.concatenate(ok) if ok else np.empty(0, bool))
         return parts, hashes, oks
 
     def _remove_temp_files(self) -> int:
@@ -190,14 +214,19 @@ def _duplicates(hashes: list[np.ndarray]) -> np.ndarray:
 
 
 def _hashes(t: pa.Table) -> np.ndarray:
-    ids = t["id"].to_pylist()
-    names = t["prompt_name"].to_pylist()
-    return np.fromiter((key_hash(a or "", b or "") for a, b in zip(ids, names)),
-                       dtype=np.int64, count=len(ids))
+    """key_hash of every row, with the joining done by Arrow and hashing by ``map``."""
+    ids = pc.fill_null(t["id"], "")
+    names = pc.fill_null(t["prompt_name"], "")
+    keys = pc.binary_join_element_wise(ids, names, "\x1f").to_pylist()
+    return np.fromiter(map(hash, keys), dtype=np.int64, count=len(keys))
 
 
 class ImageIndex:
-    """Where OUT holds an ok row for each dedup key: 16 bytes a row, rows read lazily."""
+    """Where OUT holds an ok row for each dedup key: 16 bytes a row, rows read lazily.
+
+    A dedup key is hex; its first 16 digits, read as a 64-bit integer in bulk by NumPy,
+    index it, so a million finished rows cost no Python string at all.
+    """
 
     def __init__(self, parts: list[Path]) -> None:
         self.parts = parts
@@ -207,12 +236,13 @@ class ImageIndex:
             pf = pq.ParquetFile(part)
             if "dedup_key" not in pf.schema_arrow.names:
                 continue  # written before images were keyed
-            t = pf.read(columns=["dedup_key", "status"])
-            ok = pc.and_(pc.equal(t["status"], "ok"), pc.is_valid(t["dedup_key"]))
-            rows = np.flatnonzero(ok.fill_null(False).to_numpy(zero_copy_only=False))
-            dk = t["dedup_key"].to_pylist()
-            keys.append(np.fromiter((hash(dk[r]) for r in rows), np.int64, len(rows)))
-            refs.append((np.int64(i) << 32) | rows.astype(np.int64))
+            offset = 0
+            for t in pf.iter_batches(_BATCH, columns=["dedup_key", "status"]):
+                ok = pc.and_(pc.equal(t["status"], "ok"), pc.is_valid(t["dedup_key"]))
+                rows = np.flatnonzero(ok.fill_null(False).to_numpy(zero_copy_only=False))
+                keys.append(_hex64(t["dedup_key"].take(pa.array(rows))))
+                refs.append((np.int64(i) << 32) | (rows + offset).astype(np.int64))
+                offset += t.num_rows
         all_keys = np.concatenate(keys) if keys else np.empty(0, np.int64)
         order = np.argsort(all_keys, kind="stable")
         self._keys = all_keys[order]
@@ -225,12 +255,12 @@ class ImageIndex:
 
     def lookup(self, key: str) -> dict[str, Any] | None:
         """The original ok row for ``key`` (id and caption fields), or None."""
-        h = hash(key)
+        h = _hex64_one(key)
         i = int(np.searchsorted(self._keys, h))
         while i < len(self._keys) and int(self._keys[i]) == h:
             ref = int(self._refs[i])
             row = self._row(ref >> 32, ref & 0xFFFFFFFF)
-            if row.get("dedup_key") == key:  # guard against a hash collision
+            if row.get("dedup_key") == key:  # guard against a collision of the prefixes
                 return row
             i += 1
         return None
@@ -240,6 +270,31 @@ class ImageIndex:
             if self._cache is None or self._cache[0] != part:
                 self._cache = (part, pq.read_table(self.parts[part], columns=_ORIGINAL))
             return self._cache[1].slice(row, 1).to_pylist()[0]
+
+
+_HEX = np.zeros(256, dtype=np.uint64)
+_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10, dtype=np.uint64)
+_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16, dtype=np.uint64)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint64)
+
+
+def _hex64(keys: pa.Array) -> np.ndarray:
+    """The first 16 hex digits of each key as int64, vectorised (no Python strings)."""
+    n = len(keys)
+    if n == 0:
+        return np.empty(0, np.int64)
+    prefix = pc.cast(pc.utf8_slice_codeunits(pc.utf8_rpad(keys, 16, "0"), 0, 16),
+                     pa.binary(16))
+    digits = _HEX[np.frombuffer(prefix.buffers()[1], np.uint8,
+                                count=16 * n, offset=16 * prefix.offset).reshape(n, 16)]
+    out = np.zeros(n, dtype=np.uint64)
+    for j in range(16):
+        out = (out << np.uint64(4)) | digits[:, j]
+    return out.view(np.int64)
+
+
+def _hex64_one(key: str) -> int:
+    return int(_hex64(pa.array([key]))[0])
 
 
 _ORIGINAL = ["id", "dedup_key", "caption", "finish_reason", "finish_reason_raw", "model",

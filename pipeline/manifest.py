@@ -52,6 +52,13 @@ class Manifest:
         self.has_id = "id" in self.columns
         self._extras = self._extra_names()  # (manifest column, output column) pairs
         self.extra_columns = [name for _, name in self._extras]
+        # Field positions, so a record is read without building a dict per line (a
+        # million-row resume parses every line before it reaches the pending ones).
+        where = {c: i for i, c in enumerate(self.columns)}
+        self._i_image = where["image"]
+        self._i_id = where.get("id")
+        self._i_prompt = where.get("prompt")
+        self._i_extras = [(where[col], name) for col, name in self._extras]
 
     def _extra_names(self) -> list[tuple[str, str]]:
         # A manifest column named like an output column must not overwrite it, so it is
@@ -124,7 +131,7 @@ class Manifest:
                 raise _BadLine(f"expected {len(self.columns)} fields, found {len(fields)}")
         except _BadLine as e:
             return self._bad(lineno, str(e), raw)
-        return self._row(lineno, dict(zip(self.columns, fields)))
+        return self._row(lineno, fields)
 
     def _join(self, text: str, ahead: deque[Line], lines: Iterator[Line]) -> list[str]:
         """Fields of the record begun by ``text`` and completed by the next lines.
@@ -151,11 +158,11 @@ class Manifest:
             return fields
         raise _BadLine(f"unclosed quote (no valid record ends within {_MAX_RECORD_LINES} lines)")
 
-    def _row(self, line: int, rec: dict[str, str]) -> ManifestRow:
-        image = rec["image"].strip()
-        rid = rec.get("id", "").strip() if self.has_id else ""
-        prompt = (rec.get("prompt") or "").strip() or None
-        extra: dict[str, str | None] = {name: rec[col] for col, name in self._extras}
+    def _row(self, line: int, fields: list[str]) -> ManifestRow:
+        image = fields[self._i_image].strip()
+        rid = fields[self._i_id].strip() if self._i_id is not None else ""
+        prompt = fields[self._i_prompt].strip() or None if self._i_prompt is not None else None
+        extra: dict[str, str | None] = {name: fields[i] for i, name in self._i_extras}
         error = image_ref_problem(image)
         if not rid:
             rid = derive_id(image) if image else f"line-{line}"
@@ -216,6 +223,8 @@ def _split(text: str) -> list[str] | None:
     The reader asks for another line only when the text ends inside a quoted field, so
     that request (not the wording of csv's error) tells "open" from "malformed".
     """
+    if '"' not in text and "\r" not in text.rstrip("\r\n"):
+        return text.rstrip("\r\n").split(",")  # no quoting: what csv would give, 10x faster
     wanted_more = False
 
     def source() -> Iterator[str]:

@@ -203,10 +203,9 @@ class Run:
         plan = Plan(manifest, done, self.s.named_prompts, self.s.limit, self.counters)
         plan.log_duplicate = lambda row: log.warning(
             "manifest line %d: duplicate id %r skipped (first one kept)", row.line, row.id)
-        for n, group in enumerate(plan, 1):
-            if n % 1000 == 0:
-                await asyncio.sleep(0)  # a long run of done rows must not starve the loop
+        for group in plan:
             if not group:
+                await asyncio.sleep(0)  # a long run of done rows must not starve the loop
                 continue
             # Start preparing the image now, once for all of the row's prompts, so it is
             # ready when a worker takes the row (the queue bounds how many are ahead).
