@@ -115,7 +115,8 @@ class Run:
         self.progress = Progress(self.counters, show_bar, self.s.status_interval,
                                  json_lines=self.s.log_format == "json")
         lines = await asyncio.to_thread(count_lines, self.s.manifest)
-        estimate = max(0, lines - 1 - len(resume.done))
+        rows = (lines - 1) * len(self.s.named_prompts)  # one row per image and prompt
+        estimate = max(0, rows - len(resume.done))
         self.progress.set_total(min(estimate, self.s.limit) if self.s.limit is not None
                                 else estimate)
         async with contextlib.AsyncExitStack() as stack:
