@@ -3,13 +3,14 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RAY_STAMP := $(VENV)/.installed-ray
 BENCH_STAMP := $(VENV)/.installed-bench
 MANIFEST ?=
 OUT ?=
 JOB ?=
 ARGS ?=
 
-.PHONY: help setup demo caption test bench bench-ratelimit bench-images bench-crash clean
+.PHONY: help setup demo caption test test-ray bench bench-ratelimit bench-images bench-crash clean bench-ray
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-10s %s\n", $$1, $$2}'
@@ -22,6 +23,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## create .venv and install the package with test extras
 
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[test,ray]'
+	@touch $(RAY_STAMP)
+
 demo: $(STAMP) ## caption data/sample/images.csv against the bundled local simulator
 	$(BIN)/python -m pipeline demo
 
@@ -29,8 +34,11 @@ caption: $(STAMP) ## caption MANIFEST=images.csv [OUT=dir] [ARGS="..."], or JOB=
 	@test -n "$(MANIFEST)$(JOB)" || { echo "usage: make caption MANIFEST=images.csv [OUT=dir] [ARGS=...] | JOB=jobs/NAME.toml [ARGS=...]" >&2; exit 2; }
 	$(if $(JOB),$(BIN)/python -m pipeline run "$(JOB)" $(if $(OUT),--out "$(OUT)") $(ARGS),$(BIN)/python -m pipeline caption "$(MANIFEST)" $(if $(OUT),--out "$(OUT)") $(ARGS))
 
-test: $(STAMP) ## run the test suite
-	$(BIN)/python -m pytest
+test: $(STAMP) ## run the test suite (the Ray engine's tests: make test-ray)
+	$(BIN)/python -m pytest -m "not ray"
+
+test-ray: $(RAY_STAMP) ## --engine ray tests on a local Ray instance (installs the ray extra)
+	$(BIN)/python -m pytest tests/ray -m ray -p no:cacheprovider
 
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e '.[test,bench]'
@@ -48,6 +56,9 @@ bench-images: $(STAMP) ## image stage vs a plain Pillow loop on 6000x4000 JPEGs;
 
 bench-crash: $(STAMP) ## rows redone after SIGKILL and time to stop on SIGTERM
 	$(BIN)/python tests/bench/bench_crash.py
+
+bench-ray: $(RAY_STAMP) ## images/s: local engine vs --engine ray with 1 and 2 actors (3000x2000 JPEGs)
+	$(BIN)/python tests/bench/bench_ray.py
 
 clean: ## remove demo output
 	rm -rf out data/sample/out

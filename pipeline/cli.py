@@ -127,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tpm", type=float, help="tokens-per-minute budget (input + output)")
     a("--itpm", type=float, help="input-tokens-per-minute budget (Anthropic ITPM)")
     a("--otpm", type=float, help="output-tokens-per-minute budget (Anthropic OTPM)")
+    a("--engine", choices=["local", "ray"], default="local",
+      help="where rows are captioned: this process (default) or a Ray cluster")
+    a("--ray-address", metavar="ADDR",
+      help="with --engine ray: the cluster to join ('auto', or the head's HOST:6379); "
+           "default: start a local Ray instance")
+    a("--ray-actors", type=int, metavar="N",
+      help="with --engine ray: caption actors (default: one per CPU of the cluster)")
     a("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -153,7 +160,8 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         download_timeout=ns.download_timeout, dedupe=not ns.no_dedupe,
         prompts=named_prompts(ns.named_prompt), price_in=ns.price_in, price_out=ns.price_out,
         max_cost=ns.max_cost, dry_run=ns.dry_run, log_format=ns.log_format,
-        status_interval=ns.status_interval,
+        status_interval=ns.status_interval, engine=ns.engine, ray_address=ns.ray_address,
+        ray_actors=ns.ray_actors,
     )
 
 

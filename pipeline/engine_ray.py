@@ -25,6 +25,7 @@ run report. Ray Data does the rest as a streaming dataset::
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import sys
@@ -64,8 +65,8 @@ __all__ = ["run_ray", "done_key_hashes"]
 
 log = logging.getLogger("pipeline")
 
-CPUS_PER_ACTOR = 1          # what Ray reserves for each caption actor
-IMAGE_THREADS = 2           # Pillow releases the GIL: decode/resize overlaps the reads
+CPUS_PER_ACTOR = 1          # what Ray reserves for each caption actor...
+IMAGE_THREADS = 1           # ...and what its image preparation uses: N actors ~ N cores
 CALLS_PER_ACTOR = 2         # chunks one actor works on at once (no idle tail per chunk)
 MISSING_RAY = "--engine ray needs Ray: pip install 'caption-pipeline[ray]'"
 
@@ -136,16 +137,22 @@ class RayRun:
                            s.flush_rows, s.flush_seconds)
         self.progress = Progress(self.counters, s.progress and sys.stderr.isatty(),
                                  s.status_interval, json_lines=s.log_format == "json")
-        estimate = max(0, count_lines(s.manifest) - 1 - len(resume.done))
+        rows = (count_lines(s.manifest) - 1) * len(s.named_prompts)  # as runner.Run
+        estimate = max(0, rows - len(resume.done))
         self.progress.set_total(min(estimate, s.limit) if s.limit is not None else estimate)
-        started = _connect(getattr(s, "ray_address", None))
+        started = False
         try:
+            started = _connect(getattr(s, "ray_address", None))
             with _quiet_ray_data(), _data_context(), warnings.catch_warnings():
                 # A chunk is one block, so a short run has fewer inputs than actors.
                 warnings.filterwarnings("ignore", "The minimum number of concurrent actors")
-                ds = self._dataset(ray.put(done), manifest.extra_columns)
-                with self._signals():
-                    self._consume(ds, sink)
+                try:
+                    ds = self._dataset(ray.put(done), manifest.extra_columns)
+                except Exception as e:  # e.g. a Ray Data API this version lacks: one line
+                    self.fatal = _unwrap(e)
+                else:
+                    with self._signals():
+                        self._consume(ds, sink)
         finally:
             sink.write(sink.take())
             self.progress.close()
@@ -207,7 +214,7 @@ class RayRun:
                     deadline = time.monotonic() + self.s.grace
         except _Interrupt:
             pass
-        except Exception as e:  # noqa: BLE001 - Ray's errors wrap ours; one line, exit 3
+        except Exception as e:  # Ray's errors wrap ours; one line, exit 3
             self.fatal = _unwrap(e)
         finally:
             with contextlib.suppress(Exception):
@@ -215,8 +222,6 @@ class RayRun:
 
     def _on_chunk(self, kind: str, payload: bytes | None, info: str | None,
                   sink: ParquetSink) -> None:
-        import json
-
         if kind == "stats":
             counts = json.loads(payload or b"{}")
             self.counters.skipped_done += counts["skipped_done"]
@@ -314,9 +319,9 @@ def _connect(address: str | None) -> bool:
             import pipeline
 
             ray.init(address=address, runtime_env={"py_modules": [pipeline]}, **common)
-        else:
-            ray.init(include_dashboard=False, **common)
-    except Exception as e:  # noqa: BLE001 - one line naming the cluster, exit 2
+        else:  # "local": a new instance, even where a `ray start` cluster runs
+            ray.init(address="local", include_dashboard=False, **common)
+    except Exception as e:  # one line naming the cluster, exit 2
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise RunFatal(f"--engine ray: cannot start or join {where}: {first}", "config",
@@ -351,34 +356,23 @@ def _data_context() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet_ray_data() -> Iterator[None]:
-    """Ray Data's INFO lines on the console would interleave with our progress."""
-    if log.isEnabledFor(logging.DEBUG):
-        yield
-        return
+    """Ray Data's INFO lines on the console would interleave with our progress (-v: kept)."""
     logger = logging.getLogger("ray.data")
-    saved = logger.level
-    logger.setLevel(logging.WARNING)
-    quiet = _DropMessages("Progress bars disabled")
-    logger.addFilter(quiet)
-    handlers = [h for h in logger.handlers]
-    for h in handlers:
-        h.addFilter(quiet)
+    saved, targets = logger.level, [logger, *logger.handlers]
+    if not log.isEnabledFor(logging.DEBUG):
+        logger.setLevel(logging.WARNING)
+    for t in targets:
+        t.addFilter(_not_progress_bars)
     try:
         yield
     finally:
         logger.setLevel(saved)
-        logger.removeFilter(quiet)
-        for h in handlers:
-            h.removeFilter(quiet)
+        for t in targets:
+            t.removeFilter(_not_progress_bars)
 
 
-class _DropMessages(logging.Filter):
-    def __init__(self, *prefixes: str) -> None:
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefixes)
+def _not_progress_bars(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Progress bars disabled")  # we show our own
 
 
 def _unwrap(e: BaseException) -> RunFatal:

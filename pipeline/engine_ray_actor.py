@@ -7,11 +7,12 @@ makes one Ray task = one chunk, whatever Ray Data's block shaping does, so a chu
 the unit that is dispatched, retried after an actor dies, and at most lost.
 
 * ``plan_chunks`` (one task, pinned to the driver's node) streams the manifest through
-  ``pipeline.manifest.Manifest`` and the prompt expansion of ``pipeline.plan`` (so line
-  numbers, bad lines as error rows, derived ids and renamed columns are exactly those
-  of the local engine), drops duplicate ids and keys OUT already holds (stable hashes,
-  not Python's per-process ``hash``), applies ``--limit``, and yields chunks that never
-  split a manifest row's prompts. Its last chunk carries the counts.
+  ``pipeline.manifest.Manifest`` (so line numbers, bad lines as error rows, derived ids
+  and renamed columns are exactly those of the local engine), expands named prompts
+  with ``pipeline.plan.row_values`` and ``render_prompt``, drops keys OUT already holds
+  and duplicate ids like ``pipeline.plan.Plan`` (with stable hashes, not Python's
+  per-process ``hash``), applies ``--limit``, and yields chunks that never split a
+  manifest row's prompts. Its last chunk carries the counts.
 * ``CaptionActor`` builds, once, the local engine's stack (transport, image source with
   its thread pool, limiter with this actor's share of the concurrency and budgets,
   retries, dedupe, ``Worker``) on its own event loop in a background thread, and runs
@@ -29,7 +30,7 @@ import pickle
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,10 @@ from .errors import RunFatal
 from .imageprep import ImagePolicy
 from .images import ImageSource
 from .manifest import Manifest
-from .plan import NamedPrompt, Plan
-from .progress import Counters
+from .options import render_prompt
+from .plan import NamedPrompt, row_values
 from .ratelimit import Budgets, Limiter
-from .records import ManifestRow, PreparedImage, output_schema
+from .records import DEFAULT_PROMPT_NAME, ManifestRow, PreparedImage, output_schema
 from .retry import RetryPolicy
 from .settings import Settings
 from .transport import ImageFetcher, Transport
@@ -88,7 +89,7 @@ def plan_chunks(batch: Any, *, manifest: str, prompts: tuple[NamedPrompt, ...],
     try:
         yield from _plan(Manifest(Path(manifest)), prompts, limit, done_keys, chunk_rows,
                          counts)
-    except Exception as e:  # noqa: BLE001 - the driver stops with exit 2, like the local run
+    except Exception as e:  # the driver stops with exit 2, like the local run
         yield _chunk("fatal", info=json.dumps({
             "fatal": f"manifest {manifest}: reading stopped: {e}", "error_class": "manifest",
             "exit_code": 2}))
@@ -97,11 +98,15 @@ def plan_chunks(batch: Any, *, manifest: str, prompts: tuple[NamedPrompt, ...],
 
 def _plan(manifest: Manifest, prompts: tuple[NamedPrompt, ...], limit: int | None,
           done: np.ndarray, chunk_rows: int, counts: dict[str, Any]) -> Iterator[pa.Table]:
-    """``Plan.__iter__`` with stable hashes; chunks end at manifest-row boundaries."""
-    expand = Plan(manifest, KeySet(), prompts, None, Counters())._variants
+    """``Plan.__iter__`` with stable hashes (same counts: done keys first, then duplicate
+    ids among rows with something pending); chunks end at manifest-row boundaries."""
     seen = KeySet()
     chunk: list[ManifestRow] = []
     for row in manifest:
+        pending = [p for p in prompts if not _contains(done, stable_key_hash(row.id, p.name))]
+        counts["skipped_done"] += len(prompts) - len(pending)
+        if not pending:
+            continue
         h = stable_key_hash(row.id, "")
         if h in seen:
             counts["skipped_duplicate"] += 1
@@ -109,10 +114,7 @@ def _plan(manifest: Manifest, prompts: tuple[NamedPrompt, ...], limit: int | Non
                 counts["duplicates"].append([row.line, row.id])
             continue
         seen.add(h)
-        for variant in expand(row):
-            if _contains(done, stable_key_hash(*variant.key)):
-                counts["skipped_done"] += 1
-                continue
+        for variant in _variants(row, pending):
             if limit is not None and counts["pending"] >= limit:
                 break
             counts["pending"] += 1
@@ -124,6 +126,19 @@ def _plan(manifest: Manifest, prompts: tuple[NamedPrompt, ...], limit: int | Non
             break
     if chunk:
         yield _chunk("rows", pickle.dumps(chunk, pickle.HIGHEST_PROTOCOL))
+
+
+def _variants(row: ManifestRow, prompts: list[NamedPrompt]) -> Iterator[ManifestRow]:
+    """One row per named prompt, its text rendered as ``pipeline.plan`` does."""
+    values = None if row.error else row_values(row)
+    for p in prompts:
+        if values is None:
+            prompt = None
+        elif row.prompt and p.name == DEFAULT_PROMPT_NAME:
+            prompt = row.prompt  # the manifest's own prompt column wins for the default
+        else:
+            prompt = render_prompt(p.template, values)
+        yield replace(row, prompt_name=p.name, prompt=prompt)
 
 
 def _quiet_unclosed(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -162,7 +177,7 @@ class Share:
     itpm: float | None = None
     otpm: float | None = None
     max_cost: float | None = None
-    image_threads: int = 2
+    image_threads: int = 1
     extra_columns: tuple[str, ...] = ()
 
 

@@ -9,6 +9,8 @@
     [price]   input, output          # USD per million tokens
     [images]  max_edge, max_image_bytes, fetch_urls
     [output]  flush_rows, flush_seconds
+    engine = "ray"                   # top level: caption on a Ray cluster (default "local")
+    [ray]     address, actors        # with engine = "ray": --ray-address, --ray-actors
 
 Arguments given on the command line after the job file override it (argparse keeps
 the last value). An unknown key is an error naming the key and the file, so a typo
@@ -28,7 +30,7 @@ __all__ = ["job_argv"]
 
 # section -> key -> (flag, type); a flag of None is handled specially.
 _KEYS: dict[str, dict[str, tuple[str | None, type | tuple[type, ...]]]] = {
-    "": {"manifest": (None, str), "out": ("--out", str), "engine": (None, str)},
+    "": {"manifest": (None, str), "out": ("--out", str), "engine": ("--engine", str)},
     "api": {"base_url": ("--base-url", str), "model": ("--model", str), "api": ("--api", str),
             "system": ("--system", str), "max_tokens": ("--max-tokens", int),
             "temperature": ("--temperature", (int, float)), "top_p": ("--top-p", (int, float)),
@@ -43,6 +45,7 @@ _KEYS: dict[str, dict[str, tuple[str | None, type | tuple[type, ...]]]] = {
                "fetch_urls": ("--fetch-urls", bool)},
     "output": {"flush_rows": ("--flush-rows", int), "flush_seconds": ("--flush-seconds",
                                                                      (int, float))},
+    "ray": {"address": ("--ray-address", str), "actors": ("--ray-actors", int)},
 }
 
 
@@ -107,10 +110,8 @@ def _option(path: Path, section: str, key: str, value: Any) -> list[str]:
     flag, kind = spec
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise _bad(path, f"{where}: expected {_name(kind)}, got {value!r}")
-    if key == "engine":
-        if value != "local":
-            raise _bad(path, f"engine = {value!r} is not available; only 'local'")
-        return []
+    if key == "engine" and value not in ("local", "ray"):
+        raise _bad(path, f"engine = {value!r}: want \"local\" or \"ray\"")
     if flag is None:
         return []  # manifest: the positional argument, handled by job_argv
     if key in ("out",) or (key == "response_format" and value != "json_object"):

@@ -336,5 +336,11 @@ def count_lines(path: Path) -> int:
 
 
 async def run(settings: Settings) -> RunResult:
+    if settings.engine == "ray":
+        from .engine_ray import run_ray
+
+        # Blocking on purpose: Ray does the work and this loop has nothing else to do;
+        # run_ray installs its own SIGINT/SIGTERM handlers while it runs.
+        return run_ray(settings)
     with locked(settings.out):
         return await Run(settings).execute()

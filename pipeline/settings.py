@@ -82,6 +82,9 @@ class Settings:
     tpm: float | None = None
     itpm: float | None = None
     otpm: float | None = None
+    engine: str = "local"           # or "ray": the same job on a Ray cluster (engine_ray.py)
+    ray_address: str | None = None  # None = start a local Ray instance
+    ray_actors: int | None = None   # caption actors; None = one per CPU of the cluster
 
     def __post_init__(self) -> None:
         _positive("--concurrency", self.concurrency)
@@ -111,6 +114,11 @@ class Settings:
                 _positive(f"--{name}", getattr(self, name))
         if self.limit is not None:
             _non_negative("--limit", self.limit)
+        if self.engine not in ("local", "ray"):
+            raise RunFatal(f"--engine must be local or ray, got {self.engine!r}", "config",
+                           exit_code=2)
+        if self.ray_actors is not None:
+            _positive("--ray-actors", self.ray_actors)
         self.options.check_protocol(self.api)
         if not self.base_url.startswith(("http://", "https://")):
             raise RunFatal(f"--base-url must start with http:// or https://, got "
