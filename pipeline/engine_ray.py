@@ -34,7 +34,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,17 +49,15 @@ from .progress import Counters, Progress
 from .records import now_utc, output_schema
 from .runner import (
     _SIGNAL_EXIT,
-    EXIT_BUDGET,
     EXIT_FATAL,
-    EXIT_OK,
-    EXIT_ROWS_FAILED,
     RunResult,
     check_template,
+    conclude,
     count_lines,
     locked,
 )
 from .settings import Settings
-from .sink import ParquetSink, compact, write_run_report
+from .sink import ParquetSink, compact
 
 __all__ = ["run_ray", "done_key_hashes"]
 
@@ -278,32 +276,8 @@ class RayRun:
             raise _Interrupt
 
     def _result(self) -> RunResult:
-        summary = self.progress.summary(str(self.s.out))
-        if self.fatal is not None:
-            code = self.fatal.exit_code
-        elif self.budget_stop is not None:
-            code = EXIT_BUDGET
-        elif self.stopping is not None:
-            code = _SIGNAL_EXIT[self.stopping]
-        else:
-            code = EXIT_ROWS_FAILED if self.counters.failed else EXIT_OK
-        note = self.fatal.message if self.fatal else self.budget_stop
-        write_run_report(self.s.out, self.run_id, self._report(code, note))
-        return RunResult(code, self.counters, summary, note)
-
-    def _report(self, code: int, note: str | None) -> dict[str, Any]:
-        """The fields of ``runner.Run._report``, plus where the work ran."""
-        options = {k: str(v) if isinstance(v, Path) else v
-                   for k, v in asdict(self.s).items() if k != "api_key"}  # never the key
-        c = self.counters
-        return {"run_id": self.run_id, "started_at": self.started_at,
-                "ended_at": now_utc().isoformat(), "exit_code": code, "note": note,
-                "interrupted": self.stopping.name if self.stopping else None,
-                **self.progress.stats(), "skipped_duplicate": c.skipped_duplicate,
-                "copied_from_identical": c.copies, "error_classes": dict(c.error_classes),
-                "top_errors": dict(c.reasons.most_common(10)),
-                "latency_s": c.latency.percentiles(), "ttft_s": c.ttft.percentiles(),
-                "options": options, "engine": "ray", "ray_actors": self.actors}
+        return conclude(self.s, self.run_id, self.started_at, self.progress, self.stopping,
+                        self.fatal, self.budget_stop, engine="ray", ray_actors=self.actors)
 
 
 def _connect(address: str | None) -> bool:

@@ -30,7 +30,7 @@ import pickle
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +45,9 @@ from .errors import RunFatal
 from .imageprep import ImagePolicy
 from .images import ImageSource
 from .manifest import Manifest
-from .options import render_prompt
-from .plan import NamedPrompt, row_values
+from .plan import NamedPrompt, variants
 from .ratelimit import Budgets, Limiter
-from .records import DEFAULT_PROMPT_NAME, ManifestRow, PreparedImage, output_schema
+from .records import ManifestRow, PreparedImage, output_schema
 from .retry import RetryPolicy
 from .settings import Settings
 from .transport import ImageFetcher, Transport
@@ -114,7 +113,7 @@ def _plan(manifest: Manifest, prompts: tuple[NamedPrompt, ...], limit: int | Non
                 counts["duplicates"].append([row.line, row.id])
             continue
         seen.add(h)
-        for variant in _variants(row, pending):
+        for variant in variants(row, pending):
             if limit is not None and counts["pending"] >= limit:
                 break
             counts["pending"] += 1
@@ -126,19 +125,6 @@ def _plan(manifest: Manifest, prompts: tuple[NamedPrompt, ...], limit: int | Non
             break
     if chunk:
         yield _chunk("rows", pickle.dumps(chunk, pickle.HIGHEST_PROTOCOL))
-
-
-def _variants(row: ManifestRow, prompts: list[NamedPrompt]) -> Iterator[ManifestRow]:
-    """One row per named prompt, its text rendered as ``pipeline.plan`` does."""
-    values = None if row.error else row_values(row)
-    for p in prompts:
-        if values is None:
-            prompt = None
-        elif row.prompt and p.name == DEFAULT_PROMPT_NAME:
-            prompt = row.prompt  # the manifest's own prompt column wins for the default
-        else:
-            prompt = render_prompt(p.template, values)
-        yield replace(row, prompt_name=p.name, prompt=prompt)
 
 
 def _quiet_unclosed(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

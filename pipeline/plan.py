@@ -8,7 +8,7 @@ Rows come out grouped per manifest row, so its image is prepared once for all pr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from itertools import islice
 from typing import Any
@@ -21,7 +21,7 @@ from .options import render_prompt
 from .progress import Counters
 from .records import DEFAULT_PROMPT_NAME, ManifestRow
 
-__all__ = ["NamedPrompt", "Plan", "row_values"]
+__all__ = ["NamedPrompt", "Plan", "row_values", "variants"]
 
 _BLOCK = 4096
 
@@ -85,14 +85,17 @@ class Plan:
             yield []
 
     def _variants(self, row: ManifestRow, names: set[str]) -> Iterator[ManifestRow]:
-        values = None if row.error else row_values(row)
-        for p in self.prompts:
-            if p.name not in names:
-                continue
-            if values is None:
-                prompt = None
-            elif row.prompt and p.name == DEFAULT_PROMPT_NAME:
-                prompt = row.prompt  # the manifest's own prompt column wins for the default
-            else:
-                prompt = render_prompt(p.template, values)
-            yield replace(row, prompt_name=p.name, prompt=prompt)
+        return variants(row, [p for p in self.prompts if p.name in names])
+
+
+def variants(row: ManifestRow, prompts: Iterable[NamedPrompt]) -> Iterator[ManifestRow]:
+    """One row per named prompt, with its prompt text rendered from the row's columns."""
+    values = None if row.error else row_values(row)
+    for p in prompts:
+        if values is None:
+            prompt = None
+        elif row.prompt and p.name == DEFAULT_PROMPT_NAME:
+            prompt = row.prompt  # the manifest's own prompt column wins for the default
+        else:
+            prompt = render_prompt(p.template, values)
+        yield replace(row, prompt_name=p.name, prompt=prompt)

@@ -288,32 +288,37 @@ class Run:
                 t.cancel()
 
     def _result(self) -> RunResult:
-        summary = self.progress.summary(str(self.s.out))
-        if self.fatal is not None:
-            code = self.fatal.exit_code
-        elif self.budget_stop is not None:
-            code = EXIT_BUDGET
-        elif self.stopping is not None:
-            code = _SIGNAL_EXIT[self.stopping]
-        else:
-            code = EXIT_ROWS_FAILED if self.counters.failed else EXIT_OK
-        note = self.fatal.message if self.fatal else self.budget_stop
-        write_run_report(self.s.out, self.run_id, self._report(code, note))
-        return RunResult(code, self.counters, summary, note)
+        return conclude(self.s, self.run_id, self.started_at, self.progress, self.stopping,
+                        self.fatal, self.budget_stop)
 
-    def _report(self, code: int, note: str | None) -> dict[str, Any]:
-        """OUT/_runs/<run id>.json: what this run did, for operators and `status`."""
-        options = {k: str(v) if isinstance(v, Path) else v
-                   for k, v in asdict(self.s).items() if k != "api_key"}  # never the key
-        c = self.counters
-        return {"run_id": self.run_id, "started_at": self.started_at,
-                "ended_at": now_utc().isoformat(), "exit_code": code, "note": note,
-                "interrupted": self.stopping.name if self.stopping else None,
-                **self.progress.stats(), "skipped_duplicate": c.skipped_duplicate,
-                "copied_from_identical": c.copies, "error_classes": dict(c.error_classes),
-                "top_errors": dict(c.reasons.most_common(10)),
-                "latency_s": c.latency.percentiles(), "ttft_s": c.ttft.percentiles(),
-                "options": options}
+
+def conclude(s: Settings, run_id: str, started_at: str, progress: Progress,
+             stopping: signal.Signals | None, fatal: RunFatal | None,
+             budget_stop: str | None, **extra: Any) -> RunResult:
+    """The end of a run, for every engine: exit code, summary, and the run report."""
+    summary = progress.summary(str(s.out))
+    if fatal is not None:
+        code = fatal.exit_code
+    elif budget_stop is not None:
+        code = EXIT_BUDGET
+    elif stopping is not None:
+        code = _SIGNAL_EXIT[stopping]
+    else:
+        code = EXIT_ROWS_FAILED if progress.c.failed else EXIT_OK
+    note = fatal.message if fatal else budget_stop
+    options = {k: str(v) if isinstance(v, Path) else v
+               for k, v in asdict(s).items() if k != "api_key"}  # never the key
+    c = progress.c
+    # OUT/_runs/<run id>.json: what this run did, for operators and `status`.
+    write_run_report(s.out, run_id, {
+        "run_id": run_id, "started_at": started_at, "ended_at": now_utc().isoformat(),
+        "exit_code": code, "note": note, "interrupted": stopping.name if stopping else None,
+        **progress.stats(), "skipped_duplicate": c.skipped_duplicate,
+        "copied_from_identical": c.copies, "error_classes": dict(c.error_classes),
+        "top_errors": dict(c.reasons.most_common(10)),
+        "latency_s": c.latency.percentiles(), "ttft_s": c.ttft.percentiles(),
+        "options": options, **extra})
+    return RunResult(code, c, summary, note)
 
 
 def check_template(prompt: str, manifest: Manifest) -> None:
