@@ -32,10 +32,13 @@ class Event:
 class SSEDecoder:
     """Incremental decoder: ``feed(chunk)`` returns the events completed by it."""
 
-    __slots__ = ("_buf", "_skip_lf", "_event", "_data", "comments")
+    __slots__ = ("_buf", "_tail", "_skip_lf", "_event", "_data", "comments")
 
     def __init__(self) -> None:
         self._buf = b""
+        # Reads without a line break are only collected, and joined once the line
+        # ends: a long line arriving a few bytes at a time stays linear, not quadratic.
+        self._tail: list[bytes] = []
         self._skip_lf = False
         self._event: str | None = None
         self._data: list[str] = []
@@ -46,6 +49,13 @@ class SSEDecoder:
             self._skip_lf = False
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
+        if b"\n" not in chunk and b"\r" not in chunk:
+            if chunk:
+                self._tail.append(chunk)
+            return []
+        if self._tail:
+            self._buf += b"".join(self._tail)
+            self._tail.clear()
         buf = self._buf + chunk if self._buf else chunk
         out: list[Event] = []
         start = 0
@@ -72,6 +82,9 @@ class SSEDecoder:
     def finish(self) -> list[Event]:
         """End of stream: an unterminated last line and event are still processed."""
         out: list[Event] = []
+        if self._tail:
+            self._buf += b"".join(self._tail)
+            self._tail.clear()
         if self._buf:
             self._line(self._buf, out)
             self._buf = b""
