@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
 from .adapters.base import Adapter, normalize_finish
-from .cost import CostBudget
+from .cost import BudgetReached, CostBudget
 from .dedupe import Dedupe, dedup_key
-from .errors import PipelineError, Retryable, RowFailed, classify_http
+from .errors import PipelineError, Retryable, RowFailed, RunFatal, classify_http
 from .images import ImageSource
 from .options import render_prompt
 from .plan import row_values
@@ -37,6 +38,8 @@ from .retry import RetryPolicy
 from .settings import Settings
 from .sse import SSEDecoder
 from .transport import Head, Transport
+
+log = logging.getLogger("pipeline")
 
 # How a retryable failure feeds the limiter: "slow down" versus "server busy".
 _OUTCOME = {"rate_limit": "throttled", "overloaded": "overloaded"}
@@ -83,6 +86,10 @@ class Worker:
                            else self.images.load(row))
         except RowFailed as e:
             return error_row(row, e.message, e.error_class)
+        except Exception as e:  # a bug or an unforeseen input: one row, never the batch
+            log.exception("row %s: image stage failed unexpectedly", row.id)
+            return error_row(row, f"internal error preparing the image: "
+                                  f"{type(e).__name__}: {e}", "internal")
         columns = image.columns()
         key = None
         if image.sha256 is not None and self.dedupe is not None:
@@ -94,8 +101,15 @@ class Worker:
                 return copied_row(row, original, **columns)
         result = None
         try:
-            req = self.adapter.build_request(row, image, self.settings)
-            result = await self._with_retries(row, req)
+            try:
+                req = self.adapter.build_request(row, image, self.settings)
+                result = await self._with_retries(row, req)
+            except (RunFatal, Interrupted, BudgetReached):
+                raise
+            except Exception as e:  # a bug or an unforeseen input: one row, not the batch
+                log.exception("row %s: failed unexpectedly", row.id)
+                result = error_row(row, f"internal error: {type(e).__name__}: {e}",
+                                   "internal")
             result.update(columns)
             return result
         finally:
@@ -218,14 +232,20 @@ class Worker:
         state = self.adapter.new_state(self.settings.options.n)
         decoder = SSEDecoder()
         clock = self.clock
-        async for chunk in chunks:
-            for event in decoder.feed(chunk):
+        try:
+            async for chunk in chunks:
+                for event in decoder.feed(chunk):
+                    if state.on_event(event, clock()):
+                        return state.finish(), state.first_content_at
+            for event in decoder.finish():
                 if state.on_event(event, clock()):
-                    return state.finish(), state.first_content_at
-        for event in decoder.finish():
-            if state.on_event(event, clock()):
-                break
-        return state.finish(), state.first_content_at
+                    break
+            return state.finish(), state.first_content_at
+        except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:
+            # Valid JSON of a shape no protocol allows (``"choices": [null]``, a number
+            # where an object belongs): this answer is broken, the batch is not.
+            raise Retryable(f"unexpected stream content ({type(e).__name__}: {e})",
+                            "stream_broken", http_status=200) from e
 
     async def _json_body(self, chunks: Any) -> Completion:
         """A 200 with a JSON body instead of a stream: a full completion or an error."""

@@ -149,3 +149,25 @@ async def test_json_error_with_status_200_is_retried(tmp_path: Path) -> None:
     ], tmp_path)
     row = await w.process(ROW)
     assert (row["status"], row["caption"], row["attempts"]) == ("ok", "Fine.", 2)
+
+
+async def test_a_chunk_of_an_impossible_shape_is_retried_not_a_crash(tmp_path: Path) -> None:
+    odd = {"id": "c", "choices": [None]}  # valid JSON, no protocol allows it
+    w, _, _, _ = make([
+        (200, {"content-type": "text/event-stream"}, sse(text("Half"), odd)),
+        (200, {"content-type": "text/event-stream"}, sse(text("Whole."), STOP)),
+    ], tmp_path)
+    row = await w.process(ROW)
+    assert (row["status"], row["caption"], row["attempts"]) == ("ok", "Whole.", 2)
+
+
+async def test_an_unexpected_bug_fails_the_row_not_the_batch(tmp_path: Path) -> None:
+    w, _, _, _ = make([], tmp_path)
+
+    def broken(*args: object) -> None:
+        raise ZeroDivisionError("a bug")
+
+    w.adapter.build_request = broken  # type: ignore[method-assign]
+    row = await w.process(ROW)
+    assert (row["status"], row["error_class"]) == ("error", "internal")
+    assert "ZeroDivisionError" in row["error"]
