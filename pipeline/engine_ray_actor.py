@@ -37,20 +37,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .adapters import get_adapter
 from .checkpoint import KeySet
-from .cost import BudgetReached, CostBudget
-from .dedupe import Dedupe
+from .cost import BudgetReached
 from .errors import RunFatal
-from .imageprep import ImagePolicy
-from .images import ImageSource
 from .manifest import Manifest
 from .plan import NamedPrompt, variants
-from .ratelimit import Budgets, Limiter
+from .ratelimit import Budgets
 from .records import ManifestRow, PreparedImage, output_schema
-from .retry import RetryPolicy
 from .settings import Settings
-from .transport import ImageFetcher, Transport
+from .stack import build_worker
 from .worker import Interrupted, Worker
 
 __all__ = ["CaptionActor", "Share", "CHUNK_SCHEMA", "stable_key_hash", "plan_chunks",
@@ -205,29 +200,16 @@ class CaptionActor:
         loop.call_soon_threadsafe(loop.stop)
 
     async def _build(self) -> Worker:
-        """The stack of ``runner.Run._worker``, with this actor's share."""
-        s, share, stack = self.s, self.share, self._stack
-        adapter = get_adapter(s.api)
-        policy = RetryPolicy(s.retries, s.backoff_base, s.backoff_max, s.max_retry_after)
-        transport = await stack.enter_async_context(Transport(
-            s.endpoint, adapter.auth_headers(s.api_key.reveal()), share.concurrency,
-            s.connect_timeout, s.read_timeout))
-        executor = ThreadPoolExecutor(max_workers=share.image_threads,
-                                      thread_name_prefix="image")
-        stack.callback(executor.shutdown, wait=False, cancel_futures=True)
-        fetcher = None
-        if s.fetch_urls:
-            fetcher = await stack.enter_async_context(
-                ImageFetcher(policy, s.max_download_bytes, s.download_timeout))
-        images = ImageSource(s.manifest.parent, ImagePolicy(s.max_edge, s.max_image_bytes),
-                             executor, fetcher)
-        dedupe = Dedupe() if s.dedupe else None  # within this actor; OUT is not indexed
-        limiter = Limiter(Budgets(share.rpm, share.tpm, share.itpm, share.otpm),
-                          share.concurrency)
-        price = s.price
-        budget = CostBudget(price, share.max_cost) if price is not None else None
-        return Worker(s, adapter, transport, images, limiter, policy,
-                      should_stop=lambda: self.halt is not None, dedupe=dedupe, budget=budget)
+        """The local engine's stack, with this actor's share; dedupe only within it
+        (OUT is not indexed on the cluster)."""
+        s, share = self.s, self.share
+        return await build_worker(
+            self._stack, s, concurrency=share.concurrency,
+            budgets=Budgets(share.rpm, share.tpm, share.itpm, share.otpm),
+            max_cost=share.max_cost,
+            executor=ThreadPoolExecutor(max_workers=share.image_threads,
+                                        thread_name_prefix="image"),
+            lookup_done=None, should_stop=lambda: self.halt is not None)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         kinds, payloads, infos = (batch.column(n).to_pylist() for n in CHUNK_SCHEMA.names)

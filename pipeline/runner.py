@@ -28,23 +28,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .adapters import get_adapter
 from .checkpoint import Checkpoint, ImageIndex, KeySet
-from .cost import BudgetReached, CostBudget
-from .dedupe import Dedupe
+from .cost import BudgetReached
 from .errors import RunFatal
-from .imageprep import ImagePolicy
-from .images import ImageSource, default_executor
+from .images import default_executor
 from .manifest import Manifest
 from .options import template_fields
 from .plan import Plan
 from .progress import Counters, Progress
-from .ratelimit import Budgets, Limiter
+from .ratelimit import Budgets
 from .records import ManifestRow, PreparedImage, now_utc, output_schema
-from .retry import RetryPolicy
 from .settings import Settings
 from .sink import ParquetSink, compact, write_run_report
-from .transport import ImageFetcher, Transport
+from .stack import build_worker
 from .worker import Interrupted, Worker
 
 log = logging.getLogger("pipeline")
@@ -130,31 +126,15 @@ class Run:
         return self._result()
 
     async def _worker(self, stack: contextlib.AsyncExitStack, parts: list[Path]) -> Worker:
-        """Wire the stages: protocol, transport, image preparation, limits, dedupe."""
         s = self.s
-        adapter = get_adapter(s.api)
-        policy = RetryPolicy(s.retries, s.backoff_base, s.backoff_max, s.max_retry_after)
-        transport = await stack.enter_async_context(Transport(
-            s.endpoint, adapter.auth_headers(s.api_key.reveal()), s.concurrency,
-            s.connect_timeout, s.read_timeout))
-        executor = default_executor()
-        stack.callback(executor.shutdown, wait=False, cancel_futures=True)
-        fetcher = None
-        if s.fetch_urls:
-            fetcher = await stack.enter_async_context(
-                ImageFetcher(policy, s.max_download_bytes, s.download_timeout))
-        images = ImageSource(s.manifest.parent, ImagePolicy(s.max_edge, s.max_image_bytes),
-                             executor, fetcher)
-        dedupe = None
-        if s.dedupe:
+        lookup = None
+        if s.dedupe:  # identical images already captioned in OUT are copied, not resent
             index = await asyncio.to_thread(ImageIndex, parts)
-            dedupe = Dedupe(index.lookup if len(index) else None)
-        self.limiter = Limiter(Budgets(s.rpm, s.tpm, s.itpm, s.otpm), s.concurrency)
-        price = s.price
-        self.budget = CostBudget(price, s.max_cost) if price is not None else None
-        self.worker = Worker(s, adapter, transport, images, self.limiter, policy,
-                             should_stop=lambda: self.halting, dedupe=dedupe,
-                             budget=self.budget)
+            lookup = index.lookup if len(index) else None
+        self.worker = await build_worker(
+            stack, s, concurrency=s.concurrency, budgets=Budgets(s.rpm, s.tpm, s.itpm, s.otpm),
+            max_cost=s.max_cost, executor=default_executor(), lookup_done=lookup,
+            should_stop=lambda: self.halting)
         return self.worker
 
     async def _run_pool(self, manifest: Manifest, done: KeySet, worker: Worker,
