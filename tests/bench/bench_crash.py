@@ -19,10 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.sim_thread import SimThread
 from pipeline.simulator import SimConfig
-
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_ratelimit import SimThread  # noqa: E402
 
 
 def caption_cmd(manifest: Path, out: Path, port: int, extra: list[str]) -> list[str]:

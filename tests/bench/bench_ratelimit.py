@@ -10,42 +10,15 @@ Prints achieved RPM/TPM as % of the limit and the share of requests answered 429
 from __future__ import annotations
 
 import argparse
-import asyncio
 import csv
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from pipeline.simulator import STATS, SimConfig, start
-
-
-class SimThread:
-    """The simulator on its own event loop in a thread, so the bench can read its stats."""
-
-    def __init__(self, config: SimConfig) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(config,), daemon=True)
-        self.thread.start()
-        self.ready.wait(10)
-
-    def _run(self, config: SimConfig) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.runner, self.port = self.loop.run_until_complete(start(config))
-        self.ready.set()
-        self.loop.run_forever()
-
-    @property
-    def stats(self):  # type: ignore[no-untyped-def]
-        return self.runner.app[STATS]
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+from pipeline.sim_thread import SimThread
+from pipeline.simulator import SimConfig
 
 
 def run_mode(name: str, args: argparse.Namespace, client_args: list[str], headers: bool,
@@ -71,8 +44,9 @@ def run_mode(name: str, args: argparse.Namespace, client_args: list[str], header
             acc = {}
             for t in times:
                 acc[int(t - t0s)] = acc.get(int(t - t0s), 0) + 1
+            seconds = range(int(times[-1] - t0s) + 1)
             print(name, "per second accepted/429:",
-                  " ".join(f"{s}:{acc.get(s, 0)}/{hist.get(s, 0)}" for s in range(int(times[-1] - t0s) + 1)))
+                  " ".join(f"{s}:{acc.get(s, 0)}/{hist.get(s, 0)}" for s in seconds))
     finally:
         sim.stop()
     # Steady state: skip the first window, in which the server's full bucket lets

@@ -67,8 +67,7 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--cache", type=Path, help="folder to keep the generated JPEGs in")
     args = p.parse_args()
-    from bench_ratelimit import SimThread  # this folder is on sys.path
-
+    from pipeline.sim_thread import SimThread
     from pipeline.simulator import SimConfig
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -208,8 +208,7 @@ class ResumeSample:
 
 def bench_resume(sizes: tuple[int, ...] = (1000, 1_000_000), repeats: int = 3,
                  log: Any = print) -> list[ResumeSample]:
-    from bench_ratelimit import SimThread
-
+    from pipeline.sim_thread import SimThread
     from pipeline.simulator import SimConfig
 
     samples = []

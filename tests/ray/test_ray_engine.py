@@ -9,7 +9,6 @@ planner is the local one with stable hashes, and a missing Ray is one clear line
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
@@ -26,7 +25,8 @@ import pytest
 
 from pipeline import cli
 from pipeline.errors import PipelineError, RunFatal
-from pipeline.simulator import STATS, SimConfig, start
+from pipeline.sim_thread import SimThread
+from pipeline.simulator import SimConfig
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = sorted(p for p in (REPO / "data" / "sample").iterdir()
@@ -105,36 +105,6 @@ def runs(out: Path) -> list[dict[str, Any]]:
 
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class SimThread:
-    """The simulator on its own event loop in a thread (as tests/bench/bench_ratelimit.py)."""
-
-    def __init__(self, config: SimConfig) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(config,), daemon=True)
-        self.thread.start()
-        assert self.ready.wait(10), "simulator did not start"
-
-    def _run(self, config: SimConfig) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.runner, self.port = self.loop.run_until_complete(start(config))
-        self.ready.set()
-        self.loop.run_forever()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    @property
-    def stats(self) -> Any:
-        return self.runner.app[STATS]
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,6 @@ a broken client would produce. Image URLs are http(s), passed through unfetched.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,48 +23,11 @@ from typing import Any
 import pytest
 from conftest import read_out, write_manifest
 
-from pipeline.simulator import STATS, SimConfig, SimStats, start
+from pipeline.sim_thread import SimThread
+from pipeline.simulator import SimConfig, SimStats
 
 WINDOW = 2.0  # the server's limits are per WINDOW seconds
 PER_MINUTE = 60.0 / WINDOW  # server limit per window -> client budget per minute
-
-
-class SimThread:
-    """The simulator on its own event loop in a thread, so a test can read its stats."""
-
-    def __init__(self, config: SimConfig) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(config,), daemon=True)
-        self.thread.start()
-        if not self.ready.wait(10) or self.error is not None:
-            raise RuntimeError(f"simulator did not start: {self.error!r}")
-
-    def _run(self, config: SimConfig) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.runner, self.port = self.loop.run_until_complete(start(config))
-        except BaseException as e:  # pragma: no cover - reported by __init__
-            self.error = e
-            self.ready.set()
-            return
-        self.ready.set()
-        self.loop.run_forever()
-        self.loop.close()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    @property
-    def stats(self) -> SimStats:
-        return self.runner.app[STATS]
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 @dataclass
