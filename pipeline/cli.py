@@ -25,7 +25,10 @@ EXIT_CODES = """exit codes:
   3    fatal API error (authentication, endpoint or model not found, quota exhausted)
   4    OUT is locked by another run
   5    --max-cost reached: no new rows were started (rerun to resume)
-  130  interrupted by SIGINT, 143 by SIGTERM (finished rows are flushed; rerun to resume)
+  6    output cannot be written (disk full, no file descriptors, OUT read-only or gone):
+       no new request was started; rows not committed stay pending (rerun to resume)
+  129  SIGHUP, 130 SIGINT, 143 SIGTERM: interrupted (finished rows are flushed; rerun
+       to resume)
 """
 
 
@@ -96,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="seconds in-flight rows get after SIGINT/SIGTERM (30)")
     a("--retry-errors", action="store_true",
       help="re-attempt rows that earlier runs recorded as errors")
+    a("--allow-mixed", action="store_true",
+      help="add rows to OUT although its _dataset.json records other settings (model, "
+           "prompt, system, ...) for a prompt name, or other images for an id")
     a("--max-image-bytes", type=int, default=5 * 1024 * 1024,
       help="largest image payload, measured as base64 (default 5 MiB, Claude's limit)")
     a("--max-edge", type=int, default=1568,
@@ -154,6 +160,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         connect_timeout=ns.connect_timeout, backoff_base=ns.backoff_base,
         backoff_max=ns.backoff_max, flush_rows=ns.flush_rows, flush_seconds=ns.flush_seconds,
         grace=ns.grace, max_retry_after=ns.max_retry_wait, retry_errors=ns.retry_errors,
+        allow_mixed=ns.allow_mixed,
         max_image_bytes=ns.max_image_bytes,
         rpm=ns.rpm, tpm=ns.tpm, itpm=ns.itpm, otpm=ns.otpm, max_edge=ns.max_edge,
         fetch_urls=ns.fetch_urls, max_download_bytes=ns.max_download_bytes,

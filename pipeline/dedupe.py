@@ -15,13 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 _COPIED = ("caption", "finish_reason", "finish_reason_raw", "model", "response_id",
            "terminal")
 _RECENT_MAX = 100_000
+_BATCH = 65_536
 
 
 def dedup_key(sha256: str, prompt: str, system: str | None, model: str) -> str:
@@ -74,3 +82,83 @@ class Dedupe:
     def _hit(self, original: dict[str, Any]) -> dict[str, Any]:
         self.copies += 1
         return original
+
+
+class ImageIndex:
+    """Where OUT holds an ok row for each dedup key: 16 bytes a row, rows read lazily.
+
+    A dedup key is hex; its first 16 digits, read as a 64-bit integer in bulk by NumPy,
+    index it, so a million finished rows cost no Python string at all.
+    """
+
+    def __init__(self, parts: list[Path]) -> None:
+        self.parts = parts
+        keys: list[np.ndarray] = []
+        refs: list[np.ndarray] = []
+        for i, part in enumerate(parts):
+            pf = pq.ParquetFile(part)
+            if "dedup_key" not in pf.schema_arrow.names:
+                continue  # written before images were keyed
+            offset = 0
+            for t in pf.iter_batches(_BATCH, columns=["dedup_key", "status"]):
+                ok = pc.and_(pc.equal(t["status"], "ok"), pc.is_valid(t["dedup_key"]))
+                rows = np.flatnonzero(ok.fill_null(False).to_numpy(zero_copy_only=False))
+                keys.append(_hex64(t["dedup_key"].take(pa.array(rows))))
+                refs.append((np.int64(i) << 32) | (rows + offset).astype(np.int64))
+                offset += t.num_rows
+        all_keys = np.concatenate(keys) if keys else np.empty(0, np.int64)
+        order = np.argsort(all_keys, kind="stable")
+        self._keys = all_keys[order]
+        self._refs = (np.concatenate(refs) if refs else np.empty(0, np.int64))[order]
+        self._cache: tuple[int, pa.Table] | None = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def lookup(self, key: str) -> dict[str, Any] | None:
+        """The original ok row for ``key`` (id and caption fields), or None."""
+        h = _hex64_one(key)
+        i = int(np.searchsorted(self._keys, h))
+        while i < len(self._keys) and int(self._keys[i]) == h:
+            ref = int(self._refs[i])
+            row = self._row(ref >> 32, ref & 0xFFFFFFFF)
+            if row.get("dedup_key") == key:  # guard against a collision of the prefixes
+                return row
+            i += 1
+        return None
+
+    def _row(self, part: int, row: int) -> dict[str, Any]:
+        with self._lock:  # lookups run in worker threads; one cached part at a time
+            if self._cache is None or self._cache[0] != part:
+                self._cache = (part, pq.read_table(self.parts[part], columns=_ORIGINAL))
+            return self._cache[1].slice(row, 1).to_pylist()[0]
+
+
+_HEX = np.zeros(256, dtype=np.uint64)
+_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10, dtype=np.uint64)
+_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16, dtype=np.uint64)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint64)
+
+
+def _hex64(keys: pa.Array) -> np.ndarray:
+    """The first 16 hex digits of each key as int64, vectorised (no Python strings)."""
+    n = len(keys)
+    if n == 0:
+        return np.empty(0, np.int64)
+    prefix = pc.cast(pc.utf8_slice_codeunits(pc.utf8_rpad(keys, 16, "0"), 0, 16),
+                     pa.binary(16))
+    digits = _HEX[np.frombuffer(prefix.buffers()[1], np.uint8,
+                                count=16 * n, offset=16 * prefix.offset).reshape(n, 16)]
+    out = np.zeros(n, dtype=np.uint64)
+    for j in range(16):
+        out = (out << np.uint64(4)) | digits[:, j]
+    return out.view(np.int64)
+
+
+def _hex64_one(key: str) -> int:
+    return int(_hex64(pa.array([key]))[0])
+
+
+_ORIGINAL = ["id", "dedup_key", "caption", "finish_reason", "finish_reason_raw", "model",
+             "response_id", "terminal"]

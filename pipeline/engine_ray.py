@@ -41,12 +41,13 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from .checkpoint import Checkpoint, KeySet, key_hash
+from .checkpoint import KeySet, key_hash
+from .dataset import close_dataset, open_dataset
 from .engine_ray_actor import CaptionActor, Share, decode_rows, plan_chunks, stable_key_hash
-from .errors import PipelineError, RunFatal
+from .errors import PipelineError, RunFatal, output_error
 from .manifest import Manifest
 from .progress import Counters, Progress
-from .records import now_utc, output_schema
+from .records import now_utc
 from .runner import (
     _SIGNAL_EXIT,
     EXIT_FATAL,
@@ -57,7 +58,7 @@ from .runner import (
     locked,
 )
 from .settings import Settings
-from .sink import ParquetSink, compact
+from .sink import ParquetSink
 
 __all__ = ["run_ray", "done_key_hashes"]
 
@@ -126,13 +127,10 @@ class RayRun:
         manifest = Manifest(s.manifest)
         for p in s.named_prompts:
             check_template(p.template, manifest)
-        resume = Checkpoint(s.out).load(s.retry_errors)
-        if resume.duplicates_removed or resume.temp_files_removed:
-            log.warning("repaired %s: removed %d duplicate rows and %d temporary files",
-                        s.out, resume.duplicates_removed, resume.temp_files_removed)
+        opened = open_dataset(s, manifest, self.run_id)
+        resume = opened.resume
         done = done_key_hashes(resume.parts, s.retry_errors)
-        sink = ParquetSink(s.out, output_schema(manifest.extra_columns), self.run_id,
-                           s.flush_rows, s.flush_seconds)
+        sink = ParquetSink(s.out, opened.schema, self.run_id, s.flush_rows, s.flush_seconds)
         self.progress = Progress(self.counters, s.progress and sys.stderr.isatty(),
                                  s.status_interval, json_lines=s.log_format == "json")
         rows = (count_lines(s.manifest) - 1) * len(s.named_prompts)  # as runner.Run
@@ -152,14 +150,16 @@ class RayRun:
                     with self._signals():
                         self._consume(ds, sink)
         finally:
-            sink.write(sink.take())
+            try:
+                sink.write(sink.take())
+            except OSError as e:  # the journal may still hold them: the next run recovers
+                self.fatal = self.fatal or output_error(e, s.out)
+            sink.close()
             self.progress.close()
             if started:
                 ray.shutdown()
         if not self.halting:
-            compact(s.out, sink.parts, self.run_id)
-            if s.retry_errors:  # the new rows replace the error rows they retried
-                Checkpoint(s.out).repair()
+            close_dataset(s, sink.parts, self.run_id, opened.schema, resume.rows_retried > 0)
         return self._result()
 
     def _dataset(self, done_ref: Any, extra_columns: list[str]) -> Any:
@@ -212,6 +212,8 @@ class RayRun:
                     deadline = time.monotonic() + self.s.grace
         except _Interrupt:
             pass
+        except OSError as e:  # a write to OUT failed: stop taking chunks (exit 6)
+            self.fatal = output_error(e, self.s.out)
         except Exception as e:  # Ray's errors wrap ours; one line, exit 3
             self.fatal = _unwrap(e)
         finally:
@@ -240,6 +242,7 @@ class RayRun:
                 sink.add(row)
                 self.counters.record(row)
                 self.progress.update(row.get("total_tokens") or 0)
+            sink.sync()  # the chunk's rows are durable before the next wait
             if sink.due:
                 sink.write(sink.take())
         if info:

@@ -45,7 +45,9 @@ from .plan import NamedPrompt, variants
 from .ratelimit import Budgets
 from .records import ManifestRow, PreparedImage, output_schema
 from .settings import Settings
+from .sink import to_table
 from .stack import build_worker
+from .validate import RowConformer
 from .worker import Interrupted, Worker
 
 __all__ = ["CaptionActor", "Share", "CHUNK_SCHEMA", "stable_key_hash", "plan_chunks",
@@ -136,9 +138,11 @@ def _contains(sorted_keys: np.ndarray, h: int) -> bool:
 
 
 def encode_rows(rows: list[dict[str, Any]], schema: pa.Schema) -> bytes:
-    """Result rows as an Arrow IPC stream in the output schema (checked here, in the actor)."""
+    """Result rows as an Arrow IPC stream in the output schema (conformed here, in the
+    actor, so no value from the wire can fail the chunk)."""
     sink = io.BytesIO()
-    table = pa.Table.from_pylist(rows, schema=schema)
+    conform = RowConformer(schema)
+    table = to_table([conform(r) for r in rows], schema)
     with pa.ipc.new_stream(sink, schema) as writer:
         writer.write_table(table)
     return sink.getvalue()

@@ -4,7 +4,7 @@
      ├── Retryable      transient: back off and send the row again
      │     (rate_limit, server, overloaded, timeout, connection, stream_broken, stream_error)
      ├── RowFailed      permanent for this row: record an error row, go on with the batch
-     │     (bad_request, too_large, bad_image, bad_input, refused, empty)
+     │     (bad_request, too_large, bad_image, bad_input, refused, empty, bad_response)
      └── RunFatal       every row would fail the same way: stop the run, mark no row
            (auth, not_found, quota, config, manifest, output, locked)
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import os
 import re
 import time
 from collections.abc import Mapping
@@ -26,7 +27,15 @@ from typing import Any
 __all__ = [
     "PipelineError", "Retryable", "RowFailed", "RunFatal",
     "classify_http", "classify_stream_error", "parse_retry_after", "error_message",
+    "bad_response", "output_error", "EXIT_OUTPUT", "TRANSIENT",
 ]
+
+EXIT_OUTPUT = 6  # the output cannot be written (disk full, no descriptors, read-only)
+
+# Error classes worth another try on the next run: a plain rerun sends these rows again,
+# permanent classes stay until --retry-errors.
+TRANSIENT = frozenset({"rate_limit", "server", "overloaded", "timeout", "connection",
+                       "stream_broken", "stream_error"})
 
 _EXCERPT = 300
 
@@ -72,6 +81,20 @@ class RunFatal(PipelineError):
                  exit_code: int = 3, http_status: int | None = None) -> None:
         super().__init__(message, error_class, http_status=http_status)
         self.exit_code = exit_code
+
+
+def bad_response(what: str) -> RowFailed:
+    """A value of a type no protocol allows (``finish_reason: 7``): permanent for the row,
+    so a plain rerun does not pay for the same broken answer again."""
+    return RowFailed(f"unusable response from the server: {what}", "bad_response",
+                     http_status=200)
+
+
+def output_error(e: OSError, path: object) -> RunFatal:
+    """A failed write to OUT: the run stops (exit 6) with one line naming path and error."""
+    reason = f"[Errno {e.errno}] {os.strerror(e.errno)}" if e.errno else str(e)
+    return RunFatal(f"output cannot be written: {path}: {reason}", "output",
+                    exit_code=EXIT_OUTPUT)
 
 
 _RETRY_STATUS = {408: "timeout", 409: "server", 425: "server", 429: "rate_limit",

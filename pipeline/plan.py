@@ -11,11 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .checkpoint import KeySet, key_hash
+from .errors import RunFatal
+from .keys import ImageRefs, KeySet, hash_strings, key_hash
 from .manifest import Manifest
 from .options import render_prompt
 from .progress import Counters
@@ -45,8 +47,11 @@ def row_values(row: ManifestRow) -> dict[str, Any]:
 
 class Plan:
     def __init__(self, manifest: Manifest, done: KeySet, prompts: tuple[NamedPrompt, ...],
-                 limit: int | None, counters: Counters) -> None:
+                 limit: int | None, counters: Counters, images: ImageRefs | None = None,
+                 out: Path | None = None) -> None:
         self.manifest = manifest
+        self.images = images if images is not None and len(images) else None
+        self.out = out
         self.done = done
         self.prompts = prompts
         self.limit = limit
@@ -60,6 +65,8 @@ class Plan:
         seen = KeySet()  # ids of rows with something pending: done rows need no memory
         rows = iter(self.manifest)
         while block := list(islice(rows, _BLOCK)):
+            if self.images is not None:
+                self._check_images(block)
             # One vectorised lookup per prompt for the whole block, not one per row: a
             # resume over a million finished rows spends its time here.
             done = [self.done.contains_many(_hashes(block, p.name)) for p in self.prompts]
@@ -83,6 +90,21 @@ class Plan:
                 if self.limit is not None and self.pending >= self.limit:
                     return
             yield []
+
+    def _check_images(self, block: list[ManifestRow]) -> None:
+        """A known id with another image: this is not the manifest OUT was made from."""
+        assert self.images is not None
+        usable = [r for r in block if not r.error]
+        ids = hash_strings((r.id for r in usable), len(usable))
+        images = hash_strings((r.image for r in usable), len(usable))
+        clash = np.flatnonzero(self.images.conflicts(ids, images))
+        if clash.size:
+            row = usable[int(clash[0])]
+            raise RunFatal(
+                f"manifest {self.manifest.path} line {row.line}: id {row.id!r} is in "
+                f"{self.out or 'OUT'} for another image than {row.image!r} "
+                f"({clash.size} such rows in this block). Caption into a new --out, give "
+                "the rows new ids, or pass --allow-mixed", "config", exit_code=2)
 
     def _variants(self, row: ManifestRow, names: set[str]) -> Iterator[ManifestRow]:
         return variants(row, [p for p in self.prompts if p.name in names])

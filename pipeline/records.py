@@ -6,6 +6,7 @@ matches ``output_schema``). Every manifest row ends as exactly one result row.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,6 +31,7 @@ BASE_FIELDS: list[pa.Field] = [
     pa.field("finish_reason", pa.string()),
     pa.field("finish_reason_raw", pa.string()),
     pa.field("model", pa.string()),
+    pa.field("prompt_sha256", pa.string()),
     pa.field("prompt_tokens", pa.int64()),
     pa.field("completion_tokens", pa.int64()),
     pa.field("total_tokens", pa.int64()),
@@ -132,6 +134,12 @@ class Completion:
     terminal: str
     quirks: dict[str, int]
     texts: tuple[str, ...] = ()  # every choice, in index order, when n > 1
+
+
+def prompt_sha256(system: str | None, prompt: str) -> str:
+    """The hash of what was asked: the system message and the user prompt as sent."""
+    text = json.dumps([system, prompt], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def now_utc() -> datetime:

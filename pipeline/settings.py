@@ -66,6 +66,7 @@ class Settings:
     flush_seconds: float = 10.0
     grace: float = 30.0
     retry_errors: bool = False
+    allow_mixed: bool = False   # resume into OUT although settings differ from _dataset.json
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_edge: int = 1568        # long edge sent at most (Claude's native resolution)
     fetch_urls: bool = False    # download http(s) images and send them inline

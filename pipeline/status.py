@@ -11,13 +11,14 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .checkpoint import KeySet, key_hash
-from .errors import RunFatal
+from .errors import TRANSIENT, RunFatal
+from .keys import KeySet, key_hash
 from .manifest import Manifest
-from .sink import part_files
+from .outdir import QUARANTINE, RUNS, check_part, part_files
 
 
 def main(argv: list[str]) -> int:
@@ -29,9 +30,17 @@ def main(argv: list[str]) -> int:
     if not ns.out.is_dir():
         print(f"error: {ns.out} is not a directory", file=sys.stderr)
         return 2
-    keys, names, counts, classes = _scan(ns.out)
+    keys, names, counts, classes, unreadable = _scan(ns.out)
+    transient = sum(n for c, n in classes.items() if c in TRANSIENT)
     print(f"{ns.out}: {counts['ok']} ok, {counts['error']} failed"
-          + (f" ({', '.join(f'{k}={v}' for k, v in classes.most_common())})" if classes else ""))
+          + (f" ({', '.join(f'{k}={v}' for k, v in classes.most_common())})" if classes else "")
+          + (f"; {transient} transient, captioned again by the next run" if transient else ""))
+    for part, reason in unreadable:
+        print(f"unreadable part {part}: {reason} (the next run moves it to {QUARANTINE}/)")
+    quarantined = sorted((ns.out / QUARANTINE).glob("*")) if (ns.out / QUARANTINE).is_dir() \
+        else []
+    for q in quarantined:
+        print(f"quarantined: {q}")
     if ns.manifest is not None:
         try:
             pending, total = _pending(ns.manifest, keys, names or {"default"})
@@ -45,21 +54,35 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _scan(out: Path) -> tuple[KeySet, set[str], Counter[str], Counter[str]]:
+def _scan(out: Path) -> tuple[KeySet, set[str], Counter[str], Counter[str],
+                              list[tuple[Path, str]]]:
     keys, names = KeySet(), set()
     counts: Counter[str] = Counter(ok=0, error=0)
     classes: Counter[str] = Counter()
+    unreadable = []
     for part in part_files(out):
-        t = pq.ParquetFile(part).read(columns=["id", "prompt_name", "status", "error_class"])
+        reason = check_part(part)
+        if reason is None:
+            try:
+                pf = pq.ParquetFile(part)
+                cols = [c for c in ("id", "prompt_name", "status", "error_class")
+                        if c in pf.schema_arrow.names]
+                t = pf.read(columns=cols)
+            except (OSError, pa.ArrowException) as e:
+                reason = f"unreadable ({e})"
+        if reason is not None:
+            unreadable.append((part, reason))
+            continue
         for rid, name in zip(t["id"].to_pylist(), t["prompt_name"].to_pylist()):
             keys.add(key_hash(rid or "", name or ""))
             names.add(name or "")
         for status, n in zip(*_value_counts(t, "status")):
             counts[status or "?"] += n
-        for cls, n in zip(*_value_counts(t, "error_class")):
-            if cls:
-                classes[cls] += n
-    return keys, names, counts, classes
+        if "error_class" in t.column_names:
+            for cls, n in zip(*_value_counts(t, "error_class")):
+                if cls:
+                    classes[cls] += n
+    return keys, names, counts, classes, unreadable
 
 
 def _value_counts(t, column: str) -> tuple[list[str | None], list[int]]:  # type: ignore[no-untyped-def]
@@ -81,7 +104,7 @@ def _pending(manifest_path: Path, keys: KeySet, names: set[str]) -> tuple[int, i
 
 def _runs(out: Path, n: int) -> list[str]:
     lines = []
-    for path in sorted((out / "_runs").glob("*.json"))[-n:]:
+    for path in sorted((out / RUNS).glob("*.json"))[-n:]:
         try:
             r = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):

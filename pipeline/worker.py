@@ -33,6 +33,7 @@ from .records import (
     copied_row,
     error_row,
     ok_row,
+    prompt_sha256,
 )
 from .retry import RetryPolicy
 from .settings import Settings
@@ -91,6 +92,8 @@ class Worker:
             return error_row(row, f"internal error preparing the image: "
                                   f"{type(e).__name__}: {e}", "internal")
         columns = image.columns()
+        columns["prompt_sha256"] = prompt_sha256(self.settings.system,
+                                                 row.prompt or self.settings.prompt)
         key = None
         if image.sha256 is not None and self.dedupe is not None:
             s = self.settings
@@ -146,6 +149,11 @@ class Worker:
         reserved = self.budget.reserve(req.est_input_tokens, req.est_output_tokens) \
             if self.budget else 0.0  # BudgetReached propagates: the run stops taking rows
         permit = await self.limiter.acquire(req.est_input_tokens, req.est_output_tokens)
+        if self.should_stop():  # the run stopped while this row waited: send nothing
+            self.limiter.finish(permit, "unsent")
+            if self.budget:
+                self.budget.settle(reserved, 0, 0)
+            raise Interrupted
         start = self.clock()
         outcome, usage = "error", None
         try:

@@ -159,3 +159,55 @@ def caption_cmd(manifest: Path, out: Path, base_url: str, *args: str) -> list[st
     """argv for running the CLI as a subprocess."""
     return [sys.executable, "-m", "pipeline", "caption", str(manifest), "--out", str(out),
             "--base-url", base_url, *FAST, *args]
+
+
+class SmallDisk:
+    """A real, small filesystem (tmpfs) mounted for one test."""
+
+    def __init__(self, path: Path, size: str, readonly: bool = False) -> None:
+        import subprocess as sp
+
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        opts = f"size={size}" + (",ro" if readonly else "")
+        r = sp.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
+                   capture_output=True, text=True)
+        if r.returncode != 0:
+            reason = (r.stderr.strip() or "mount failed").splitlines()[0]
+            print(f"SKIPPED: cannot mount a small tmpfs here ({reason})")
+            pytest.skip(f"cannot mount a small tmpfs here ({reason})")
+
+    def free(self) -> int:
+        import shutil
+
+        return shutil.disk_usage(self.path).free
+
+    def fill(self, leave: int, name: str = "filler") -> Path:
+        """Write a filler file until only ``leave`` bytes are free."""
+        filler = self.path / name
+        with open(filler, "ab") as f:
+            while (room := self.free() - leave) > 0:
+                f.write(b"\0" * min(room, 1 << 20))
+                f.flush()
+                os.fsync(f.fileno())
+        return filler
+
+    def unmount(self) -> None:
+        import subprocess as sp
+
+        sp.run(["umount", "-l", str(self.path)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """``small_disk(size="2m", readonly=False)`` → a mounted SmallDisk, unmounted after."""
+    disks: list[SmallDisk] = []
+
+    def make(size: str = "2m", readonly: bool = False, name: str = "disk") -> SmallDisk:
+        d = SmallDisk(tmp_path / name, size, readonly)
+        disks.append(d)
+        return d
+
+    yield make
+    for d in disks:
+        d.unmount()

@@ -436,7 +436,8 @@ class Gateway:
                            scenario=name, variant=variant, attempt=attempt)
             self.requests.append(rec)
         ctx = Ctx(self, request, rec, query)
-        if request.method != "POST" or request.path != "/v1/chat/completions":
+        if request.method != "POST" or request.path not in ("/v1/chat/completions",
+                                                            "/v1/messages"):
             return await ctx.json_response(404, {"error": {
                 "message": f"no route {request.method} {request.path}",
                 "type": "invalid_request_error", "code": "unknown_url"}})
@@ -465,6 +466,12 @@ def _image_url(body: Any) -> str | None:
                         return iu.get("url")
                     if isinstance(iu, str):
                         return iu
+                # Anthropic Messages (POST /v1/messages): an image block with a url source;
+                # scenarios that answer those write Anthropic events themselves.
+                if isinstance(part, dict) and part.get("type") == "image":
+                    src = part.get("source")
+                    if isinstance(src, dict) and src.get("type") == "url":
+                        return src.get("url")
     return None
 
 

@@ -14,11 +14,20 @@ import json
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from ..errors import Retryable, RowFailed, classify_stream_error
+from ..errors import Retryable, RowFailed, bad_response, classify_stream_error
 from ..records import ApiRequest, Completion, ManifestRow, PreparedImage, Usage
 from ..sse import Event
-from .base import encode_request
-from .openai_chat import _int, _try_json, finish_completion
+from ..validate import as_count
+from .base import (
+    content_text,
+    encode_request,
+    finish_completion,
+    label,
+    obj,
+    reason,
+    try_json,
+    usage_counts,
+)
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -32,14 +41,11 @@ def parse_usage(u: Any) -> Usage | None:
     breakpoint, so the prompt is input + cache creation + cache read (reference 3.3)."""
     if not isinstance(u, dict):
         return None
-    parts = [_int(u.get(k)) for k in ("input_tokens", *_CACHE_FIELDS)]
+    parts = [as_count(u.get(k)) for k in ("input_tokens", *_CACHE_FIELDS)]
     known = [p for p in parts if p is not None]
     prompt = sum(known) if known else None
-    completion = _int(u.get("output_tokens"))
-    if prompt is None and completion is None:
-        return None
-    total = prompt + completion if prompt is not None and completion is not None else None
-    return Usage(prompt, completion, total, _int(u.get("cache_read_input_tokens")))
+    return usage_counts(prompt, u.get("output_tokens"), None,
+                        u.get("cache_read_input_tokens"))
 
 
 def _broken(message: str) -> Retryable:
@@ -47,10 +53,16 @@ def _broken(message: str) -> Retryable:
 
 
 class MessagesStreamState:
-    """Folds the named events of one Messages API stream."""
+    """Folds the named events of one Messages API stream.
+
+    One generation per caption (docs/protocol.md, "Restarted generations"): a second
+    ``message_start``, or a text block that starts again at an index already used,
+    means a gateway replayed the answer into the same body. The text so far is
+    dropped (``generation_restarted`` counted) and the fold goes on with the new one.
+    """
 
     __slots__ = ("first_content_at", "model", "parts", "quirks", "response_id", "stop_reason",
-                 "stopped", "usage")
+                 "stopped", "usage", "_blocks")
 
     def __init__(self) -> None:
         self.parts: list[str] = []
@@ -61,6 +73,7 @@ class MessagesStreamState:
         self.stopped = False
         self.first_content_at: float | None = None
         self.quirks: dict[str, int] = {}
+        self._blocks: set[int] = set()  # content block indexes started so far
 
     def _quirk(self, name: str) -> None:
         self.quirks[name] = self.quirks.get(name, 0) + 1
@@ -69,8 +82,8 @@ class MessagesStreamState:
         name = event.event
         if name == "raw":  # bare JSON in an SSE body: a gateway's error (reference 7.10)
             self._quirk("raw_json_line")
-            doc = _try_json(event.data)
-            raise classify_stream_error(doc if doc is not None
+            doc = try_json(event.data)
+            raise classify_stream_error(doc if isinstance(doc, dict)
                                         else {"error": {"message": event.data[:200]}})
         if name == "ping":  # liveness only; its data need not even be JSON
             return False
@@ -83,24 +96,28 @@ class MessagesStreamState:
         kind = name if name != "message" else str(doc.get("type") or "")
         if kind == "error" or doc.get("error"):  # also an OpenAI-style error a gateway wrote
             raise classify_stream_error(doc)
+        return self._dispatch(kind, doc, now)
+
+    def _dispatch(self, kind: str, doc: dict[str, Any], now: float) -> bool:
         if kind == "message_start":
-            self._start(doc.get("message"))
+            self._start(obj(doc.get("message"), "message_start.message"))
         elif kind == "content_block_start":
-            block = doc.get("content_block")
-            if isinstance(block, dict) and block.get("type") == "text":
-                self._text(block.get("text"), now)  # the SDK seeds a block with this text
+            block = obj(doc.get("content_block"), "content_block")
+            if block.get("type") == "text":
+                self._block(doc.get("index"))
+                self._text(content_text(block.get("text"), "content_block.text"), now)
         elif kind == "content_block_delta":
-            delta = doc.get("delta")
-            if isinstance(delta, dict) and delta.get("type") == "text_delta":
-                self._text(delta.get("text"), now)
+            delta = obj(doc.get("delta"), "delta")
+            if delta.get("type") == "text_delta":
+                self._text(content_text(delta.get("text"), "text_delta.text"), now)
             # thinking_delta, signature_delta, input_json_delta: never part of the caption
         elif kind == "message_delta":
-            delta = doc.get("delta")
-            reason = delta.get("stop_reason") if isinstance(delta, dict) else None
-            if reason:
-                if self.stop_reason and reason != self.stop_reason:
+            delta = obj(doc.get("delta"), "message_delta.delta")
+            stop = reason(delta.get("stop_reason"), "stop_reason")
+            if stop:
+                if self.stop_reason and stop != self.stop_reason:
                     self._quirk("stop_reason_changed")
-                self.stop_reason = reason  # the last top-level change is the message's
+                self.stop_reason = stop  # the last top-level change is the message's
             self._merge_usage(doc.get("usage"))
         elif kind == "message_stop":
             self.stopped = True
@@ -108,19 +125,31 @@ class MessagesStreamState:
         # content_block_stop and event types added later carry nothing a caption needs.
         return False
 
-    def _start(self, message: Any) -> None:
-        if not isinstance(message, dict):
-            return
+    def _start(self, message: dict[str, Any]) -> None:
         if self.parts:
-            # A gateway replayed a second attempt into the same body (reference 7.34):
-            # never concatenate attempts.
-            raise _broken("second message_start mid-stream (gateway replay)")
-        self.response_id = message.get("id") or self.response_id
-        self.model = message.get("model") or self.model
+            self._restart()  # a gateway replayed the answer into the same body
+        rid = label(message.get("id"), self.quirks, "id")
+        model = label(message.get("model"), self.quirks, "model")
+        if model and self.model and model != self.model:
+            self._quirk("model_changed")
+        self.response_id = rid or self.response_id
+        self.model = model or self.model
         self._merge_usage(message.get("usage"))
 
-    def _text(self, text: Any, now: float) -> None:
-        if isinstance(text, str) and text:
+    def _block(self, index: Any) -> None:
+        if isinstance(index, int) and not isinstance(index, bool):
+            if index in self._blocks and self.parts:
+                self._restart()  # a content index reset: the answer started over
+            self._blocks.add(index)
+
+    def _restart(self) -> None:
+        self._quirk("generation_restarted")
+        self.parts.clear()
+        self._blocks.clear()
+        self.stop_reason = ""
+
+    def _text(self, text: str, now: float) -> None:
+        if text:
             if self.first_content_at is None:
                 self.first_content_at = now
             self.parts.append(text)
@@ -173,11 +202,16 @@ class AnthropicMessages:
     def from_json(self, doc: Any) -> Completion:
         if not isinstance(doc, dict) or doc.get("type") != "message" or doc.get("error"):
             raise classify_stream_error(doc if isinstance(doc, dict) else {"error": str(doc)})
-        text = "".join(b["text"] for b in doc.get("content") or ()
-                       if isinstance(b, dict) and b.get("type") == "text"
-                       and isinstance(b.get("text"), str))
-        return finish_completion(text, doc.get("stop_reason") or "", doc.get("model"),
-                                 doc.get("id"), parse_usage(doc.get("usage")), "json", {})
+        blocks = doc.get("content") or []
+        if not isinstance(blocks, list):
+            raise bad_response(f"content is {type(blocks).__name__}, not a list")
+        text = "".join(content_text(b.get("text"), "content[].text") for b in blocks
+                       if isinstance(b, dict) and b.get("type") == "text")
+        quirks: dict[str, int] = {}
+        return finish_completion(text, reason(doc.get("stop_reason"), "stop_reason"),
+                                 label(doc.get("model"), quirks, "model"),
+                                 label(doc.get("id"), quirks, "id"),
+                                 parse_usage(doc.get("usage")), "json", quirks)
 
 
 def image_block(image: PreparedImage) -> dict[str, Any]:

@@ -13,10 +13,19 @@ import json
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from ..errors import PipelineError, Retryable, RowFailed, classify_stream_error
+from ..errors import PipelineError, Retryable, bad_response, classify_stream_error
 from ..records import ApiRequest, Completion, ManifestRow, PreparedImage, Usage
 from ..sse import Event
-from .base import encode_request, normalize_finish
+from .base import (
+    content_text,
+    encode_request,
+    finish_completion,
+    label,
+    obj,
+    reason,
+    try_json,
+    usage_counts,
+)
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -24,52 +33,31 @@ if TYPE_CHECKING:
 _loads = json.loads
 
 
-def _int(v: Any) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-
 def parse_usage(u: Any) -> Usage | None:
     if not isinstance(u, dict):
         return None
     details = u.get("prompt_tokens_details")
-    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
-    p, c = _int(u.get("prompt_tokens")), _int(u.get("completion_tokens"))
-    t = _int(u.get("total_tokens"))
-    if t is None and p is not None and c is not None:
-        t = p + c
-    return Usage(p, c, t, cached)
-
-
-def finish_completion(text: str, raw_finish: str, model: str | None, rid: str | None,
-                      usage: Usage | None, terminal: str,
-                      quirks: dict[str, int]) -> Completion:
-    """Apply the success rule to what an attempt produced (shared by all adapters)."""
-    finish = normalize_finish(raw_finish)
-    if finish == "none":
-        raise Retryable("stream ended without finish_reason", "stream_broken", http_status=200)
-    if finish == "error":
-        raise Retryable("stream ended with finish_reason 'error'", "stream_error",
-                        http_status=200)
-    failure = None
-    if finish == "content_filter":
-        failure = RowFailed(f"the model declined (finish_reason {raw_finish!r})", "refused",
-                            http_status=200)
-    elif not text.strip():
-        failure = RowFailed(f"empty caption (finish_reason {raw_finish!r})", "empty",
-                            http_status=200)
-    if failure is not None:
-        failure.finish_reason_raw = raw_finish  # the row keeps how the stream ended
-        failure.usage = usage
-        raise failure
-    return Completion(text, finish, raw_finish, model, rid, usage, terminal, quirks)
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return usage_counts(u.get("prompt_tokens"), u.get("completion_tokens"),
+                        u.get("total_tokens"), cached)
 
 
 class ChatStreamState:
-    """Folds ``chat.completion.chunk`` events of one attempt."""
+    """Folds ``chat.completion.chunk`` events of one attempt.
+
+    One generation per caption (docs/protocol.md, "Restarted generations"): a gateway
+    that replays an attempt into the same body starts a second generation with a new
+    role chunk (often under a new id). That chunk sets a mark; if text follows it,
+    everything before the mark is dropped and ``generation_restarted`` counted, so the
+    caption is the last generation's text alone. A mark without text after it (a finish
+    chunk that repeats the role) changes nothing; servers that repeat ``role`` on every
+    content chunk (one-api) never mark. Text under a changed id without a role chunk
+    fails the attempt (retryable); a trailing usage-only chunk under another id is fine.
+    """
 
     __slots__ = ("parts", "finish_raw", "usage", "model", "response_id", "done",
-                 "first_content_at", "quirks", "_error", "_content_seen", "n", "choices",
-                 "finishes")
+                 "first_content_at", "quirks", "_content_seen", "n", "choices",
+                 "finishes", "_role_on_content", "_mark", "_id_switch")
 
     def __init__(self, n: int = 1) -> None:
         self.n = n
@@ -85,8 +73,10 @@ class ChatStreamState:
         self.done = False
         self.first_content_at: float | None = None
         self.quirks: dict[str, int] = {}
-        self._error: PipelineError | None = None
         self._content_seen = False
+        self._role_on_content = False  # this server repeats role on content chunks
+        self._mark = False  # a second role chunk: a new generation may have begun
+        self._id_switch = False  # the id changed after text
 
     def _quirk(self, name: str) -> None:
         self.quirks[name] = self.quirks.get(name, 0) + 1
@@ -95,8 +85,7 @@ class ChatStreamState:
         data = event.data
         if event.event == "raw":  # bare JSON in an SSE body: a gateway's error
             self._quirk("raw_json_line")
-            self._fail(_try_json(data), data)
-            return True
+            self._fail(try_json(data), data)
         if data[:6] == "[DONE]":
             self.done = True
             return True
@@ -115,37 +104,70 @@ class ChatStreamState:
         return False
 
     def _fold(self, chunk: dict[str, Any], now: float) -> None:
-        rid = chunk.get("id")
+        choices = chunk.get("choices")
+        if choices is not None and not isinstance(choices, list):
+            raise bad_choices(choices)
+        rid = label(chunk.get("id"), self.quirks, "id")
         if rid:
             if self.response_id is None:
                 self.response_id = rid
-            elif rid != self.response_id and self._content_seen:
-                # A gateway replayed a second attempt into the same body: never
-                # concatenate attempts (protocol-reference C25).
+            elif rid != self.response_id:
+                if self._content_seen:
+                    self._id_switch = True  # judged when text follows (see _choice)
+                    self._quirk("id_changed")
+                self.response_id = rid
+        model = label(chunk.get("model"), self.quirks, "model")
+        if model:
+            if self.model is not None and model != self.model:
+                self._quirk("model_changed")
+            self.model = model
+        usage = chunk.get("usage")
+        if isinstance(usage, dict) and usage:
+            self.usage = usage
+        for choice in choices or ():
+            self._choice(obj(choice, "a choice"), now)
+
+    def _choice(self, choice: dict[str, Any], now: float) -> None:
+        index = choice.get("index", 0)
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            self._quirk("bad_index")
+            index = 0
+        delta = obj(choice.get("delta"), "delta")
+        text = content_text(delta.get("content"), "delta.content")
+        if delta.get("role"):
+            if text:
+                self._role_on_content = True
+            elif self._content_seen and not self._role_on_content:
+                self._mark = True  # a second role chunk: maybe a second generation
+        if text:
+            if self._mark:
+                self._restart()
+            elif self._id_switch:
+                # Text under a new id without a new role chunk: not a fresh generation
+                # we could keep alone, and never one to concatenate (reference C25).
                 raise Retryable("response id changed mid-stream (gateway replay)",
                                 "stream_broken", http_status=200)
-        if chunk.get("model"):
-            self.model = chunk["model"]
-        usage = chunk.get("usage")
-        if usage:
-            self.usage = usage
-        for choice in chunk.get("choices") or ():
-            delta = choice.get("delta")
-            if delta:
-                content = delta.get("content")
-                if content:
-                    if self.first_content_at is None:
-                        self.first_content_at = now
-                    self._content_seen = True
-                    if self.n > 1:
-                        self.choices.setdefault(choice.get("index", 0), []).append(content)
-                    else:
-                        if choice.get("index", 0):
-                            self._quirk("nonzero_index")
-                        self.parts.append(content)
-            fr = choice.get("finish_reason")
-            if fr:
-                self._finish(choice.get("index", 0), fr)
+            if self.first_content_at is None:
+                self.first_content_at = now
+            self._content_seen = True
+            if self.n > 1:
+                self.choices.setdefault(index, []).append(text)
+            else:
+                if index:
+                    self._quirk("nonzero_index")
+                self.parts.append(text)
+        fr = reason(choice.get("finish_reason"), "finish_reason")
+        if fr:
+            self._finish(index, fr)
+
+    def _restart(self) -> None:
+        """Text follows a new-generation mark: keep only what comes from here on."""
+        self._quirk("generation_restarted")
+        self.parts.clear()
+        self.choices.clear()
+        self.finishes.clear()
+        self.finish_raw = ""
+        self._mark = self._id_switch = False
 
     def _finish(self, index: int, fr: str) -> None:
         if self.n > 1:
@@ -158,10 +180,10 @@ class ChatStreamState:
             self.finish_raw = fr
 
     def _fail(self, doc: Any, data: str) -> None:
-        if doc is None:
+        if not isinstance(doc, dict):
             doc = {"error": {"message": data[:200]}}
-        self._error = classify_stream_error(doc)
-        raise self._error
+        error: PipelineError = classify_stream_error(doc)
+        raise error
 
     def finish(self) -> Completion:
         terminal = "done" if self.done else "eof_after_finish"
@@ -179,11 +201,8 @@ class ChatStreamState:
         return replace(first, texts=texts)
 
 
-def _try_json(data: str) -> Any:
-    try:
-        return _loads(data)
-    except ValueError:
-        return None
+def bad_choices(v: Any) -> PipelineError:
+    return bad_response(f"choices is {type(v).__name__}, not a list")
 
 
 class OpenAIChat:
@@ -218,8 +237,14 @@ class OpenAIChat:
     def from_json(self, doc: Any) -> Completion:
         if not isinstance(doc, dict) or doc.get("error") or not doc.get("choices"):
             raise classify_stream_error(doc if isinstance(doc, dict) else {"error": str(doc)})
-        choice = doc["choices"][0]
-        msg = choice.get("message") or {}
-        return finish_completion(msg.get("content") or "", choice.get("finish_reason") or "",
-                                 doc.get("model"), doc.get("id"), parse_usage(doc.get("usage")),
-                                 "json", {})
+        choices = doc["choices"]
+        if not isinstance(choices, list):
+            raise bad_choices(choices)
+        choice = obj(choices[0], "a choice")
+        msg = obj(choice.get("message"), "message")
+        quirks: dict[str, int] = {}
+        return finish_completion(content_text(msg.get("content"), "message.content"),
+                                 reason(choice.get("finish_reason"), "finish_reason"),
+                                 label(doc.get("model"), quirks, "model"),
+                                 label(doc.get("id"), quirks, "id"),
+                                 parse_usage(doc.get("usage")), "json", quirks)

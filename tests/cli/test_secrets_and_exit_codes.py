@@ -131,7 +131,8 @@ def test_locked_output_exits_4(gateway, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130),
+                                      (signal.SIGHUP, 129)])
 def test_signal_stops_the_run_and_flushes_finished_rows(gateway, tmp_path, sig, code):
     urls = [img("slow", f"{i:02d}.jpg", n=10, pace=0.05) for i in range(10)]
     manifest = write_manifest(tmp_path / "m.csv",

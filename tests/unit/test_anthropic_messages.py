@@ -240,10 +240,10 @@ def test_invalid_json_is_a_broken_stream() -> None:
     assert e.value.error_class == "stream_broken"
 
 
-def test_second_message_start_after_text_is_a_replay() -> None:
-    with pytest.raises(Retryable):
-        fold(start_ev(), text("First try"), start_ev(), text("Second try."),
-             stop_delta("end_turn"), STOP)
+def test_second_message_start_after_text_restarts_the_fold() -> None:
+    c, state = run([start_ev(), text("First try"), start_ev(), text("Second try."),
+                    stop_delta("end_turn"), STOP])
+    assert c.text == "Second try." and c.quirks["generation_restarted"] == 1
 
 
 # ---------------------------------------------------------------- non-streamed bodies

@@ -211,8 +211,8 @@ def test_take_empties_the_buffer_and_restarts_the_timer(tmp_path: Path) -> None:
     sink = new_sink(tmp_path / "out", flush_rows=1000, flush_seconds=10.0, clock=clock)
     sink.add(ok("a"))
     clock.now += 15
-    rows = sink.take()
-    assert [r["id"] for r in rows] == ["a"]
+    batch = sink.take()
+    assert [r["id"] for r in batch.rows] == ["a"]
     sink.add(ok("b"))
     assert sink.due is False
     assert sink.seconds_until_due() == 10.0
@@ -236,7 +236,7 @@ def test_compact_merges_small_parts_and_keeps_every_row(tmp_path: Path) -> None:
     for i in range(5):
         sink.write([ok(f"r{i}a"), err(f"r{i}b")])
     before = all_rows(out).sort_values("id").reset_index(drop=True)
-    removed = compact(out, sink.parts, "r1")
+    removed = compact(out, sink.parts, "r1", SCHEMA)
     assert removed == 5
     parts = part_files(out)
     assert [p.name for p in parts] == ["part-r1-m001.parquet"]
@@ -249,7 +249,7 @@ def test_compact_leaves_a_single_part_alone(tmp_path: Path) -> None:
     out = tmp_path / "out"
     sink = new_sink(out)
     sink.write([ok("a")])
-    assert compact(out, sink.parts, "r1") == 0
+    assert compact(out, sink.parts, "r1", SCHEMA) == 0
     assert part_files(out) == sink.parts
 
 
@@ -261,7 +261,7 @@ def test_compact_keeps_large_parts_as_they_are(tmp_path: Path,
     big = sink.write([ok("a"), ok("b"), ok("c")])
     sink.write([ok("d")])
     sink.write([ok("e")])
-    assert compact(out, sink.parts, "r1") == 2
+    assert compact(out, sink.parts, "r1", SCHEMA) == 2
     assert big in part_files(out)
     assert sorted(all_rows(out)["id"]) == ["a", "b", "c", "d", "e"]
 
@@ -273,12 +273,12 @@ def test_compact_bounds_merged_part_size(tmp_path: Path,
     sink = new_sink(out)
     for i in range(6):
         sink.write([ok(f"{i}x"), ok(f"{i}y")])
-    compact(out, sink.parts, "r1")
+    compact(out, sink.parts, "r1", SCHEMA)
     sizes = [pq.ParquetFile(p).metadata.num_rows for p in part_files(out)]
     assert sizes == [4, 4, 4]
 
 
-def test_compact_never_merges_parts_with_different_schemas(tmp_path: Path) -> None:
+def test_compact_merges_parts_of_different_schemas_into_their_union(tmp_path: Path) -> None:
     out = tmp_path / "out"
     other = output_schema(["source", "license"])
     a = new_sink(out, run_id="r1")
@@ -286,17 +286,18 @@ def test_compact_never_merges_parts_with_different_schemas(tmp_path: Path) -> No
     a.write([ok("b")])
     b = new_sink(out, run_id="r2", schema=other)
     b.write([{**ok("c"), "license": "CC0"}])
-    compact(out, a.parts + b.parts, "r1")
-    schemas = {pq.ParquetFile(p).schema_arrow.names[-1] for p in part_files(out)}
-    assert schemas == {"source", "license"}
-    assert sorted(all_rows(out)["id"]) == ["a", "b", "c"]
+    compact(out, a.parts + b.parts, "r1", other)
+    (merged,) = part_files(out)
+    assert pq.ParquetFile(merged).schema_arrow.equals(other)
+    rows = {r["id"]: r["license"] for r in pq.read_table(merged).to_pylist()}
+    assert rows == {"a": None, "b": None, "c": "CC0"}
 
 
 def test_compact_skips_parts_that_no_longer_exist(tmp_path: Path) -> None:
     out = tmp_path / "out"
     sink = new_sink(out)
     sink.write([ok("a")])
-    assert compact(out, [out / "part-gone-000001.parquet", *sink.parts], "r1") == 0
+    assert compact(out, [out / "part-gone-000001.parquet", *sink.parts], "r1", SCHEMA) == 0
 
 
 # --------------------------------------------------------------------------- checkpoint
@@ -328,29 +329,39 @@ def test_load_keeps_lock_runs_and_parts(tmp_path: Path) -> None:
     assert part is not None and part.exists()
 
 
-def test_load_cleans_up_after_a_failed_commit(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_commit_removes_its_temporary_file(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
     sink = new_sink(out)
     with monkeypatch.context() as m:
         m.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("crash")))
         with pytest.raises(OSError):
             sink.write([ok("a")])
-    state = Checkpoint(out).load(retry_errors=False)
-    assert state.temp_files_removed == 1
-    assert list(out.iterdir()) == []
+    assert list(out.iterdir()) == []  # the space a full disk needs is given back at once
 
 
-def test_load_indexes_ok_and_error_keys_as_done(tmp_path: Path) -> None:
+def test_load_indexes_ok_and_permanent_error_keys_as_done(tmp_path: Path) -> None:
     out = tmp_path / "out"
     sink = new_sink(out)
-    sink.write([ok("a"), err("b")])
+    bad = error_row(mrow("b"), "HTTP 400: no", "bad_request", attempts=1, finished_at=T0)
+    sink.write([ok("a"), bad])
     sink.write([ok("c")])
     state = Checkpoint(out).load(retry_errors=False)
     assert all(key_hash(r, "default") in state.done for r in ("a", "b", "c"))
     assert key_hash("d", "default") not in state.done
-    assert (state.rows_ok, state.rows_error) == (2, 1)
+    assert (state.rows_ok, state.rows_error, state.rows_retried) == (2, 1, 0)
     assert state.parts == part_files(out)
+
+
+@pytest.mark.parametrize("cls", ["rate_limit", "server", "overloaded", "timeout",
+                                 "connection", "stream_broken", "stream_error"])
+def test_transient_error_rows_are_pending_again_by_default(tmp_path: Path, cls: str) -> None:
+    out = tmp_path / "out"
+    new_sink(out).write([ok("a"), error_row(mrow("b"), "flaky", cls, finished_at=T0)])
+    state = Checkpoint(out).load(retry_errors=False)
+    assert key_hash("a", "default") in state.done
+    assert key_hash("b", "default") not in state.done
+    assert (state.rows_error, state.rows_retried) == (1, 1)
 
 
 def test_load_with_retry_errors_counts_only_ok_rows_as_done(tmp_path: Path) -> None:

@@ -446,7 +446,7 @@ def test_a_different_prompt_is_captioned_again(caption, gateway, same_images):
     assert first.code == 0 and gateway.count() == 1
 
     again = caption([{"id": "a", "image": "x.png"}, {"id": "b", "image": "y.png"}],
-                    "--prompt", "List every object in the image.")
+                    "--prompt", "List every object in the image.", "--allow-mixed")
     assert again.code == 0, again.stderr
     assert gateway.count() == 2, "same bytes but another prompt: a new request"
     b = again.row("b")
@@ -470,6 +470,6 @@ def test_a_different_model_is_captioned_again(caption, gateway, same_images):
     numbered_captions(gateway)
     assert caption([{"id": "a", "image": "x.png"}]).code == 0
     again = caption([{"id": "a", "image": "x.png"}, {"id": "b", "image": "y.png"}],
-                    "--model", "another-vision-model")
+                    "--model", "another-vision-model", "--allow-mixed")
     assert again.code == 0, again.stderr
     assert gateway.count() == 2 and again.row("b")["dedup_of"] is None

@@ -1,0 +1,61 @@
+"""Test harness: ``caption`` in this process while a leak elsewhere takes every free file
+descriptor for a while (tests/crash/test_output_faults.py).
+
+    python fd_hoard.py MARKS.json OUT caption-args...
+
+Once the first part is committed in OUT, a thread opens /dev/null until the process
+has no descriptor left, holds them for $HOARD_SECONDS, then gives them back. The time
+the run noticed a failed write (its debug record "output failed") is written to
+MARKS.json, on the system-wide monotonic clock the test's gateway also uses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+marks_path, out = Path(sys.argv[1]), Path(sys.argv[2])
+marks: dict[str, float] = {}
+
+
+def hoard() -> None:
+    while not any(out.glob("part-*.parquet")):
+        time.sleep(0.005)
+    fds = []
+    marks["hoard_start"] = time.monotonic()
+    try:
+        while True:
+            fds.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+    time.sleep(float(os.environ.get("HOARD_SECONDS", "2")))
+    for fd in fds:
+        os.close(fd)
+    marks["hoard_end"] = time.monotonic()
+
+
+class Mark(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        if "output failed" in record.getMessage() and "failed_at" not in marks:
+            marks["failed_at"] = time.monotonic()
+
+
+log = logging.getLogger("pipeline")
+log.addHandler(Mark(logging.DEBUG))
+shown = logging.StreamHandler(sys.stderr)  # what the CLI would show: warnings and up
+shown.setLevel(logging.WARNING)
+shown.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+log.addHandler(shown)
+log.setLevel(logging.DEBUG)
+log.propagate = False
+threading.Thread(target=hoard, daemon=True).start()
+from pipeline.cli import main  # noqa: E402
+
+code = main(["caption", *sys.argv[3:]])
+marks_path.write_text(json.dumps(marks))
+sys.exit(code)
