@@ -32,7 +32,7 @@ class Event:
 class SSEDecoder:
     """Incremental decoder: ``feed(chunk)`` returns the events completed by it."""
 
-    __slots__ = ("_buf", "_tail", "_skip_lf", "_event", "_data", "comments")
+    __slots__ = ("_buf", "_tail", "_skip_lf", "_event", "_data", "comments", "invalid_utf8")
 
     def __init__(self) -> None:
         self._buf = b""
@@ -43,6 +43,7 @@ class SSEDecoder:
         self._event: str | None = None
         self._data: list[str] = []
         self.comments = 0  # keep-alive comments seen; liveness only
+        self.invalid_utf8 = 0  # lines with bytes that are not UTF-8 (replaced by U+FFFD)
 
     def feed(self, chunk: bytes) -> list[Event]:
         if self._skip_lf and chunk:
@@ -98,7 +99,11 @@ class SSEDecoder:
         if raw[0] == 0x3A:  # ":" comment
             self.comments += 1
             return
-        line = raw.decode("utf-8", errors="replace")
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:  # replaced, and counted: the caller records a quirk
+            line = raw.decode("utf-8", errors="replace")
+            self.invalid_utf8 += 1
         name, sep, value = line.partition(":")
         if value[:1] == " ":
             value = value[1:]

@@ -19,7 +19,14 @@ from typing import Any
 from .adapters.base import Adapter, normalize_finish
 from .cost import BudgetReached, CostBudget
 from .dedupe import Dedupe, dedup_key
-from .errors import PipelineError, Retryable, RowFailed, RunFatal, classify_http
+from .errors import (
+    PipelineError,
+    Retryable,
+    RowFailed,
+    RunFatal,
+    bad_response,
+    classify_http,
+)
 from .images import ImageSource
 from .options import render_prompt
 from .plan import row_values
@@ -48,6 +55,12 @@ _OUTCOME = {"rate_limit": "throttled", "overloaded": "overloaded"}
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # Python accepts NaN/Infinity; JSON does not
+
+
+def _utf8_quirk(c: Completion, decoder: SSEDecoder) -> Completion:
+    if not decoder.invalid_utf8:
+        return c
+    return replace(c, quirks={**c.quirks, "invalid_utf8": decoder.invalid_utf8})
 
 
 class Interrupted(Exception):
@@ -244,16 +257,15 @@ class Worker:
             async for chunk in chunks:
                 for event in decoder.feed(chunk):
                     if state.on_event(event, clock()):
-                        return state.finish(), state.first_content_at
+                        return _utf8_quirk(state.finish(), decoder), state.first_content_at
             for event in decoder.finish():
                 if state.on_event(event, clock()):
                     break
-            return state.finish(), state.first_content_at
+            return _utf8_quirk(state.finish(), decoder), state.first_content_at
         except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:
-            # Valid JSON of a shape no protocol allows (``"choices": [null]``, a number
-            # where an object belongs): this answer is broken, the batch is not.
-            raise Retryable(f"unexpected stream content ({type(e).__name__}: {e})",
-                            "stream_broken", http_status=200) from e
+            # A shape the adapter did not foresee: this answer is unusable, the batch
+            # is not (the adapters name the shapes they know as bad_response).
+            raise bad_response(f"unexpected stream content ({type(e).__name__}: {e})") from e
 
     async def _json_body(self, chunks: Any) -> Completion:
         """A 200 with a JSON body instead of a stream: a full completion or an error."""
