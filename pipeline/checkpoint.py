@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import TRANSIENT
-from .keys import ImageRefs, KeySet, hash_strings, key_hash
+from .keys import ImageRefs, KeySet, hash_strings, hex64, key_hash
 from .outdir import TMP_SUFFIX, check_part, commit_table, part_files, quarantine
 
 __all__ = ["KeySet", "key_hash", "Checkpoint", "ResumeState", "Scan"]
@@ -47,6 +47,7 @@ class Scan:
     transient: list[np.ndarray] = field(default_factory=list)  # an error worth retrying
     ids: list[np.ndarray] = field(default_factory=list)      # hash of id, per ok row
     images: list[np.ndarray] = field(default_factory=list)   # hash of image, per ok row
+    shas: list[np.ndarray] = field(default_factory=list)     # image_sha256 prefix, per ok row
     ok_by_prompt: Counter[str] = field(default_factory=Counter)
     unreadable: list[tuple[Path, str]] = field(default_factory=list)
 
@@ -88,7 +89,7 @@ class Checkpoint:
         state = ResumeState(scan.done(retry_errors), duplicates_removed=removed,
                             temp_files_removed=temp, quarantined=quarantined,
                             parts=scan.parts, ok_by_prompt=scan.ok_by_prompt,
-                            images=ImageRefs(scan.ids, scan.images))
+                            images=ImageRefs(scan.ids, scan.images, scan.shas))
         for ok, tr in zip(scan.ok, scan.transient):
             n_ok = int(ok.sum())
             state.rows_ok += n_ok
@@ -143,10 +144,10 @@ class Checkpoint:
     def _scan_part(part: Path, scan: Scan) -> None:
         pf = pq.ParquetFile(part)
         names = pf.schema_arrow.names
-        cols = [c for c in ("id", "prompt_name", "status", "error_class", "image")
-                if c in names]
+        cols = [c for c in ("id", "prompt_name", "status", "error_class", "image",
+                            "image_sha256") if c in names]
         arrays: dict[str, list[np.ndarray]] = {k: [] for k in
-                                              ("h", "ok", "tr", "id", "img")}
+                                              ("h", "ok", "tr", "id", "img", "sha")}
         # In batches: a 500k-row part as Python strings at once would cost 100+ MB.
         for t in pf.iter_batches(_BATCH, columns=cols):
             ok = pc.equal(t["status"], "ok").fill_null(False)
@@ -159,10 +160,14 @@ class Checkpoint:
                 arrays["id"].append(hash_strings(ids, len(ids)))
                 images = pc.fill_null(kept["image"], "").to_pylist()
                 arrays["img"].append(hash_strings(images, len(images)))
+                sha = kept["image_sha256"] if "image_sha256" in cols else None
+                arrays["sha"].append(np.zeros(len(ids), np.int64) if sha is None
+                                     else hex64(pc.fill_null(sha, "0")))
             vc = pc.value_counts(pc.filter(pc.fill_null(t["prompt_name"], ""), ok))
             scan.ok_by_prompt.update(dict(zip(vc.field("values").to_pylist(),
                                               vc.field("counts").to_pylist())))
-        empty = {"h": np.int64, "ok": bool, "tr": bool, "id": np.int64, "img": np.int64}
+        empty = {"h": np.int64, "ok": bool, "tr": bool, "id": np.int64, "img": np.int64,
+                 "sha": np.int64}
         joined = {k: np.concatenate(v) if v else np.empty(0, empty[k])
                   for k, v in arrays.items()}
         scan.parts.append(part)
@@ -171,6 +176,7 @@ class Checkpoint:
         scan.transient.append(joined["tr"])
         scan.ids.append(joined["id"])
         scan.images.append(joined["img"])
+        scan.shas.append(joined["sha"])
 
     def _remove_temp_files(self) -> int:
         n = 0

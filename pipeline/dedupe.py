@@ -26,6 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .keys import hex64, hex64_one
+
 _COPIED = ("caption", "finish_reason", "finish_reason_raw", "model", "response_id",
            "terminal")
 _RECENT_MAX = 100_000
@@ -103,7 +105,7 @@ class ImageIndex:
             for t in pf.iter_batches(_BATCH, columns=["dedup_key", "status"]):
                 ok = pc.and_(pc.equal(t["status"], "ok"), pc.is_valid(t["dedup_key"]))
                 rows = np.flatnonzero(ok.fill_null(False).to_numpy(zero_copy_only=False))
-                keys.append(_hex64(t["dedup_key"].take(pa.array(rows))))
+                keys.append(hex64(t["dedup_key"].take(pa.array(rows))))
                 refs.append((np.int64(i) << 32) | (rows + offset).astype(np.int64))
                 offset += t.num_rows
         all_keys = np.concatenate(keys) if keys else np.empty(0, np.int64)
@@ -118,7 +120,7 @@ class ImageIndex:
 
     def lookup(self, key: str) -> dict[str, Any] | None:
         """The original ok row for ``key`` (id and caption fields), or None."""
-        h = _hex64_one(key)
+        h = hex64_one(key)
         i = int(np.searchsorted(self._keys, h))
         while i < len(self._keys) and int(self._keys[i]) == h:
             ref = int(self._refs[i])
@@ -133,31 +135,6 @@ class ImageIndex:
             if self._cache is None or self._cache[0] != part:
                 self._cache = (part, pq.read_table(self.parts[part], columns=_ORIGINAL))
             return self._cache[1].slice(row, 1).to_pylist()[0]
-
-
-_HEX = np.zeros(256, dtype=np.uint64)
-_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10, dtype=np.uint64)
-_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16, dtype=np.uint64)
-_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint64)
-
-
-def _hex64(keys: pa.Array) -> np.ndarray:
-    """The first 16 hex digits of each key as int64, vectorised (no Python strings)."""
-    n = len(keys)
-    if n == 0:
-        return np.empty(0, np.int64)
-    prefix = pc.cast(pc.utf8_slice_codeunits(pc.utf8_rpad(keys, 16, "0"), 0, 16),
-                     pa.binary(16))
-    digits = _HEX[np.frombuffer(prefix.buffers()[1], np.uint8,
-                                count=16 * n, offset=16 * prefix.offset).reshape(n, 16)]
-    out = np.zeros(n, dtype=np.uint64)
-    for j in range(16):
-        out = (out << np.uint64(4)) | digits[:, j]
-    return out.view(np.int64)
-
-
-def _hex64_one(key: str) -> int:
-    return int(_hex64(pa.array([key]))[0])
 
 
 _ORIGINAL = ["id", "dedup_key", "caption", "finish_reason", "finish_reason_raw", "model",

@@ -140,7 +140,7 @@ class Run:
                            journal=os.environ.get("CAPTION_JOURNAL", "1") != "0")
         try:
             async with contextlib.AsyncExitStack() as stack:
-                worker = await self._worker(stack, resume.parts)
+                worker = await self._worker(stack, resume.parts, resume.images)
                 await self._run_pool(manifest, resume.done, resume.images, worker, sink)
         finally:
             self.reserve.release()
@@ -150,7 +150,8 @@ class Run:
                                     opened.schema, resume.rows_retried > 0)
         return self._result(opened)
 
-    async def _worker(self, stack: contextlib.AsyncExitStack, parts: list[Path]) -> Worker:
+    async def _worker(self, stack: contextlib.AsyncExitStack, parts: list[Path],
+                      images: ImageRefs) -> Worker:
         s = self.s
         lookup = None
         if s.dedupe:  # identical images already captioned in OUT are copied, not resent
@@ -159,7 +160,8 @@ class Run:
         self.worker = await build_worker(
             stack, s, concurrency=s.concurrency, budgets=Budgets(s.rpm, s.tpm, s.itpm, s.otpm),
             max_cost=s.max_cost, executor=default_executor(), lookup_done=lookup,
-            should_stop=lambda: self.halting)
+            should_stop=lambda: self.halting,
+            image_refs=None if s.allow_mixed or not len(images) else images)
         return self.worker
 
     async def _run_pool(self, manifest: Manifest, done: KeySet, images: ImageRefs,

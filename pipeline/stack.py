@@ -17,6 +17,7 @@ from .cost import CostBudget
 from .dedupe import Dedupe
 from .imageprep import ImagePolicy
 from .images import ImageSource
+from .keys import ImageRefs
 from .ratelimit import Budgets, Limiter
 from .retry import RetryPolicy
 from .settings import Settings
@@ -27,7 +28,8 @@ from .worker import Worker
 async def build_worker(stack: contextlib.AsyncExitStack, s: Settings, *, concurrency: int,
                        budgets: Budgets, max_cost: float | None, executor: ThreadPoolExecutor,
                        lookup_done: Callable[[str], dict[str, Any] | None] | None,
-                       should_stop: Callable[[], bool]) -> Worker:
+                       should_stop: Callable[[], bool],
+                       image_refs: ImageRefs | None = None) -> Worker:
     """Protocol, transport, image preparation, limits, cost budget and dedupe."""
     adapter = get_adapter(s.api)
     policy = RetryPolicy(s.retries, s.backoff_base, s.backoff_max, s.max_retry_after)
@@ -45,4 +47,5 @@ async def build_worker(stack: contextlib.AsyncExitStack, s: Settings, *, concurr
     return Worker(s, adapter, transport, images, Limiter(budgets, concurrency), policy,
                   should_stop=should_stop,
                   dedupe=Dedupe(lookup_done) if s.dedupe else None,
-                  budget=CostBudget(price, max_cost) if price is not None else None)
+                  budget=CostBudget(price, max_cost) if price is not None else None,
+                  image_refs=image_refs)

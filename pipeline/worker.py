@@ -28,6 +28,7 @@ from .errors import (
     classify_http,
 )
 from .images import ImageSource
+from .keys import ImageRefs
 from .options import render_prompt
 from .plan import row_values
 from .ratelimit import Limiter
@@ -73,7 +74,8 @@ class Worker:
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  should_stop: Callable[[], bool] = lambda: False,
-                 dedupe: Dedupe | None = None, budget: CostBudget | None = None) -> None:
+                 dedupe: Dedupe | None = None, budget: CostBudget | None = None,
+                 image_refs: ImageRefs | None = None) -> None:
         self.settings = settings
         self.adapter = adapter
         self.transport = transport
@@ -85,6 +87,7 @@ class Worker:
         self.should_stop = should_stop
         self.dedupe = dedupe
         self.budget = budget
+        self.image_refs = image_refs  # what OUT holds per id: another image is a conflict
         self.in_request: set[asyncio.Task[Any] | None] = set()  # tasks with a request open
 
     async def process(self, row: ManifestRow,
@@ -104,6 +107,13 @@ class Worker:
             log.exception("row %s: image stage failed unexpectedly", row.id)
             return error_row(row, f"internal error preparing the image: "
                                   f"{type(e).__name__}: {e}", "internal")
+        if self.image_refs is not None and image.sha256 is not None \
+                and self.image_refs.sha_conflict(row.id, image.sha256):
+            raise RunFatal(f"manifest line {row.line}: id {row.id!r} is in "
+                           f"{self.settings.out} for an image with other content than "
+                           f"{row.image!r} now has (replaced file?). Caption into a new "
+                           "--out, give the row a new id, or pass --allow-mixed", "config",
+                           exit_code=2)
         columns = image.columns()
         columns["prompt_sha256"] = prompt_sha256(self.settings.system,
                                                  row.prompt or self.settings.prompt)

@@ -241,3 +241,19 @@ def test_status_names_unreadable_and_quarantined_parts(caption: Any, gateway: An
     assert status.main([str(caption.out)]) == 0
     quarantined = caption.out / "_quarantine" / victim.name
     assert f"quarantined: {quarantined}" in caption.capfd.readouterr().out
+
+
+def test_a_replaced_image_file_under_a_known_id_exits_2(caption: Any, gateway: Any,
+                                                        tmp_path: Path) -> None:
+    from conftest import SAMPLES
+
+    photo = tmp_path / "photo.png"
+    photo.write_bytes((SAMPLES / "chelsea.png").read_bytes())
+    rows = [{"id": "a", "image": str(photo)}]
+    assert caption(rows).code == 0
+    photo.write_bytes((SAMPLES / "coffee.png").read_bytes())  # same path, other picture
+    sent = gateway.count()
+    res = caption(rows, "--named-prompt", "tags=List tags.")  # a pending row for id a
+    assert res.code == 2 and gateway.count() == sent
+    (line,) = res.stderr_lines()
+    assert "id 'a'" in line and "other content" in line

@@ -72,3 +72,31 @@ def test_descriptors_running_out_mid_run_stop_it_with_exit_6(gateway, tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     df = read_out(out)
     assert sorted(df["id"]) == [f"r{i:03d}" for i in range(120)]
+
+
+@pytest.mark.slow
+def test_out_removed_mid_run_stops_it_with_exit_6(gateway, tmp_path):
+    import shutil
+    import time
+
+    manifest = _manifest(tmp_path, 80, n=6, pace=0.02)
+    out = tmp_path / "out"
+    cmd = caption_cmd(manifest, out, gateway.base_url, "--concurrency", "4",
+                      "--flush-rows", "2")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not any(out.glob("part-*.parquet")):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        shutil.rmtree(out)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 6, err
+    assert "Traceback" not in err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert "output cannot be written" in line and str(out) in line
+    assert gateway.count() < 80
