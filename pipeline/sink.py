@@ -21,6 +21,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .redact import redact_obj
+
 __all__ = ["ParquetSink", "commit_table", "part_files", "fsync_dir", "TMP_SUFFIX"]
 
 TMP_SUFFIX = ".tmp"
@@ -103,12 +105,13 @@ class ParquetSink:
 
 
 def write_run_report(out: Path, run_id: str, report: dict[str, Any]) -> Path:
-    """OUT/_runs/<run id>.json, written atomically like the parts."""
+    """OUT/_runs/<run id>.json, written atomically like the parts, every string redacted."""
     runs = out / "_runs"
     runs.mkdir(exist_ok=True)
     final = runs / f"{run_id}.json"
     tmp = _tmp_name(final)
-    tmp.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    text = json.dumps(redact_obj(json.loads(json.dumps(report, default=str))), indent=2)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, final)
     return final
 
