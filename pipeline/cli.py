@@ -268,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "  demo                         caption data/sample with the simulator",
               file=sys.stderr if args and args[0] not in ("-h", "--help") else sys.stdout)
         return 0 if args and args[0] in ("-h", "--help") else 2
+    for name in sorted({n for names in _KEY_ENV.values() for n in names}):
+        add_secret(os.environ.get(name))  # also for status/report over older output
     try:
         with redacted_std_streams():  # nothing printed by any command carries a secret
             return commands[args[0]](args[1:])

@@ -229,3 +229,13 @@ def test_a_download_redirect_to_another_scheme_is_a_bad_image_row(caption):
     assert res.code == 1, res.stderr
     assert res.row("r1")["error_class"] == "bad_image"
     assert "unusable location 'file:///etc/passwd'" in res.row("r1")["error"]
+
+
+@pytest.mark.parametrize("url", ["http://[invalid/a.jpg", "http://h:99999/a.jpg",
+                                 "http:///a.jpg"])
+def test_an_image_url_that_cannot_be_parsed_is_a_bad_input_row(caption, gateway, url):
+    res = caption([{"id": "r1", "image": url}], "--fetch-urls")
+    assert res.code == 1, res.stderr
+    assert res.row("r1")["error_class"] == "bad_input"
+    assert "invalid image URL" in res.row("r1")["error"]
+    assert gateway.count() == 0
