@@ -42,6 +42,7 @@ log = logging.getLogger("pipeline.transport")
 _REQUEST_ID_HEADERS = ("x-request-id", "request-id", "x-litellm-call-id", "cf-ray")
 MAX_ERROR_BODY = 64 * 1024  # an error page is read this far: enough for any message
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "x-goog-api-key"})
 _MAX_HOPS = 5
 # Failures of a request on a connection the server had already closed. A connect
 # error (ClientConnectorError) cannot happen on a reused connection and is excluded.
@@ -94,9 +95,10 @@ class Transport:
                  connect_timeout: float, read_timeout: float) -> None:
         self.base_url = base_url.rstrip("/")
         self._auth = dict(auth_headers)
-        for value in self._auth.values():  # "Bearer KEY": the key alone too
-            add_secret(value)
-            add_secret(value.partition(" ")[2])
+        for name, value in self._auth.items():  # "Bearer KEY": the key alone too
+            if name.lower() in _CREDENTIAL_HEADERS:  # not anthropic-version
+                add_secret(value)
+                add_secret(value.partition(" ")[2])
         self._read_timeout = read_timeout
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout,
                                               sock_read=read_timeout)

@@ -129,3 +129,12 @@ def test_run_reports_are_written_redacted(tmp_path: Path) -> None:
                                                "options": {"out": tmp_path}})
     text = path.read_text()
     assert KEY not in text and json.loads(text)["note"] == "HTTP 401: ***"
+
+
+def test_a_transport_registers_its_credentials_and_nothing_else() -> None:
+    from pipeline.transport import Transport
+
+    Transport("http://127.0.0.1:1/v1", {"anthropic-version": "2031-01-01",
+                                        "x-api-key": "sk-ant-transport-5521"}, 1, 1.0, 1.0)
+    assert redact("key sk-ant-transport-5521, version 2031-01-01") == \
+        "key ***, version 2031-01-01"
