@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.errors import RowFailed
-from pipeline.imageprep import ImagePolicy
 from pipeline import images as images_module
 from pipeline.daemonpool import DaemonPool
+from pipeline.errors import RowFailed
+from pipeline.imageprep import ImagePolicy
 from pipeline.images import ImageSource, ReadLimits, _read_capped, b64_len, sniff_mime
 from pipeline.records import ManifestRow, PreparedImage
 
