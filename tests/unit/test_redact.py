@@ -138,3 +138,8 @@ def test_a_transport_registers_its_credentials_and_nothing_else() -> None:
                                         "x-api-key": "sk-ant-transport-5521"}, 1, 1.0, 1.0)
     assert redact("key sk-ant-transport-5521, version 2031-01-01") == \
         "key ***, version 2031-01-01"
+
+
+def test_a_malformed_log_call_is_left_to_logging_and_does_not_raise() -> None:
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "%s and %s", ("one",), None)
+    assert RedactingFilter().filter(record) is True
