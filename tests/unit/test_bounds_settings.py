@@ -17,7 +17,7 @@ def settings(**kw: object) -> Settings:
 
 
 def test_defaults_are_generous_floors_for_short_captions() -> None:
-    s = settings(max_tokens=300)
+    s = settings(max_tokens=200)
     assert (s.line_cap, s.response_cap, s.attempt_deadline) == (1 * MiB, 16 * MiB, 600.0)
     assert (s.max_file_bytes, s.image_timeout) == (256 * MiB, 60.0)
 
