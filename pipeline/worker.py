@@ -292,7 +292,7 @@ class Worker:
                     if state.on_event(event, self.clock()):
                         break
             return state.finish()
-        completion = self.adapter.from_json(_unwrap(doc))
+        completion = self._from_json(doc)
         quirks = {**completion.quirks, "json_body_as_event_stream": 1}
         return replace(completion, quirks=quirks)
 
@@ -305,7 +305,15 @@ class Worker:
         except ValueError:
             raise Retryable("HTTP 200 with an unreadable JSON body", "stream_broken",
                             http_status=200) from None
-        return self.adapter.from_json(_unwrap(doc))
+        return self._from_json(doc)
+
+    def _from_json(self, doc: Any) -> Completion:
+        try:
+            return self.adapter.from_json(_unwrap(doc))
+        except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:
+            # Valid JSON of a shape no protocol allows: this answer is broken, not the batch.
+            raise Retryable(f"unexpected JSON completion ({type(e).__name__}: {e})",
+                            "stream_broken", http_status=200) from e
 
 
 async def _collect(chunks: Any, cap: int, prefix: bytes = b"") -> bytes:

@@ -279,3 +279,14 @@ def test_a_hung_image_read_is_a_bad_image_row_and_the_run_ends(caption, gateway,
     for hung in ("hung1", "hung2"):
         assert df.loc[hung, "error_class"] == "bad_image"
         assert "took longer than 0.3 s (--image-timeout" in df.loc[hung, "error"]
+
+
+@pytest.mark.parametrize("ctype", ["application/json", "text/event-stream"])
+def test_a_json_completion_of_an_impossible_shape_is_a_broken_answer(caption, gateway, ctype):
+    doc = {"id": "x", "object": "chat.completion", "choices": [None]}
+    gateway.on("shape", lambda ctx: ctx.json_response(200, doc, content_type=ctype))
+    res = caption(one("shape"), retries=1)
+    assert res.code == 1, res.stderr
+    r = res.row("r1")
+    assert (r["error_class"], r["attempts"]) == ("stream_broken", 2)
+    assert "unexpected JSON completion" in r["error"]
