@@ -290,3 +290,13 @@ def test_a_json_completion_of_an_impossible_shape_is_a_broken_answer(caption, ga
     r = res.row("r1")
     assert (r["error_class"], r["attempts"]) == ("stream_broken", 2)
     assert "unexpected JSON completion" in r["error"]
+
+
+def test_a_nul_byte_in_an_image_path_is_a_bad_input_row(caption, gateway, tmp_path):
+    manifest = tmp_path / "nul.csv"
+    manifest.write_bytes(b"id,image\nr1,a\x00b.png\nr2," + img("ok").encode() + b"\n")
+    res = caption(manifest)
+    assert res.code == 1, res.stderr
+    assert (res.row("r1")["error_class"], res.row("r2")["status"]) == ("bad_input", "ok")
+    assert res.row("r1")["error"] == "image reference contains a NUL byte: 'a\\x00b.png'"
+    assert "Traceback" not in res.stderr
