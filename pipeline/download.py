@@ -11,6 +11,7 @@ password.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -21,6 +22,8 @@ from .retry import RetryPolicy
 from .transport import mapped
 
 __all__ = ["ImageFetcher"]
+
+log = logging.getLogger("pipeline.download")
 
 _BINARY_TYPES = frozenset({"application/octet-stream", "binary/octet-stream"})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -68,7 +71,10 @@ class ImageFetcher:
                 if not self.policy.may_retry(attempts):
                     raise RowFailed(f"image download failed after {attempts} attempts: "
                                     f"{e.message}: {url}", "bad_image") from None
-                await self.sleep(self.policy.next_delay(attempts, e.retry_after))
+                delay = self.policy.next_delay(attempts, e.retry_after)
+                log.debug("image download %s: attempt %d failed (%s: %s); retrying in %.2f s",
+                          url, attempts, e.error_class, e.message, delay)
+                await self.sleep(delay)
 
     async def _get(self, target: URL, url: str) -> bytes:
         assert self._session is not None, "ImageFetcher used outside 'async with'"
