@@ -13,9 +13,11 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .errors import PipelineError, RunFatal
 from .options import RequestOptions, load_response_format, parse_json_option
+from .redact import RedactingFilter, add_secret, redacted_std_streams
 from .settings import DEFAULT_MODEL, DEFAULT_PROMPT, Secret, Settings
 
 EXIT_CODES = """exit codes:
@@ -89,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--read-timeout", type=float, default=60.0,
       help="seconds without a byte before a stream is retried (idle, not total; 60)")
     a("--connect-timeout", type=float, default=15.0, help="connect timeout seconds (15)")
+    a("--attempt-timeout", type=float, metavar="S",
+      help="total seconds one attempt may take, however steadily bytes trickle in "
+           "(default 600, or 0.1 s per --max-tokens token if more; 0: none)")
+    a("--max-line-bytes", type=int, metavar="N",
+      help="longest SSE line or event; longer is a broken stream, retried (default "
+           "1 MiB, or 4 KiB per --max-tokens token if more)")
+    a("--max-response-bytes", type=int, metavar="N",
+      help="largest successful response per attempt, streamed or JSON; bounds one "
+           "caption's text (default 16 MiB, or 16 KiB per --max-tokens token if more)")
     a("--backoff-base", type=float, default=1.0, help="first retry delay ceiling, s (1)")
     a("--backoff-max", type=float, default=60.0, help="largest retry delay ceiling, s (60)")
     a("--flush-rows", type=int, default=100, help="commit a Parquet part every K rows (100)")
@@ -106,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="largest image payload, measured as base64 (default 5 MiB, Claude's limit)")
     a("--max-edge", type=int, default=1568,
       help="downscale so the long edge is at most N px (default 1568; never upscaled)")
+    a("--max-file-bytes", type=int, default=256 * 1024 * 1024,
+      help="largest local image file read; checked before and while reading "
+           "(default 256 MiB)")
+    a("--image-timeout", type=float, default=60.0,
+      help="seconds one image may take to read and prepare; longer is a bad_image row, "
+           "e.g. a hung network mount (60)")
     a("--fetch-urls", action="store_true",
       help="download http(s) images and send them inline (default: pass URLs through)")
     a("--max-download-bytes", type=int, default=50 * 1024 * 1024,
@@ -140,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
            "default: start a local Ray instance")
     a("--ray-actors", type=int, metavar="N",
       help="with --engine ray: caption actors (default: one per CPU of the cluster)")
-    a("-v", "--verbose", action="store_true", help="debug logging")
+    a("-v", "--verbose", action="count", default=0,
+      help="debug logging: -v this tool's (retries, failures), -vv also libraries'")
     return p
 
 
@@ -151,9 +169,12 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
                        "CAPTION_BASE_URL (or run `make demo` to try the local simulator)",
                        "config", exit_code=2)
     out = ns.out or Path("out") / ns.manifest.stem
+    key = _env(*_KEY_ENV[ns.api]) or ""
+    add_secret(key)  # before anything can print, log or write it
+    add_secret(urlsplit(base_url).password)
     return Settings(
         manifest=ns.manifest, out=out, base_url=base_url,
-        api_key=Secret(_env(*_KEY_ENV[ns.api]) or ""), api=ns.api,
+        api_key=Secret(key), api=ns.api,
         model=ns.model, prompt=ns.prompt, system=ns.system, max_tokens=ns.max_tokens,
         options=options_from_args(ns), concurrency=ns.concurrency, limit=ns.limit,
         progress=not ns.no_progress, retries=ns.retries, read_timeout=ns.read_timeout,
@@ -161,7 +182,9 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         backoff_max=ns.backoff_max, flush_rows=ns.flush_rows, flush_seconds=ns.flush_seconds,
         grace=ns.grace, max_retry_after=ns.max_retry_wait, retry_errors=ns.retry_errors,
         allow_mixed=ns.allow_mixed,
-        max_image_bytes=ns.max_image_bytes,
+        max_image_bytes=ns.max_image_bytes, max_file_bytes=ns.max_file_bytes,
+        image_timeout=ns.image_timeout, attempt_timeout=ns.attempt_timeout,
+        max_line_bytes=ns.max_line_bytes, max_response_bytes=ns.max_response_bytes,
         rpm=ns.rpm, tpm=ns.tpm, itpm=ns.itpm, otpm=ns.otpm, max_edge=ns.max_edge,
         fetch_urls=ns.fetch_urls, max_download_bytes=ns.max_download_bytes,
         download_timeout=ns.download_timeout, dedupe=not ns.no_dedupe,
@@ -199,8 +222,7 @@ def options_from_args(ns: argparse.Namespace) -> RequestOptions:
 
 def caption(argv: Sequence[str]) -> int:
     ns = build_parser().parse_args(list(argv))
-    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING,
-                        format="%(levelname)s %(message)s", stream=sys.stderr)
+    configure_logging(ns.verbose)
     from .runner import run  # imported late: `--help` stays fast
 
     try:
@@ -222,6 +244,22 @@ def caption(argv: Sequence[str]) -> int:
     return result.exit_code
 
 
+def configure_logging(verbosity: int) -> None:
+    """-v: this tool's debug lines; -vv: every library's too (Pillow, aiohttp, asyncio).
+
+    Third-party loggers stay at warning below -vv: Pillow alone writes a debug line per
+    image chunk it parses. Every handler redacts what it is given.
+    """
+    logging.basicConfig(level=logging.DEBUG if verbosity >= 2 else logging.WARNING,
+                        format="%(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("pipeline").setLevel(logging.DEBUG if verbosity else logging.NOTSET)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_REDACT)  # the same instance: a second call adds nothing
+
+
+_REDACT = RedactingFilter()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pipeline {caption,simulate,demo} ...``; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -237,8 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               "  demo                         caption data/sample with the simulator",
               file=sys.stderr if args and args[0] not in ("-h", "--help") else sys.stdout)
         return 0 if args and args[0] in ("-h", "--help") else 2
+    for name in sorted({n for names in _KEY_ENV.values() for n in names}):
+        add_secret(os.environ.get(name))  # also for status/report over older output
     try:
-        return commands[args[0]](args[1:])
+        with redacted_std_streams():  # nothing printed by any command carries a secret
+            return commands[args[0]](args[1:])
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `... | head`: the reader left; not an error of ours

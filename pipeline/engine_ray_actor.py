@@ -29,7 +29,6 @@ import json
 import pickle
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ import pyarrow as pa
 
 from .checkpoint import KeySet
 from .cost import BudgetReached
+from .daemonpool import DaemonPool
 from .errors import RunFatal
 from .manifest import Manifest
 from .plan import NamedPrompt, variants
@@ -211,8 +211,7 @@ class CaptionActor:
             self._stack, s, concurrency=share.concurrency,
             budgets=Budgets(share.rpm, share.tpm, share.itpm, share.otpm),
             max_cost=share.max_cost,
-            executor=ThreadPoolExecutor(max_workers=share.image_threads,
-                                        thread_name_prefix="image"),
+            executor=DaemonPool(share.image_threads, name="image"),
             lookup_done=None, should_stop=lambda: self.halt is not None)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -6,7 +6,7 @@
      ├── RowFailed      permanent for this row: record an error row, go on with the batch
      │     (bad_request, too_large, bad_image, bad_input, refused, empty, bad_response)
      └── RunFatal       every row would fail the same way: stop the run, mark no row
-           (auth, not_found, quota, config, manifest, output, locked)
+           (auth, not_found, quota, config, redirect, manifest, output, locked)
 
 ``classify_http`` (status + headers + body) and ``classify_stream_error`` (an error
 object inside a 200 stream) decide the class; nothing else in the code base does.
@@ -23,6 +23,8 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
+
+from .redact import redact
 
 __all__ = [
     "PipelineError", "Retryable", "RowFailed", "RunFatal",
@@ -53,6 +55,9 @@ class PipelineError(Exception):
         http_status: int | None = None,
         retry_after: float | None = None,
     ) -> None:
+        # Redacted once, here: every error message (error column, stderr, run report)
+        # is built through this constructor, whatever a server quoted back at us.
+        message = redact(message)
         super().__init__(message)
         self.message = message
         if error_class is not None:

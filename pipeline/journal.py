@@ -18,6 +18,7 @@ repair. Parquet readers never look here (``_journal/`` starts with ``_``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -97,10 +98,15 @@ class Journal:
             if fd is None:
                 return None
             self._fd = self._path = None
-            if self._dirty:
-                self._closed.append(os.dup(fd))  # still owed an fsync
-            self._dirty = False
-            os.close(fd)
+            try:
+                if self._dirty:
+                    try:
+                        self._closed.append(os.dup(fd))  # still owed an fsync
+                    except OSError:  # no descriptor left for the duplicate: sync it now
+                        os.fsync(fd)
+            finally:
+                self._dirty = False
+                os.close(fd)
         return path
 
     def sync(self) -> None:
@@ -126,7 +132,8 @@ class Journal:
     def close(self) -> None:
         with self._lock:
             for fd in [*self._closed, *([self._fd] if self._fd is not None else [])]:
-                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             self._fd, self._closed = None, []
 
 

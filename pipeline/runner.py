@@ -287,8 +287,9 @@ class Run:
             self._flush_now.clear()
             if self._closing:
                 return  # the final flush takes what is buffered
-            batch = sink.take() if sink.due else None
+            batch = None
             try:
+                batch = sink.take() if sink.due else None
                 await asyncio.to_thread(sink.sync)
                 if batch is not None:
                     await asyncio.to_thread(sink.write, batch)
@@ -300,10 +301,10 @@ class Run:
 
     async def _final_flush(self, sink: ParquetSink) -> None:
         """What finished and is not committed yet, as one last part (if it can be)."""
-        last = sink.take()
-        pending = [*self._unwritten, last]
-        batch = Batch([r for b in pending for r in b.rows], None)
+        pending = list(self._unwritten)
+        batch = Batch([r for b in pending for r in b.rows] + sink.pending_rows(), None)
         try:
+            pending.append(sink.take())
             await asyncio.to_thread(sink.write, batch)
             for b in pending:
                 Journal.discard(b.segment)

@@ -18,6 +18,12 @@ DEFAULT_PROMPT = (
 )
 # Claude's per-image limit is 5 MB measured on the base64 text (protocol-reference 6.1).
 DEFAULT_MAX_IMAGE_BYTES = 5 * 1024 * 1024
+MiB = 1024 * 1024
+# Bounds whose default follows --max-tokens (see the properties of Settings): generous
+# enough for any honest answer, small enough that a broken server cannot fill memory.
+LINE_FLOOR, LINE_PER_TOKEN = 1 * MiB, 4096          # one SSE line or event
+RESPONSE_FLOOR, RESPONSE_PER_TOKEN = 16 * MiB, 16384  # one success body, stream or JSON
+ATTEMPT_FLOOR, ATTEMPT_PER_TOKEN = 600.0, 0.1        # seconds for one whole attempt
 
 
 class Secret:
@@ -69,6 +75,11 @@ class Settings:
     allow_mixed: bool = False   # resume into OUT although settings differ from _dataset.json
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_edge: int = 1568        # long edge sent at most (Claude's native resolution)
+    max_file_bytes: int = 256 * MiB  # largest local image file read
+    image_timeout: float = 60.0      # seconds one image may take to read and prepare
+    attempt_timeout: float | None = None  # None: the default below; 0: no total deadline
+    max_line_bytes: int | None = None     # None: the default below
+    max_response_bytes: int | None = None  # None: the default below
     fetch_urls: bool = False    # download http(s) images and send them inline
     max_download_bytes: int = 50 * 1024 * 1024
     download_timeout: float = 60.0
@@ -95,6 +106,14 @@ class Settings:
         _positive("--connect-timeout", self.connect_timeout)
         _positive("--max-image-bytes", self.max_image_bytes)
         _positive("--max-edge", self.max_edge)
+        _positive("--max-file-bytes", self.max_file_bytes)
+        _positive("--image-timeout", self.image_timeout)
+        if self.attempt_timeout is not None:
+            _non_negative("--attempt-timeout", self.attempt_timeout)
+        for flag, cap in (("--max-line-bytes", self.max_line_bytes),
+                          ("--max-response-bytes", self.max_response_bytes)):
+            if cap is not None:
+                _positive(flag, cap)
         _positive("--max-download-bytes", self.max_download_bytes)
         _positive("--download-timeout", self.download_timeout)
         _non_negative("--retries", self.retries)
@@ -134,6 +153,29 @@ class Settings:
         if self.prompts:
             return tuple(NamedPrompt(n, t) for n, t in self.prompts)
         return (NamedPrompt(DEFAULT_PROMPT_NAME, self.prompt),)
+
+    @property
+    def line_cap(self) -> int:
+        """Longest SSE line or event: 1 MiB, or 4 KiB per --max-tokens token if more."""
+        if self.max_line_bytes is not None:
+            return self.max_line_bytes
+        return max(LINE_FLOOR, LINE_PER_TOKEN * self.max_tokens)
+
+    @property
+    def response_cap(self) -> int:
+        """Largest success body per attempt (bounds a caption's text): 16 MiB, or
+        16 KiB per --max-tokens token if more."""
+        if self.max_response_bytes is not None:
+            return self.max_response_bytes
+        return max(RESPONSE_FLOOR, RESPONSE_PER_TOKEN * self.max_tokens)
+
+    @property
+    def attempt_deadline(self) -> float | None:
+        """Total seconds for one attempt: 600, or 0.1 per --max-tokens token if more;
+        None when --attempt-timeout 0 turned it off."""
+        if self.attempt_timeout is not None:
+            return self.attempt_timeout or None
+        return max(ATTEMPT_FLOOR, ATTEMPT_PER_TOKEN * self.max_tokens)
 
     @property
     def endpoint(self) -> str:

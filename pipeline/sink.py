@@ -39,6 +39,7 @@ from .outdir import (
     quarantine,
     tmp_name,
 )
+from .redact import redact_obj
 from .validate import RowConformer
 
 __all__ = ["ParquetSink", "Batch", "commit_table", "part_files", "compact",
@@ -89,6 +90,10 @@ class ParquetSink:
         if self.journal is not None:
             self.journal.append(clean)
 
+    def pending_rows(self) -> list[dict[str, Any]]:
+        """The buffered rows (a copy), without taking them."""
+        return list(self._rows)
+
     @property
     def buffered(self) -> int:
         return len(self._rows)
@@ -130,10 +135,11 @@ class ParquetSink:
         return final
 
     def close(self) -> None:
+        """Never raises: it runs last, also after the disk or the descriptors failed."""
         if self.journal is not None:
-            self.journal.close()
-            if not segments(self.journal.dir):
-                with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):
+                self.journal.close()
+                if not segments(self.journal.dir):
                     self.journal.dir.rmdir()  # nothing left to recover: no empty folder
 
 
@@ -180,13 +186,14 @@ def recover_journal(out: Path, schema: pa.Schema, run_id: str) -> int:
 
 
 def write_run_report(out: Path, run_id: str, report: dict[str, Any]) -> Path:
-    """OUT/_runs/<run id>.json, written atomically like the parts."""
+    """OUT/_runs/<run id>.json, written atomically like the parts, every string redacted."""
     runs = out / RUNS
     runs.mkdir(exist_ok=True)
     final = runs / f"{run_id}.json"
     tmp = tmp_name(final)
+    text = json.dumps(redact_obj(json.loads(json.dumps(report, default=str))), indent=2)
     try:
-        tmp.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

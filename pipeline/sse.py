@@ -11,14 +11,23 @@ Rules (protocol-reference 1.1-1.4):
 * an empty line dispatches; `:` lines are comments; one leading space after the
   colon is dropped; several `data` lines join with "\\n"; `id`/`retry` are ignored;
 * a line that is not a field but looks like JSON (a gateway writing a raw error
-  object into the stream) is surfaced as an event named ``raw`` instead of dropped.
+  object into the stream) is surfaced as an event named ``raw`` instead of dropped;
+* one line, and the data of one event, may hold at most ``max_line`` bytes: a server
+  that never ends a line (or an event) raises ``StreamTooLong`` once the cap is
+  passed, so memory stays bounded by the cap, whatever the server sends.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Event", "SSEDecoder"]
+__all__ = ["DEFAULT_MAX_LINE", "Event", "SSEDecoder", "StreamTooLong"]
+
+DEFAULT_MAX_LINE = 1 << 20
+
+
+class StreamTooLong(Exception):
+    """A line or an event passed the decoder's cap: this stream is broken."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,16 +41,20 @@ class Event:
 class SSEDecoder:
     """Incremental decoder: ``feed(chunk)`` returns the events completed by it."""
 
-    __slots__ = ("_buf", "_tail", "_skip_lf", "_event", "_data", "comments", "invalid_utf8")
+    __slots__ = ("_buf", "_tail", "_tail_len", "_skip_lf", "_event", "_data", "_data_len",
+                 "max_line", "comments", "invalid_utf8")
 
-    def __init__(self) -> None:
+    def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
+        self.max_line = max_line
         self._buf = b""
         # Reads without a line break are only collected, and joined once the line
         # ends: a long line arriving a few bytes at a time stays linear, not quadratic.
         self._tail: list[bytes] = []
+        self._tail_len = 0
         self._skip_lf = False
         self._event: str | None = None
         self._data: list[str] = []
+        self._data_len = 0
         self.comments = 0  # keep-alive comments seen; liveness only
         self.invalid_utf8 = 0  # lines with bytes that are not UTF-8 (replaced by U+FFFD)
 
@@ -53,10 +66,11 @@ class SSEDecoder:
         if b"\n" not in chunk and b"\r" not in chunk:
             if chunk:
                 self._tail.append(chunk)
+                self._tail_len += len(chunk)
+                if len(self._buf) + self._tail_len > self.max_line:
+                    raise self._too_long("a line")
             return []
-        if self._tail:
-            self._buf += b"".join(self._tail)
-            self._tail.clear()
+        self._join_tail()
         buf = self._buf + chunk if self._buf else chunk
         out: list[Event] = []
         start = 0
@@ -78,24 +92,40 @@ class SSEDecoder:
             self._line(buf[start:end], out)
             start = nxt
         self._buf = buf[start:]
+        if len(self._buf) > self.max_line:
+            raise self._too_long("a line")
         return out
 
     def finish(self) -> list[Event]:
         """End of stream: an unterminated last line and event are still processed."""
         out: list[Event] = []
-        if self._tail:
-            self._buf += b"".join(self._tail)
-            self._tail.clear()
+        self._join_tail()
         if self._buf:
             self._line(self._buf, out)
             self._buf = b""
         self._dispatch(out)
         return out
 
+    def _join_tail(self) -> None:
+        if self._tail:
+            self._buf += b"".join(self._tail)
+            self._tail.clear()
+            self._tail_len = 0
+
+    def _too_long(self, what: str) -> StreamTooLong:
+        # Drop what was collected: the stream is abandoned, the memory need not wait.
+        self._buf, self._data = b"", []
+        self._tail.clear()
+        self._tail_len = self._data_len = 0
+        return StreamTooLong(f"{what} of the event stream is longer than {self.max_line} "
+                             "bytes")
+
     def _line(self, raw: bytes, out: list[Event]) -> None:
         if not raw:
             self._dispatch(out)
             return
+        if len(raw) > self.max_line:
+            raise self._too_long("a line")
         if raw[0] == 0x3A:  # ":" comment
             self.comments += 1
             return
@@ -107,10 +137,11 @@ class SSEDecoder:
         name, sep, value = line.partition(":")
         if value[:1] == " ":
             value = value[1:]
-        if name == "data" and sep:
+        if name == "data":  # "data" alone means an empty data line
+            self._data_len += len(raw)
+            if self._data_len > self.max_line:
+                raise self._too_long("an event")
             self._data.append(value)
-        elif name == "data":  # "data" alone means an empty data line
-            self._data.append("")
         elif name == "event":
             self._event = value
         elif line.lstrip()[:1] in ("{", "["):
@@ -125,3 +156,4 @@ class SSEDecoder:
             out.append(Event(self._event or "message", "\n".join(self._data)))
         self._event = None
         self._data = []
+        self._data_len = 0

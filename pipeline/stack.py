@@ -9,24 +9,25 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .adapters import get_adapter
 from .cost import CostBudget
+from .daemonpool import DaemonPool
 from .dedupe import Dedupe
+from .download import ImageFetcher
 from .imageprep import ImagePolicy
-from .images import ImageSource
+from .images import ImageSource, ReadLimits
 from .keys import ImageRefs
 from .ratelimit import Budgets, Limiter
 from .retry import RetryPolicy
 from .settings import Settings
-from .transport import ImageFetcher, Transport
+from .transport import Transport
 from .worker import Worker
 
 
 async def build_worker(stack: contextlib.AsyncExitStack, s: Settings, *, concurrency: int,
-                       budgets: Budgets, max_cost: float | None, executor: ThreadPoolExecutor,
+                       budgets: Budgets, max_cost: float | None, executor: DaemonPool,
                        lookup_done: Callable[[str], dict[str, Any] | None] | None,
                        should_stop: Callable[[], bool],
                        image_refs: ImageRefs | None = None) -> Worker:
@@ -42,7 +43,7 @@ async def build_worker(stack: contextlib.AsyncExitStack, s: Settings, *, concurr
         fetcher = await stack.enter_async_context(
             ImageFetcher(policy, s.max_download_bytes, s.download_timeout))
     images = ImageSource(s.manifest.parent, ImagePolicy(s.max_edge, s.max_image_bytes),
-                         executor, fetcher)
+                         executor, fetcher, ReadLimits(s.max_file_bytes, s.image_timeout))
     price = s.price
     return Worker(s, adapter, transport, images, Limiter(budgets, concurrency), policy,
                   should_stop=should_stop,

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
-from .adapters.base import Adapter, normalize_finish
+from .adapters.base import Adapter, StreamState, normalize_finish
 from .cost import BudgetReached, CostBudget
 from .dedupe import Dedupe, dedup_key
 from .errors import (
@@ -45,7 +45,7 @@ from .records import (
 )
 from .retry import RetryPolicy
 from .settings import Settings
-from .sse import SSEDecoder
+from .sse import SSEDecoder, StreamTooLong
 from .transport import Head, Transport
 
 log = logging.getLogger("pipeline")
@@ -157,6 +157,8 @@ class Worker:
                 if self.should_stop():
                     raise Interrupted from e
                 delay = self.policy.next_delay(attempts, e.retry_after)
+                log.debug("row %s: attempt %d failed (%s: %s); retrying in %.2f s", row.id,
+                          attempts, e.error_class, e.message, delay)
                 if e.retry_after is not None:
                     waited = delay
                 if e.error_class == "rate_limit":
@@ -217,6 +219,8 @@ class Worker:
     def _failed(self, row: ManifestRow, e: PipelineError, attempts: int, start: float,
                 waited: float | None, suffix: str = "") -> dict[str, Any]:
         latency = e.latency if e.latency is not None else self.clock() - start
+        log.debug("row %s: failed after %d attempt(s) (%s): %s%s", row.id, attempts,
+                  e.error_class, e.message, suffix)
         out = error_row(row, e.message + suffix, e.error_class, attempts=attempts,
                         latency_s=latency, http_status=e.http_status,
                         retry_after_s=waited, request_id=e.request_id)
@@ -245,6 +249,19 @@ class Worker:
 
     async def _exchange(self, req: ApiRequest, start: float
                         ) -> tuple[Completion, Head, float | None]:
+        """One request and its whole answer, under the attempt's total deadline."""
+        deadline = self.settings.attempt_deadline
+        try:
+            async with asyncio.timeout(deadline) as cm:
+                return await self._converse(req, start)
+        except TimeoutError:
+            if not cm.expired():
+                raise
+            raise Retryable(f"the attempt took longer than {deadline:g} s "
+                            "(--attempt-timeout)", "timeout") from None
+
+    async def _converse(self, req: ApiRequest, start: float
+                        ) -> tuple[Completion, Head, float | None]:
         async with self.transport.open(req) as (head, chunks):
             self.limiter.observe(head.headers)
             try:
@@ -260,29 +277,94 @@ class Worker:
         return completion, head, None if first is None else first - start
 
     async def _stream(self, chunks: Any) -> tuple[Completion, float | None]:
+        """Fold an event stream, within the line and response caps. A body whose first
+        byte opens a JSON document is one: a gateway that labels a whole completion
+        ``text/event-stream`` (it is read as the completion it is)."""
         state = self.adapter.new_state(self.settings.options.n)
-        decoder = SSEDecoder()
-        clock = self.clock
+        decoder = SSEDecoder(self.settings.line_cap)
+        cap = self.settings.response_cap
+        size, sniffing = 0, True
         try:
             async for chunk in chunks:
-                for event in decoder.feed(chunk):
-                    if state.on_event(event, clock()):
-                        return _utf8_quirk(state.finish(), decoder), state.first_content_at
+                size += len(chunk)
+                if size > cap:
+                    raise _too_large(cap, "the streamed response")
+                if sniffing and chunk.strip():
+                    sniffing = False
+                    if chunk.lstrip()[:1] in (b"{", b"["):
+                        body = await _collect(chunks, cap, chunk)
+                        return self._json_in_stream(body, state, decoder), None
+                if self._feed(state, decoder, chunk):
+                    return _utf8_quirk(state.finish(), decoder), state.first_content_at
             for event in decoder.finish():
-                if state.on_event(event, clock()):
+                if state.on_event(event, self.clock()):
                     break
             return _utf8_quirk(state.finish(), decoder), state.first_content_at
+        except StreamTooLong as e:
+            raise Retryable(f"broken stream: {e}", "stream_broken", http_status=200) from None
         except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:
             # A shape the adapter did not foresee: this answer is unusable, the batch
             # is not (the adapters name the shapes they know as bad_response).
             raise bad_response(f"unexpected stream content ({type(e).__name__}: {e})") from e
 
+    def _feed(self, state: StreamState, decoder: SSEDecoder, data: bytes) -> bool:
+        """Decode ``data`` into ``state``; True once the stream's terminator arrived."""
+        clock = self.clock
+        return any(state.on_event(event, clock()) for event in decoder.feed(data))
+
+    def _json_in_stream(self, body: bytes, state: StreamState, decoder: SSEDecoder
+                        ) -> Completion:
+        try:
+            doc = json.loads(body)
+        except ValueError:  # JSON first, then something else: leave it to the fold
+            if not self._feed(state, decoder, body):
+                for event in decoder.finish():
+                    if state.on_event(event, self.clock()):
+                        break
+            return state.finish()
+        completion = self._from_json(doc)
+        quirks = {**completion.quirks, "json_body_as_event_stream": 1}
+        return replace(completion, quirks=quirks)
+
     async def _json_body(self, chunks: Any) -> Completion:
-        """A 200 with a JSON body instead of a stream: a full completion or an error."""
-        body = await self.transport.read_body(chunks)
+        """A 200 with a JSON body instead of a stream: a full completion or an error,
+        read up to the response cap (not the small cap on error bodies)."""
+        body = await _collect(chunks, self.settings.response_cap)
         try:
             doc = json.loads(body)
         except ValueError:
             raise Retryable("HTTP 200 with an unreadable JSON body", "stream_broken",
                             http_status=200) from None
-        return self.adapter.from_json(doc)
+        return self._from_json(doc)
+
+    def _from_json(self, doc: Any) -> Completion:
+        try:
+            return self.adapter.from_json(_unwrap(doc))
+        except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:
+            # Valid JSON of a shape no adapter foresaw: this answer is unusable (permanent,
+            # docs/protocol.md "Values from outside"), the batch is not.
+            raise bad_response(f"unexpected JSON completion ({type(e).__name__}: {e})"
+                               ) from e
+
+
+async def _collect(chunks: Any, cap: int, prefix: bytes = b"") -> bytes:
+    """The rest of a success body after ``prefix``; more than ``cap`` bytes fails."""
+    parts, size = [prefix], len(prefix)
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > cap:
+            raise _too_large(cap, "the JSON response")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _too_large(cap: int, what: str) -> Retryable:
+    return Retryable(f"{what} is larger than {cap} bytes (--max-response-bytes); the "
+                     "server may be ignoring max_tokens", "stream_broken", http_status=200)
+
+
+def _unwrap(doc: Any) -> Any:
+    """Gemini-style errors come as a one-item list around the object."""
+    if isinstance(doc, list) and len(doc) == 1 and isinstance(doc[0], dict):
+        return doc[0]
+    return doc

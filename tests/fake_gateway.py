@@ -996,3 +996,29 @@ async def _bad400(ctx: Ctx) -> web.StreamResponse:
 @scenario("deny")
 async def _deny(ctx: Ctx) -> web.StreamResponse:
     return await ctx.json_response(*C35_CASES["401"])
+
+
+# A gateway that quotes the credentials it received back in its error bodies.
+
+
+def _quoted_key(ctx: Ctx) -> tuple[str, str]:
+    auth = ctx.request.headers.get("Authorization", "")
+    return auth, auth.partition(" ")[2]
+
+
+@scenario("echokey")
+async def _echokey(ctx: Ctx) -> web.StreamResponse:
+    """400 quoting the key and the whole header; variant ``401`` (fatal), ``stream``
+    (an error inside a 200 stream, retried)."""
+    auth, key = _quoted_key(ctx)
+    if ctx.variant == "401":
+        return await ctx.json_response(401, {"error": {
+            "message": f"Incorrect API key provided: {key}. Header was Authorization: {auth}",
+            "type": "invalid_request_error", "code": "invalid_api_key"}})
+    if ctx.variant == "stream":
+        body = sse(chunk("", role=True)) + sse({"error": {
+            "message": f"upstream refused key {key}", "type": "server_error"}})
+        return await ctx.sse_response(body)
+    return await ctx.json_response(400, {"error": {
+        "message": f"Invalid image for key {key} (headers: {{'Authorization': '{auth}'}})",
+        "type": "invalid_request_error", "param": None, "code": None}})

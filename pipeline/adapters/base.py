@@ -105,9 +105,10 @@ def content_text(v: Any, where: str) -> str:
     raise bad_response(f"{where} is {type(v).__name__}, not text")
 
 
-def obj(v: Any, where: str) -> dict[str, Any]:
-    """A JSON object the protocol requires (absent = empty)."""
-    if v is None:
+def obj(v: Any, where: str, required: bool = False) -> dict[str, Any]:
+    """A JSON object the protocol puts here (absent = empty, unless ``required``: an
+    element of a list, where null is no value at all)."""
+    if v is None and not required:
         return {}
     if not isinstance(v, dict):
         raise bad_response(f"{where} is {type(v).__name__}, not an object")

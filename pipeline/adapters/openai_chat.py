@@ -125,7 +125,7 @@ class ChatStreamState:
         if isinstance(usage, dict) and usage:
             self.usage = usage
         for choice in choices or ():
-            self._choice(obj(choice, "a choice"), now)
+            self._choice(obj(choice, "a choice", required=True), now)
 
     def _choice(self, choice: dict[str, Any], now: float) -> None:
         index = choice.get("index", 0)
@@ -240,7 +240,7 @@ class OpenAIChat:
         choices = doc["choices"]
         if not isinstance(choices, list):
             raise bad_choices(choices)
-        choice = obj(choices[0], "a choice")
+        choice = obj(choices[0], "a choice", required=True)
         msg = obj(choice.get("message"), "message")
         quirks: dict[str, int] = {}
         return finish_completion(content_text(msg.get("content"), "message.content"),

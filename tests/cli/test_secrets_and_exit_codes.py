@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -65,6 +66,40 @@ def test_api_key_never_appears_in_output_logs_or_files(gateway, tmp_path):
     assert leaks == []
     df = read_out(out1)
     assert sorted(df["id"]) == ["bad", "boom", "ok"]
+
+
+def test_a_gateway_that_quotes_the_key_back_leaks_it_nowhere(gateway, tmp_path):
+    rows = [{"id": "ok", "image": img("ok")},
+            {"id": "quoted400", "image": img("echokey")},
+            {"id": "quotedstream", "image": img("echokey-stream")}]
+    m1 = write_manifest(tmp_path / "batch.csv", rows)
+    m2 = write_manifest(tmp_path / "fatal.csv", [{"id": "quoted401",
+                                                  "image": img("echokey-401")}])
+    out1, out2 = tmp_path / "out1", tmp_path / "out2"
+    args = ("--retries", "1", "--concurrency", "1", "-v")
+    runs = [run(caption_cmd(m1, out1, gateway.base_url, *args), CAPTION_API_KEY=SECRET),
+            run(caption_cmd(m2, out2, gateway.base_url, *args), CAPTION_API_KEY=SECRET)]
+    assert [p.returncode for p in runs] == [1, 3], [p.stderr for p in runs]
+    # the key was sent and quoted back, so its absence below means something
+    assert {c.headers.get("Authorization") for c in gateway.calls()} == {f"Bearer {SECRET}"}
+    assert {400, 401, 200} <= {c.status for c in gateway.calls()}
+    assert b"DEBUG row quoted400" in runs[0].stderr  # -v was on
+    df = read_out(out1).set_index("id")  # before report.html joins the parts
+    for out in (out1, out2):
+        runs.append(run([sys.executable, "-m", "pipeline", "status", str(out)]))
+        runs.append(run([sys.executable, "-m", "pipeline", "report", str(out)]))
+    assert runs[2].returncode == 0 and runs[3].returncode == 0, runs[2].stderr + runs[3].stderr
+    assert (out1 / "report.html").exists() and list((out1 / "_runs").glob("*.json"))
+
+    leaks = [f"{i}:{name}" for i, p in enumerate(runs)
+             for name, blob in (("stdout", p.stdout), ("stderr", p.stderr))
+             if SECRET.encode() in blob]
+    files = [p for d in (out1, out2) for p in d.rglob("*") if p.is_file()]
+    leaks += [str(p) for p in files if SECRET.encode() in p.read_bytes()]
+    assert leaks == []
+    assert "Invalid image for key ***" in df.loc["quoted400", "error"]
+    assert "upstream refused key ***" in df.loc["quotedstream", "error"]
+    assert b"Incorrect API key provided: ***" in runs[1].stderr
 
 
 # --------------------------------------------------------------------------- exit code 2

@@ -56,6 +56,7 @@ log.propagate = False
 threading.Thread(target=hoard, daemon=True).start()
 from pipeline.cli import main  # noqa: E402
 
-code = main(["caption", *sys.argv[3:]])
+# -v: the run's debug records reach the handlers above (and, with propagate off, no more).
+code = main(["caption", *sys.argv[3:], "-v"])
 marks_path.write_text(json.dumps(marks))
 sys.exit(code)

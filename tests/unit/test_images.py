@@ -14,15 +14,20 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import os
 import shutil
+import socket
+import threading
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from pipeline import images as images_module
+from pipeline.daemonpool import DaemonPool
 from pipeline.errors import RowFailed
 from pipeline.imageprep import ImagePolicy
-from pipeline.images import ImageSource, b64_len, sniff_mime
+from pipeline.images import ImageSource, ReadLimits, _read_capped, b64_len, sniff_mime
 from pipeline.records import ManifestRow, PreparedImage
 
 SAMPLES = Path(__file__).resolve().parents[2] / "data" / "sample"
@@ -280,6 +285,99 @@ async def test_unreadable_file_is_bad_image(tmp_path: Path) -> None:
     link.symlink_to(link)  # reading a self-referencing link fails with an OSError
     e = await failure("loop.png", tmp_path)
     assert "loop.png" in e.message
+
+
+# --------------------------------------------------------------------------- bounded reads
+
+
+async def test_a_fifo_is_bad_image_and_never_read(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.png")  # no writer: opening it for a read would block forever
+    e = await failure("pipe.png", tmp_path)
+    assert "FIFO (named pipe), not a regular file" in e.message and "pipe.png" in e.message
+
+
+async def test_a_symlink_to_dev_zero_is_bad_image(tmp_path: Path) -> None:
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")
+    e = await failure("zero.jpg", tmp_path)
+    assert "character device, not a regular file" in e.message
+
+
+async def test_a_unix_socket_is_bad_image(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "s.png"))
+        e = await failure("s.png", tmp_path)
+    assert "socket, not a regular file" in e.message
+
+
+async def test_a_file_over_max_file_bytes_is_bad_image_before_any_read(tmp_path: Path) -> None:
+    huge = tmp_path / "junk.jpg"
+    with open(huge, "wb") as f:
+        f.truncate(1 << 30)  # 1 GiB, sparse: it costs no disk, and is never read
+    src = ImageSource(tmp_path, ImagePolicy(), limits=ReadLimits(max_bytes=256 << 20))
+    with pytest.raises(RowFailed) as info:
+        await src.load(row("junk.jpg"))
+    assert info.value.error_class == "bad_image"
+    assert f"too large: {1 << 30} bytes > {256 << 20} (--max-file-bytes)" in info.value.message
+
+
+async def test_a_file_of_exactly_max_file_bytes_is_read(tmp_path: Path) -> None:
+    size = PNG.stat().st_size
+    img = await ImageSource(SAMPLES, ImagePolicy(), limits=ReadLimits(max_bytes=size)).load(
+        row("horse.png"))
+    assert decode(img.url)[1] == PNG.read_bytes()
+
+
+def test_a_file_that_grows_while_it_is_read_stops_at_the_cap(tmp_path: Path) -> None:
+    path = tmp_path / "growing.bin"
+    path.write_bytes(b"x" * 5000)
+    fd = os.open(path, os.O_RDONLY)
+    try:  # the size seen at open time was 100 bytes; the file now holds 5000
+        with pytest.raises(RowFailed, match="grew past 1000 bytes"):
+            _read_capped(fd, 100, 1000, path)
+    finally:
+        os.close(fd)
+
+
+def test_a_short_first_read_is_continued(tmp_path: Path) -> None:
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"0123456789" * 300)
+    fd = os.open(path, os.O_RDONLY)
+    try:  # told the file is 10 bytes: the first read is short of the real content
+        assert _read_capped(fd, 10, 10_000, path) == b"0123456789" * 300
+    finally:
+        os.close(fd)
+
+
+async def test_a_nul_byte_in_the_path_is_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(RowFailed) as info:
+        await load("a\x00b.png", tmp_path)
+    assert info.value.error_class == "bad_input"
+    assert "NUL byte" in info.value.message and "'a\\x00b.png'" in info.value.message
+
+
+async def test_a_home_of_an_unknown_user_is_taken_literally(tmp_path: Path) -> None:
+    e = await failure("~no-such-user-here/a.png", tmp_path)
+    assert "not found" in e.message
+
+
+async def test_a_read_that_hangs_is_bad_image_after_the_timeout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+
+    def hung(path: Path, max_bytes: int) -> bytes:  # as a read on a dead network mount
+        release.wait()
+        return b""
+
+    monkeypatch.setattr(images_module, "read_file", hung)
+    src = ImageSource(tmp_path, ImagePolicy(), DaemonPool(1),
+                      limits=ReadLimits(timeout=0.2))
+    try:
+        with pytest.raises(RowFailed) as info:
+            await src.load(row("slow.png"))
+    finally:
+        release.set()
+    assert info.value.error_class == "bad_image"
+    assert "took longer than 0.2 s (--image-timeout" in info.value.message
 
 
 # --------------------------------------------------------------------------- sniff_mime

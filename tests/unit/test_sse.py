@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.sse import Event, SSEDecoder
+from pipeline.sse import DEFAULT_MAX_LINE, Event, SSEDecoder, StreamTooLong
 
 # A realistic stream: CRLF, LF and lone CR endings, comments, no-space data, multi-line data,
 # id/retry fields, UTF-8 split candidates (é, 世界, 🚀), U+2028 inside JSON, and [DONE].
@@ -26,8 +27,8 @@ EXPECTED = [
 ]
 
 
-def decode(chunks: list[bytes]) -> list[Event]:
-    d = SSEDecoder()
+def decode(chunks: list[bytes], max_line: int = DEFAULT_MAX_LINE) -> list[Event]:
+    d = SSEDecoder(max_line)
     out: list[Event] = []
     for c in chunks:
         out += d.feed(c)
@@ -103,8 +104,44 @@ def test_only_one_leading_space_is_removed() -> None:
     assert decode([b"data:  two\n\n"]) == [Event("message", " two")]
 
 
-def test_huge_single_line_event() -> None:
+def test_huge_single_line_event_within_the_cap() -> None:
     payload = "x" * 3_000_000  # beyond aiohttp's 512 KiB readline cap
     body = b"data: " + payload.encode() + b"\n\n"
-    assert decode(split_at(body, list(range(0, len(body), 65_536)))) == [
+    assert decode(split_at(body, list(range(0, len(body), 65_536))), max_line=4_000_000) == [
         Event("message", payload)]
+
+
+def test_a_line_at_the_cap_is_decoded() -> None:
+    body = b"data: " + b"x" * 94 + b"\n\n"  # 100 bytes of line
+    assert decode([body], max_line=100) == [Event("message", "x" * 94)]
+
+
+@pytest.mark.parametrize("read", [1, 7, 4096])
+def test_a_line_that_never_ends_fails_once_past_the_cap(read: int) -> None:
+    d = SSEDecoder(max_line=1000)
+    fed = 0
+    with pytest.raises(StreamTooLong, match="longer than 1000 bytes"):
+        d.feed(b"data: ")
+        while True:
+            d.feed(b"y" * read)
+            fed += read
+            assert fed <= 1000 + read, "the decoder kept collecting past its cap"
+
+
+def test_a_long_line_inside_one_read_fails() -> None:
+    with pytest.raises(StreamTooLong):
+        SSEDecoder(max_line=1000).feed(b"data: " + b"z" * 2000 + b"\n\n")
+
+
+def test_an_event_of_endless_short_data_lines_fails_once_past_the_cap() -> None:
+    d = SSEDecoder(max_line=1000)
+    with pytest.raises(StreamTooLong, match="an event"):
+        for _ in range(200):
+            d.feed(b"data: 0123456789\n")  # never a blank line: never dispatched
+
+
+def test_comments_do_not_count_towards_the_event_cap() -> None:
+    d = SSEDecoder(max_line=1000)
+    for _ in range(500):
+        assert d.feed(b": keep-alive\n\n") == []
+    assert d.feed(b"data: ok\n\n") == [Event("message", "ok")]

@@ -151,14 +151,14 @@ async def test_json_error_with_status_200_is_retried(tmp_path: Path) -> None:
     assert (row["status"], row["caption"], row["attempts"]) == ("ok", "Fine.", 2)
 
 
-async def test_a_chunk_of_an_impossible_shape_is_retried_not_a_crash(tmp_path: Path) -> None:
+async def test_a_chunk_of_an_impossible_shape_fails_its_row_for_good(tmp_path: Path) -> None:
     odd = {"id": "c", "choices": [None]}  # valid JSON, no protocol allows it
     w, _, _, _ = make([
         (200, {"content-type": "text/event-stream"}, sse(text("Half"), odd)),
         (200, {"content-type": "text/event-stream"}, sse(text("Whole."), STOP)),
     ], tmp_path)
-    row = await w.process(ROW)
-    assert (row["status"], row["caption"], row["attempts"]) == ("ok", "Whole.", 2)
+    row = await w.process(ROW)  # permanent: a rerun does not pay for it again either
+    assert (row["status"], row["error_class"], row["attempts"]) == ("error", "bad_response", 1)
 
 
 async def test_an_unexpected_bug_fails_the_row_not_the_batch(tmp_path: Path) -> None:
