@@ -22,6 +22,7 @@ from typing import Any
 _COPIED = ("caption", "finish_reason", "finish_reason_raw", "model", "response_id",
            "terminal")
 _RECENT_MAX = 100_000
+RECENT_MAX = _RECENT_MAX  # --dry-run mirrors this bound when it predicts copies
 
 
 def dedup_key(sha256: str, prompt: str, system: str | None, model: str) -> str:

@@ -98,7 +98,7 @@ class Run:
                 or self.budget_stop is not None)
 
     async def execute(self) -> RunResult:
-        manifest = Manifest(self.s.manifest)
+        manifest = Manifest(self.s.manifest, self.s.manifest_format)
         for p in self.s.named_prompts:
             check_template(p.template, manifest)
         resume = await asyncio.to_thread(Checkpoint(self.s.out).load, self.s.retry_errors)
@@ -110,11 +110,13 @@ class Run:
         show_bar = self.s.progress and sys.stderr.isatty()
         self.progress = Progress(self.counters, show_bar, self.s.status_interval,
                                  json_lines=self.s.log_format == "json")
-        lines = await asyncio.to_thread(count_lines, self.s.manifest)
-        rows = (lines - 1) * len(self.s.named_prompts)  # one row per image and prompt
-        estimate = max(0, rows - len(resume.done))
-        self.progress.set_total(min(estimate, self.s.limit) if self.s.limit is not None
-                                else estimate)
+        lines = None if manifest.one_shot else await asyncio.to_thread(count_lines,
+                                                                        self.s.manifest)
+        if lines is not None:  # standard input cannot be read twice: the total stays open
+            rows = (lines - 1) * len(self.s.named_prompts)  # one row per image and prompt
+            estimate = max(0, rows - len(resume.done))
+            self.progress.set_total(min(estimate, self.s.limit) if self.s.limit is not None
+                                    else estimate)
         async with contextlib.AsyncExitStack() as stack:
             worker = await self._worker(stack, resume.parts)
             await self._run_pool(manifest, resume.done, worker, sink)
@@ -276,16 +278,16 @@ def conclude(s: Settings, run_id: str, started_at: str, progress: Progress,
              stopping: signal.Signals | None, fatal: RunFatal | None,
              budget_stop: str | None, **extra: Any) -> RunResult:
     """The end of a run, for every engine: exit code, summary, and the run report."""
-    summary = progress.summary(str(s.out))
     if fatal is not None:
-        code = fatal.exit_code
+        code, reason = fatal.exit_code, "fatal"
     elif budget_stop is not None:
-        code = EXIT_BUDGET
+        code, reason = EXIT_BUDGET, "max_cost"
     elif stopping is not None:
-        code = _SIGNAL_EXIT[stopping]
+        code, reason = _SIGNAL_EXIT[stopping], stopping.name.lower()
     else:
-        code = EXIT_ROWS_FAILED if progress.c.failed else EXIT_OK
+        code, reason = EXIT_ROWS_FAILED if progress.c.failed else EXIT_OK, "completed"
     note = fatal.message if fatal else budget_stop
+    summary = progress.summary(str(s.out), code, reason, note)
     options = {k: str(v) if isinstance(v, Path) else v
                for k, v in asdict(s).items() if k != "api_key"}  # never the key
     c = progress.c

@@ -16,6 +16,7 @@ from .adapters import get_adapter
 from .cost import CostBudget
 from .dedupe import Dedupe
 from .imageprep import ImagePolicy
+from .manifest_format import base_dir
 from .images import ImageSource
 from .ratelimit import Budgets, Limiter
 from .retry import RetryPolicy
@@ -39,7 +40,7 @@ async def build_worker(stack: contextlib.AsyncExitStack, s: Settings, *, concurr
     if s.fetch_urls:
         fetcher = await stack.enter_async_context(
             ImageFetcher(policy, s.max_download_bytes, s.download_timeout))
-    images = ImageSource(s.manifest.parent, ImagePolicy(s.max_edge, s.max_image_bytes),
+    images = ImageSource(base_dir(s.manifest), ImagePolicy(s.max_edge, s.max_image_bytes),
                          executor, fetcher)
     price = s.price
     return Worker(s, adapter, transport, images, Limiter(budgets, concurrency), policy,
