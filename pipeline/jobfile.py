@@ -91,7 +91,9 @@ def _kind(action: argparse.Action) -> str:
         return "list"
     if action.metavar == "JSON":
         return "json"
-    return {int: "int", float: "number"}.get(action.type, "text")  # type: ignore[arg-type]
+    if action.type is int:
+        return "int"
+    return "number" if action.type is float else "text"
 
 
 @functools.cache

@@ -154,9 +154,9 @@ def _encoded(path: str, image: str, size: int, large: int) -> str | None:
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as im:
-            im.draft("RGB", (max(size, large), max(size, large)))
-            im = ImageOps.exif_transpose(im)
+        with Image.open(path) as opened:
+            opened.draft("RGB", (max(size, large), max(size, large)))
+            im: Image.Image = ImageOps.exif_transpose(opened)
             if im.mode in ("RGBA", "LA", "P", "PA"):
                 rgba = im.convert("RGBA")
                 im = Image.new("RGB", rgba.size, "white")

@@ -186,7 +186,7 @@ class Run:
         plan = Plan(manifest, done, self.s.named_prompts, self.s.limit, self.counters)
         plan.log_duplicate = lambda row: log.warning(
             "manifest line %d: duplicate id %r skipped (first one kept)", row.line, row.id)
-        for group in plan:
+        async for group in plan.groups():  # a stream is read off the loop (plan.py)
             if not group:
                 await asyncio.sleep(0)  # a long run of done rows must not starve the loop
                 continue

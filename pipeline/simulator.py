@@ -310,7 +310,8 @@ def _arg_parser() -> _Parser:
     parser = _Parser(
         prog="simulate",
         description="Local OpenAI/Anthropic-compatible gateway SIMULATOR (no model runs).",
-        epilog=triggers_help(FAULT_MODES, INVALID_KEY), formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=triggers_help(FAULT_MODES, INVALID_KEY),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="interface to bind (default %(default)s)")

@@ -16,8 +16,8 @@ from .adapters import get_adapter
 from .cost import CostBudget
 from .dedupe import Dedupe
 from .imageprep import ImagePolicy
-from .manifest_format import base_dir
 from .images import ImageSource
+from .manifest_format import base_dir
 from .ratelimit import Budgets, Limiter
 from .retry import RetryPolicy
 from .settings import Settings

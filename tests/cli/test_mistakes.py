@@ -8,8 +8,10 @@ input is exercised through a real `cat ... |` pipe into a subprocess.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import FAST, REPO, subprocess_env, write_manifest
@@ -158,6 +160,32 @@ def test_a_manifest_piped_into_stdin_captions_and_resumes_by_id(gateway, tmp_pat
     assert gateway.count() == 0 and "skipped=4 (already done)" in again.stdout
 
 
+@pytest.mark.slow
+def test_a_quiet_pipe_does_not_stop_the_run_from_answering_sigint(gateway, tmp_path):
+    """The writer goes quiet after two rows: they are captioned, and SIGINT still
+    ends the run at once (the pipe is read off the event loop)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "caption", "-", "--out", str(tmp_path / "OUT"),
+         "--base-url", gateway.base_url, *FAST], cwd=tmp_path, env=subprocess_env(),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(f"id,image\na,{img('ok', 'a.jpg')}\nb,{img('ok', 'b.jpg')}\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 30
+        while sum(c.outcome == "ok" for c in gateway.calls()) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)   # stdin still open and quiet
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "ok=2 failed=0" in out
+
+
 def test_stdin_without_out_says_to_pass_out(capfd) -> None:
     code, line = one_line(capfd, "caption", "-", "--base-url", "http://127.0.0.1:9/v1")
     assert code == 2 and "--out" in line, line
@@ -196,3 +224,16 @@ def test_dry_run_counts_images_out_already_holds_as_copies(gateway, tmp_path, ca
     assert code == 0, err
     assert [ln.split("\t")[:4] for ln in lines(stdout)[1:]] == [
         ["z", "default", "pics/im0.png", "copy (identical image)"]]
+
+
+def test_status_reads_a_manifest_with_named_columns(gateway, tmp_path, capfd) -> None:
+    tiny_pngs(tmp_path / "pics", 2)
+    (tmp_path / "m.csv").write_text("key;file\nk1;pics/im0.png\nk2;pics/im1.png\n")
+    out = str(tmp_path / "out")
+    columns = ["--image-column", "file", "--id-column", "key"]
+    assert main_run(capfd, "caption", str(tmp_path / "m.csv"), "--out", out, "--base-url",
+                    gateway.base_url, "--limit", "1", *columns, *FAST)[0] == 0
+    code, stdout, err = main_run(capfd, "status", out, "--manifest", str(tmp_path / "m.csv"),
+                                 *columns)
+    assert code == 0, err
+    assert f"{tmp_path / 'm.csv'}: 2 rows x 1 prompt(s), 1 pending" in stdout

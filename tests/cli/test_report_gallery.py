@@ -13,7 +13,7 @@ import json
 import os
 import re
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from html import unescape
 from pathlib import Path
 
@@ -50,7 +50,7 @@ def chromium() -> str:
 def _row(id_: str, prompt: str, image: str, line: int, **kw: object) -> dict[str, object]:
     row: dict[str, object] = {f: None for f in output_schema(["split"]).names}
     row.update(id=id_, prompt_name=prompt, image=image, line=line, attempts=1,
-               finished_at=datetime(2026, 1, 2, tzinfo=timezone.utc))
+               finished_at=datetime(2026, 1, 2, tzinfo=UTC))
     row.update(kw)
     return row
 
