@@ -76,8 +76,8 @@ class Plan:
         threading.Thread(target=handoff.fill, args=(iter(self),), daemon=True,
                          name="manifest-reader").start()
         try:
-            while (group := await handoff.get()) is not None:
-                yield group
+            while (handed := await handoff.get()) is not None:
+                yield handed
         finally:
             handoff.stopped = True
 
