@@ -10,7 +10,7 @@ OUT ?=
 JOB ?=
 ARGS ?=
 
-.PHONY: help setup demo caption test test-ray bench bench-ratelimit bench-images bench-crash clean bench-ray
+.PHONY: help setup demo caption test test-ray bench bench-ratelimit bench-images bench-crash clean bench-ray docs-screenshot
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-10s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ bench-crash: $(STAMP) ## rows redone after SIGKILL and time to stop on SIGTERM
 
 bench-ray: $(RAY_STAMP) ## images/s: local engine vs --engine ray with 1 and 2 actors (3000x2000 JPEGs)
 	$(BIN)/python tests/bench/bench_ray.py
+
+docs-screenshot: $(STAMP) ## regenerate docs/gallery.png from a real demo run (needs chromium)
+	$(BIN)/python docs/make_screenshot.py
 
 clean: ## remove demo output
 	rm -rf out data/sample/out

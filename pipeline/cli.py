@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import difflib
 import os
 import sys
 from collections.abc import Sequence
@@ -16,9 +16,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .errors import PipelineError, RunFatal
+from .logs import Say, setup_logging, wants_json
+from .manifest_format import ManifestFormat, is_stdin, is_stream
 from .options import RequestOptions, load_response_format, parse_json_option
-from .redact import RedactingFilter, add_secret, redacted_std_streams
-from .settings import DEFAULT_MODEL, DEFAULT_PROMPT, Secret, Settings
+from .redact import add_secret, redacted_std_streams
+from .settings import DEFAULT_MODEL, DEFAULT_PROMPT, MAX_CONCURRENCY, Secret, Settings
 
 EXIT_CODES = """exit codes:
   0    every row ok
@@ -34,10 +36,41 @@ EXIT_CODES = """exit codes:
 """
 
 
+COMMANDS = ("caption", "run", "status", "report", "simulate", "demo")
+
+
+def did_you_mean(word: str, known: Sequence[str], quote: bool = False) -> str:
+    """``; did you mean X?`` for the closest of ``known``, or nothing. Leading dashes
+    are not compared: every option has them, so they would make anything look close."""
+    bare = {k.lstrip("-"): k for k in known}
+    close = difflib.get_close_matches(word.lstrip("-"), list(bare), n=1, cutoff=0.7)
+    if not close:  # --out-dir: a real name with something added
+        close = sorted((k for k in bare if len(k) > 2 and word.lstrip("-").startswith(k)),
+                       key=len)[-1:]
+    if not close:
+        return ""
+    return f"; did you mean {bare[close[0]]!r}?" if quote else f"; did you mean {bare[close[0]]}?"
+
+
 class _Parser(argparse.ArgumentParser):
+    json_errors = False  # set by the caller that knows the requested log format
+
     def error(self, message: str) -> None:  # type: ignore[override]
         # argparse's own usage block is noise in cron logs: one line, exit 2.
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        if message.startswith("unrecognized arguments: "):
+            message = self._unknown(message.removeprefix("unrecognized arguments: ").split())
+        line = Say(self.json_errors).line("error", message, exit_code=2)
+        self.exit(2, (line if self.json_errors else f"{self.prog}: {line}") + "\n")
+
+    def _unknown(self, words: list[str]) -> str:
+        """Name each unknown option with the closest real one: the fix, not the symptom."""
+        known = [o for a in self._actions for o in a.option_strings]
+        opts = [w.split("=", 1)[0] for w in words if w.startswith("-")]
+        if not opts:
+            return (f"unexpected argument {' '.join(words)!r} (caption takes one manifest; "
+                    "quote values that contain spaces)")
+        return "; ".join(f"unknown option {o}{did_you_mean(o, known) or ' (see --help)'}"
+                         for o in opts)
 
 
 def _env(*names: str) -> str | None:
@@ -57,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "streaming OpenAI-compatible API; results go to a Parquet dataset.",
                 epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("manifest", type=Path, help="CSV with an 'image' column (path or http(s) URL)")
+    a("manifest", type=Path, help="CSV with an 'image' column (path or http(s) URL); "
+                                  "'-' reads it from standard input")
     a("--out", type=Path, help="output dataset directory (default out/<manifest stem>)")
     a("--base-url", help="API root such as https://host/v1 "
                          "(env CAPTION_BASE_URL, then OPENAI_BASE_URL)")
@@ -84,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="structured output: 'json_object', or a JSON Schema file (json_schema); the "
            "caption is parsed into caption_json")
     a("--extra-body", metavar="JSON", help="extra top-level request fields, merged as given")
-    a("--concurrency", type=int, default=16, help="requests in flight at most (default 16)")
+    a("--concurrency", type=int, default=16,
+      help=f"requests in flight at most (default 16, at most {MAX_CONCURRENCY})")
     a("--limit", type=int, help="caption only the first N pending rows")
     a("--no-progress", action="store_true", help="no progress bar (automatic without a TTY)")
     a("--retries", type=int, default=5, help="retries per row after the first attempt (5)")
@@ -150,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tpm", type=float, help="tokens-per-minute budget (input + output)")
     a("--itpm", type=float, help="input-tokens-per-minute budget (Anthropic ITPM)")
     a("--otpm", type=float, help="output-tokens-per-minute budget (Anthropic OTPM)")
+    a("--delimiter", metavar="CHAR",
+      help="manifest field separator: ',', ';', tab ('tab' or '\\t') or '|' "
+           "(default: detected from the header)")
+    a("--image-column", default="image", metavar="NAME",
+      help="the manifest column with image paths or URLs (default 'image')")
+    a("--id-column", default="id", metavar="NAME",
+      help="the manifest column with row ids (default 'id'; without one, ids are "
+           "derived from the image)")
     a("--engine", choices=["local", "ray"], default="local",
       help="where rows are captioned: this process (default) or a Ray cluster")
     a("--ray-address", metavar="ADDR",
@@ -162,22 +205,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _config(message: str) -> RunFatal:
+    return RunFatal(message, "config", exit_code=2)
+
+
 def settings_from_args(ns: argparse.Namespace) -> Settings:
-    base_url = ns.base_url or _env("CAPTION_BASE_URL", "OPENAI_BASE_URL")
-    if not base_url:
-        raise RunFatal("no endpoint configured: pass --base-url https://host/v1 or set "
-                       "CAPTION_BASE_URL (or run `make demo` to try the local simulator)",
-                       "config", exit_code=2)
+    base_url = ns.base_url or _env("CAPTION_BASE_URL", "OPENAI_BASE_URL") or ""
+    if not base_url and not ns.dry_run:  # a dry run sends nothing: it needs no endpoint
+        raise _config("no endpoint configured: pass --base-url https://host/v1 or set "
+                      "CAPTION_BASE_URL (or run `make demo` to try the local simulator)")
+    if is_stdin(ns.manifest) and ns.out is None:
+        raise _config("the manifest comes from standard input: pass --out DIR (a rerun "
+                      "with the same DIR resumes)")
+    if ns.engine == "ray" and is_stream(ns.manifest):
+        raise _config(f"--engine ray reads the manifest on a cluster node: save "
+                      f"{ns.manifest} to a file and pass its path")
     out = ns.out or Path("out") / ns.manifest.stem
     key = _env(*_KEY_ENV[ns.api]) or ""
     add_secret(key)  # before anything can print, log or write it
     add_secret(urlsplit(base_url).password)
     return Settings(
         manifest=ns.manifest, out=out, base_url=base_url,
+        manifest_format=manifest_format(ns),
         api_key=Secret(key), api=ns.api,
         model=ns.model, prompt=ns.prompt, system=ns.system, max_tokens=ns.max_tokens,
         options=options_from_args(ns), concurrency=ns.concurrency, limit=ns.limit,
-        progress=not ns.no_progress, retries=ns.retries, read_timeout=ns.read_timeout,
+        progress=not ns.no_progress and ns.log_format != "json",  # a bar is not JSON
+        retries=ns.retries, read_timeout=ns.read_timeout,
         connect_timeout=ns.connect_timeout, backoff_base=ns.backoff_base,
         backoff_max=ns.backoff_max, flush_rows=ns.flush_rows, flush_seconds=ns.flush_seconds,
         grace=ns.grace, max_retry_after=ns.max_retry_wait, retry_errors=ns.retry_errors,
@@ -193,6 +247,10 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         status_interval=ns.status_interval, engine=ns.engine, ray_address=ns.ray_address,
         ray_actors=ns.ray_actors,
     )
+
+
+def manifest_format(ns: argparse.Namespace) -> ManifestFormat:
+    return ManifestFormat.parse(ns.delimiter, ns.image_column, ns.id_column)
 
 
 def named_prompts(values: list[str]) -> tuple[tuple[str, str], ...]:
@@ -221,8 +279,11 @@ def options_from_args(ns: argparse.Namespace) -> RequestOptions:
 
 
 def caption(argv: Sequence[str]) -> int:
-    ns = build_parser().parse_args(list(argv))
-    configure_logging(ns.verbose)
+    parser = build_parser()
+    parser.json_errors = wants_json(argv)  # type: ignore[attr-defined]
+    ns = parser.parse_args(list(argv))
+    setup_logging(ns.verbose, ns.log_format == "json")
+    say = Say(ns.log_format == "json")
     from .runner import run  # imported late: `--help` stays fast
 
     try:
@@ -233,31 +294,16 @@ def caption(argv: Sequence[str]) -> int:
             return asyncio.run(dry_run(settings))
         result = asyncio.run(run(settings))
     except PipelineError as e:
-        print(f"error: {e.message}", file=sys.stderr)
+        say("error", e.message, exit_code=getattr(e, "exit_code", 2))
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         return 130
     if result.fatal:
-        label = "stopped" if result.exit_code == 5 else "error"
-        print(f"{label}: {result.fatal}", file=sys.stderr)
+        budget = result.exit_code == 5
+        say("stopped" if budget else "error", result.fatal,
+            level="warning" if budget else "error", exit_code=result.exit_code)
     print(result.summary, flush=True)  # the result on stdout; diagnostics on stderr
     return result.exit_code
-
-
-def configure_logging(verbosity: int) -> None:
-    """-v: this tool's debug lines; -vv: every library's too (Pillow, aiohttp, asyncio).
-
-    Third-party loggers stay at warning below -vv: Pillow alone writes a debug line per
-    image chunk it parses. Every handler redacts what it is given.
-    """
-    logging.basicConfig(level=logging.DEBUG if verbosity >= 2 else logging.WARNING,
-                        format="%(levelname)s %(message)s", stream=sys.stderr)
-    logging.getLogger("pipeline").setLevel(logging.DEBUG if verbosity else logging.NOTSET)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_REDACT)  # the same instance: a second call adds nothing
-
-
-_REDACT = RedactingFilter()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -265,16 +311,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     commands = {"caption": caption, "run": _run_job, "status": _status, "report": _report,
                 "simulate": _simulate, "demo": _demo}
-    if not args or args[0] in ("-h", "--help") or args[0] not in commands:
+    if args and args[0] not in commands and args[0] not in ("-h", "--help"):
+        Say(wants_json(args))("error", _unknown_command(args[0]), exit_code=2)
+        return 2
+    if not args or args[0] in ("-h", "--help"):
         print("usage: python -m pipeline {caption,run,status,report,simulate,demo} ...\n"
               "  caption MANIFEST [options]   caption a manifest (see caption --help)\n"
               "  run JOB.toml [options]       run a job file; options override it\n"
               "  status OUT [--manifest M]    done / failed / pending and the last runs\n"
-              "  report OUT                   write OUT/report.html, a review gallery\n"
+              "  report OUT [--html PAGE]     write OUT/_report.html, a review gallery\n"
               "  simulate [--port P]          serve the local gateway simulator\n"
               "  demo                         caption data/sample with the simulator",
-              file=sys.stderr if args and args[0] not in ("-h", "--help") else sys.stdout)
-        return 0 if args and args[0] in ("-h", "--help") else 2
+              file=sys.stdout if args else sys.stderr)
+        return 0 if args else 2
     for name in sorted({n for names in _KEY_ENV.values() for n in names}):
         add_secret(os.environ.get(name))  # also for status/report over older output
     try:
@@ -287,16 +336,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def _unknown_command(word: str) -> str:
+    if word.startswith("-"):
+        return (f"{word} is an option, not a command: options follow the command, e.g. "
+                f"`python -m pipeline caption MANIFEST {word} ...`")
+    hint = did_you_mean(word, COMMANDS, quote=True)
+    return (f"unknown command {word!r}{hint}" if hint else
+            f"unknown command {word!r} (commands: {', '.join(COMMANDS)})")
+
+
 def _run_job(argv: Sequence[str]) -> int:
+    say = Say(wants_json(argv))
     if not argv or argv[0].startswith("-"):
-        print("usage: python -m pipeline run JOB.toml [caption options]", file=sys.stderr)
+        say("error", "usage: python -m pipeline run JOB.toml [caption options]")
         return 2
     from .jobfile import job_argv
 
     try:
         job = job_argv(Path(argv[0]))
     except PipelineError as e:
-        print(f"error: {e.message}", file=sys.stderr)
+        say("error", e.message, exit_code=2)
         return 2
     return caption([*job, *argv[1:]])
 

@@ -22,6 +22,7 @@ from . import dataset_record
 from .checkpoint import Checkpoint, ResumeState
 from .errors import output_error
 from .manifest import Manifest
+from .manifest_format import base_dir
 from .outdir import quarantine, union_schema, unify
 from .records import output_schema
 from .settings import Settings
@@ -49,9 +50,10 @@ def wanted_settings(s: Settings, manifest: Manifest) -> dict[str, dict[str, Any]
 
 
 def _manifest_identity(s: Settings, manifest: Manifest) -> dict[str, Any]:
-    path = str(s.manifest) if str(s.manifest) == "-" else str(Path(s.manifest).resolve())
-    base = Path(s.manifest).parent if str(s.manifest) != "-" else Path.cwd()
-    return {"path": path, "base_dir": str(base.resolve()), "columns": list(manifest.columns)}
+    path = "-" if manifest.one_shot and str(s.manifest) in ("-", "/dev/stdin") \
+        else str(Path(s.manifest).resolve())
+    return {"path": path, "base_dir": str(base_dir(s.manifest).resolve()),
+            "columns": list(manifest.columns)}
 
 
 def open_dataset(s: Settings, manifest: Manifest, run_id: str) -> Opened:

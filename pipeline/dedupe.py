@@ -32,6 +32,7 @@ _COPIED = ("caption", "finish_reason", "finish_reason_raw", "model", "response_i
            "terminal")
 _RECENT_MAX = 100_000
 _BATCH = 65_536
+RECENT_MAX = _RECENT_MAX  # --dry-run mirrors this bound when it predicts copies
 
 
 def dedup_key(sha256: str, prompt: str, system: str | None, model: str) -> str:

@@ -124,7 +124,7 @@ class RayRun:
         import ray
 
         s = self.s
-        manifest = Manifest(s.manifest)
+        manifest = Manifest(s.manifest, s.manifest_format)
         for p in s.named_prompts:
             check_template(p.template, manifest)
         opened = open_dataset(s, manifest, self.run_id)
@@ -182,7 +182,8 @@ class RayRun:
         place = {"resources": {pin: 0.001}} if pin in ray.cluster_resources() else {}
         ds = ray.data.from_items([{"shard": 0}]).map_batches(
             plan_chunks, batch_size=1, batch_format="pyarrow", num_cpus=0,
-            fn_kwargs={"manifest": str(s.manifest), "prompts": s.named_prompts,
+            fn_kwargs={"manifest": str(s.manifest), "fmt": s.manifest_format,
+                       "prompts": s.named_prompts,
                        "limit": s.limit, "done": [done_ref], "chunk_rows": chunk_rows},
             **place)
         pool, remote = _actor_pool(ActorPoolStrategy, n)

@@ -40,7 +40,7 @@ from .checkpoint import KeySet
 from .cost import BudgetReached
 from .daemonpool import DaemonPool
 from .errors import RunFatal
-from .manifest import Manifest
+from .manifest import Manifest, ManifestFormat
 from .plan import NamedPrompt, variants
 from .ratelimit import Budgets
 from .records import ManifestRow, PreparedImage, output_schema
@@ -73,7 +73,8 @@ def _chunk(kind: str, payload: bytes | None = None, info: str | None = None) -> 
                                 schema=CHUNK_SCHEMA)
 
 
-def plan_chunks(batch: Any, *, manifest: str, prompts: tuple[NamedPrompt, ...],
+def plan_chunks(batch: Any, *, manifest: str, fmt: ManifestFormat,
+                prompts: tuple[NamedPrompt, ...],
                 limit: int | None, done: list[Any], chunk_rows: int) -> Iterator[pa.Table]:
     """A Ray Data generator UDF: the pending rows of the manifest, as chunks."""
     done_keys = np.empty(0, np.int64)
@@ -83,7 +84,7 @@ def plan_chunks(batch: Any, *, manifest: str, prompts: tuple[NamedPrompt, ...],
         done_keys = ray.get(done[0])
     counts = {"skipped_done": 0, "skipped_duplicate": 0, "pending": 0, "duplicates": []}
     try:
-        yield from _plan(Manifest(Path(manifest)), prompts, limit, done_keys, chunk_rows,
+        yield from _plan(Manifest(Path(manifest), fmt), prompts, limit, done_keys, chunk_rows,
                          counts)
     except Exception as e:  # the driver stops with exit 2, like the local run
         yield _chunk("fatal", info=json.dumps({

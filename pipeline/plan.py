@@ -4,11 +4,18 @@ Each manifest row becomes one row per named prompt, keyed by (id, prompt_name), 
 its prompt text rendered from the row's columns. A duplicate id is skipped (the first
 is kept), keys already in OUT are skipped, and ``--limit`` caps the pending rows.
 Rows come out grouped per manifest row, so its image is prepared once for all prompts.
+
+A manifest on standard input (or a FIFO) can go quiet for as long as whatever writes
+it likes: ``groups`` reads such a one-shot manifest in a thread of its own, one row at
+a time, so a row starts as soon as it arrives and the event loop (streams in flight,
+timeouts, signals) never waits on the pipe.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
@@ -26,6 +33,7 @@ from .records import DEFAULT_PROMPT_NAME, ManifestRow
 __all__ = ["NamedPrompt", "Plan", "row_values", "variants"]
 
 _BLOCK = 4096
+_AHEAD = 64  # groups a one-shot manifest's reader thread may be ahead of the run
 
 
 def _hashes(block: list[ManifestRow], prompt_name: str) -> np.ndarray:
@@ -58,13 +66,32 @@ class Plan:
         self.counters = counters
         self.pending = 0
         self.log_duplicate = lambda row: None
+        # A stream gives its rows as they come: a block would wait for 4096 of them.
+        self.block = 1 if getattr(manifest, "one_shot", False) else _BLOCK
+
+    async def groups(self) -> AsyncIterator[list[ManifestRow]]:
+        """The groups of ``__iter__``, without blocking the event loop on a stream."""
+        if self.block != 1:
+            for group in self:
+                yield group
+            return
+        handoff = _Handoff(asyncio.get_running_loop())
+        # A daemon thread, not the loop's executor: a reader stuck on a quiet pipe must
+        # not keep the process alive at exit (asyncio.run waits for executor threads).
+        threading.Thread(target=handoff.fill, args=(iter(self),), daemon=True,
+                         name="manifest-reader").start()
+        try:
+            while (handed := await handoff.get()) is not None:
+                yield handed
+        finally:
+            handoff.stopped = True
 
     def __iter__(self) -> Iterator[list[ManifestRow]]:
         """Groups of pending rows; an empty group after each block of done rows, so a
         caller that awaits between groups is never blocked for a whole scan."""
         seen = KeySet()  # ids of rows with something pending: done rows need no memory
         rows = iter(self.manifest)
-        while block := list(islice(rows, _BLOCK)):
+        while block := list(islice(rows, self.block)):
             if self.images is not None:
                 self._check_images(block)
             # One vectorised lookup per prompt for the whole block, not one per row: a
@@ -108,6 +135,43 @@ class Plan:
 
     def _variants(self, row: ManifestRow, names: set[str]) -> Iterator[ManifestRow]:
         return variants(row, [p for p in self.prompts if p.name in names])
+
+
+class _Handoff:
+    """Groups from a reader thread to the event loop, at most ``_AHEAD`` in between."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.room = threading.Semaphore(_AHEAD)
+        self.stopped = False
+
+    def fill(self, groups: Iterator[list[ManifestRow]]) -> None:
+        try:
+            for group in groups:
+                while not self.room.acquire(timeout=0.5):
+                    if self.stopped:
+                        return
+                if self.stopped or not self._put(group):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the loop, raised there
+            self._put(e)
+            return
+        self._put(None)
+
+    def _put(self, item: Any) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the run is over
+            return False
+        return True
+
+    async def get(self) -> list[ManifestRow] | None:
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        self.room.release()
+        return item
 
 
 def variants(row: ManifestRow, prompts: Iterable[NamedPrompt]) -> Iterator[ManifestRow]:

@@ -4,12 +4,15 @@ On a TTY a tqdm bar (ok, failed, tokens, images/s, ETA against the pending rows)
 otherwise (cron, CI, pipes) a plain status line every ``interval`` seconds, so logs
 stay readable. Error reasons are counted with a cap so a million distinct messages
 cannot grow memory.
+
+The bar's counts are set before the bar advances, so every frame drawn shows counts
+that add up to its position; a terminal that reports no width gets 80 columns.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import os
 import random
 import sys
 import time
@@ -19,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from tqdm import tqdm
+
+from .logs import json_line
 
 _MAX_REASONS = 50
 _RESERVOIR = 10_000  # latency samples kept: percentiles stay exact-ish in flat memory
@@ -117,12 +122,25 @@ class RateWindow:
         return reqs * 60 / elapsed, toks * 60 / elapsed
 
 
+def terminal_size(fp: Any) -> tuple[int, int]:
+    """(columns, rows) of the terminal behind ``fp``; a sane size where it reports none
+    (a serial console or a container's pty often says 0x0): $COLUMNS, else 80x24."""
+    try:
+        cols, rows = os.get_terminal_size(fp.fileno())
+    except (AttributeError, OSError, ValueError):
+        cols, rows = 0, 0
+    if cols < 20:
+        env = os.environ.get("COLUMNS", "")
+        cols = int(env) if env.isdigit() and int(env) >= 20 else 80
+    return cols, rows if rows > 0 else 24
+
+
 class Progress:
     """Shows progress on stderr; ``update`` is called once per finished row."""
 
     def __init__(self, counters: Counters, show_bar: bool, interval: float = 30.0,
                  stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic,
-                 json_lines: bool = False) -> None:
+                 json_lines: bool = False, bar_interval: float = 0.1) -> None:
         self.json_lines = json_lines
         stream = stream or sys.stderr  # resolved per run, not at import
         self.c = counters
@@ -134,8 +152,11 @@ class Progress:
         self.rates = RateWindow(clock)
         self.bar: tqdm[Any] | None = None
         if show_bar:
-            self.bar = tqdm(total=None, unit="img", file=stream, dynamic_ncols=True,
-                            smoothing=0.1)
+            self.bar = tqdm(total=None, unit="img", file=stream, ncols=terminal_size(stream)[0],
+                            smoothing=0.1, mininterval=bar_interval)
+            # tqdm asks this before every frame: the width follows a resized terminal,
+            # and a terminal that reports 0 columns still gets a bar.
+            self.bar.dynamic_ncols = terminal_size
 
     def set_total(self, total: int) -> None:
         self.total = total
@@ -144,14 +165,15 @@ class Progress:
             self.bar.refresh()
 
     def update(self, tokens: int = 0) -> None:
+        """One more finished row (already in the counters)."""
         self.rates.add(tokens)
         if self.bar is not None:
+            # Counts first, then the step that may draw a frame: they always agree.
+            rpm, tpm = self.rates.per_minute()
+            self.bar.set_postfix({"ok": self.c.ok, "failed": self.c.failed,
+                                  "tok": self.c.tokens_in + self.c.tokens_out,
+                                  "rpm": f"{rpm:.0f}", "tpm": f"{tpm:.0f}"}, refresh=False)
             self.bar.update(1)
-            if self.c.finished % 8 == 0 or self.c.finished == self.total:
-                rpm, tpm = self.rates.per_minute()
-                self.bar.set_postfix(ok=self.c.ok, failed=self.c.failed,
-                                     tok=self.c.tokens_in + self.c.tokens_out,
-                                     rpm=f"{rpm:.0f}", tpm=f"{tpm:.0f}", refresh=False)
 
     async def status_lines(self) -> None:
         """Without a bar (cron, pipes): a status line every ``interval`` seconds, also
@@ -174,7 +196,7 @@ class Progress:
 
     def status_line(self) -> str:
         if self.json_lines:
-            return json.dumps({"event": "progress", **self.stats()})
+            return json_line("progress", **self.stats())
         wall = max(self.clock() - self.started, 1e-9)
         total = f"/{self.total}" if self.total is not None else ""
         rpm, tpm = self.rates.per_minute()
@@ -186,7 +208,9 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
 
-    def summary(self, out: str) -> str:
+    def summary(self, out: str, exit_code: int | None = None, stop_reason: str | None = None,
+                note: str | None = None) -> str:
+        """The last line of a run (stdout): every count, and how and why it ended."""
         wall = self.clock() - self.started
         rate = self.c.finished / wall if wall > 0 else 0.0
         classes = ", ".join(f"{k}={v}" for k, v in sorted(self.c.error_classes.items()))
@@ -203,6 +227,9 @@ class Progress:
             parts.append(f"cost=${self.c.cost_usd:.4f}")
         parts += [f"wall={wall:.1f}s", f"{rate:.2f} img/s", f"out={out}"]
         if self.json_lines:
-            return json.dumps({"event": "summary", **self.stats(), "out": out,
-                               "error_classes": dict(self.c.error_classes)})
+            return json_line("summary", "info" if not exit_code else "warning",
+                             exit_code=exit_code, stop_reason=stop_reason, note=note,
+                             **self.stats(), skipped_duplicate=self.c.skipped_duplicate,
+                             copied_from_identical=self.c.copies, out=out,
+                             error_classes=dict(self.c.error_classes))
         return "summary: " + " ".join(parts)

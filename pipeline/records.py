@@ -177,7 +177,7 @@ def copied_row(row: ManifestRow, original: dict[str, Any], **extra: Any) -> dict
     out = base_row(row)
     out.update({k: v for k, v in original.items() if k != "id" and k != "dedup_key"})
     out.update(status="ok", dedup_of=original["id"], usage_source="dedup",
-               finished_at=now_utc())
+               cost_usd=0.0, finished_at=now_utc())  # no request, so no cost: 0, not unknown
     out.update(extra)
     return out
 

@@ -117,7 +117,7 @@ class Run:
                 or self.budget_stop is not None or self.output_error is not None)
 
     async def execute(self) -> RunResult:
-        manifest = Manifest(self.s.manifest)
+        manifest = Manifest(self.s.manifest, self.s.manifest_format)
         for p in self.s.named_prompts:
             check_template(p.template, manifest)
         self.s = replace(self.s, concurrency=fit_descriptors(self.s.concurrency))
@@ -126,13 +126,16 @@ class Run:
         self.progress = Progress(self.counters, self.s.progress and sys.stderr.isatty(),
                                  self.s.status_interval,
                                  json_lines=self.s.log_format == "json")
-        lines = await asyncio.to_thread(count_lines, self.s.manifest)
-        rows = (lines - 1) * len(self.s.named_prompts)  # one row per image and prompt
-        estimate = max(0, rows - len(resume.done))
-        if self.s.limit is not None:
-            estimate = min(estimate, self.s.limit)
-        self.progress.set_total(estimate)
-        warn_if_low_space(self.s.out, estimate)
+        lines = None if manifest.one_shot else await asyncio.to_thread(count_lines,
+                                                                        self.s.manifest)
+        estimate = None
+        if lines is not None:  # standard input cannot be read twice: the total stays open
+            rows = (lines - 1) * len(self.s.named_prompts)  # one row per image and prompt
+            estimate = max(0, rows - len(resume.done))
+            if self.s.limit is not None:
+                estimate = min(estimate, self.s.limit)
+            self.progress.set_total(estimate)
+        warn_if_low_space(self.s.out, estimate or 0)
         self.reserve = Reserve(self.s.out)
         # CAPTION_JOURNAL=0: parts only (how make bench-crash measures what it saves).
         sink = ParquetSink(self.s.out, opened.schema, self.run_id, self.s.flush_rows,
@@ -218,7 +221,7 @@ class Run:
                     images=None if self.s.allow_mixed else images, out=self.s.out)
         plan.log_duplicate = lambda row: log.warning(
             "manifest line %d: duplicate id %r skipped (first one kept)", row.line, row.id)
-        for group in plan:
+        async for group in plan.groups():  # a stream is read off the loop (plan.py)
             if not group:
                 await asyncio.sleep(0)  # a long run of done rows must not starve the loop
                 continue
@@ -366,16 +369,16 @@ def conclude(s: Settings, run_id: str, started_at: str, progress: Progress,
              stopping: signal.Signals | None, fatal: RunFatal | None,
              budget_stop: str | None, **extra: Any) -> RunResult:
     """The end of a run, for every engine: exit code, summary, and the run report."""
-    summary = progress.summary(str(s.out))
     if fatal is not None:
-        code = fatal.exit_code
+        code, reason = fatal.exit_code, "fatal"
     elif budget_stop is not None:
-        code = EXIT_BUDGET
+        code, reason = EXIT_BUDGET, "max_cost"
     elif stopping is not None:
-        code = SIGNAL_EXIT[stopping]
+        code, reason = SIGNAL_EXIT[stopping], stopping.name.lower()
     else:
-        code = EXIT_ROWS_FAILED if progress.c.failed else EXIT_OK
+        code, reason = EXIT_ROWS_FAILED if progress.c.failed else EXIT_OK, "completed"
     note = fatal.message if fatal else budget_stop
+    summary = progress.summary(str(s.out), code, reason, note)
     options = {k: str(v) if isinstance(v, Path) else v
                for k, v in asdict(s).items() if k != "api_key"}  # never the key
     c = progress.c

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .cost import Price, price_for
 from .errors import RunFatal
+from .manifest_format import ManifestFormat
 from .options import RequestOptions
 from .plan import NamedPrompt
 from .records import DEFAULT_PROMPT_NAME
@@ -24,6 +25,9 @@ MiB = 1024 * 1024
 LINE_FLOOR, LINE_PER_TOKEN = 1 * MiB, 4096          # one SSE line or event
 RESPONSE_FLOOR, RESPONSE_PER_TOKEN = 16 * MiB, 16384  # one success body, stream or JSON
 ATTEMPT_FLOOR, ATTEMPT_PER_TOKEN = 600.0, 0.1        # seconds for one whole attempt
+# Each request in flight holds a socket, a queue slot and its buffers; no API serves one
+# key thousands of parallel streams, so beyond this a value is a typo, not a plan.
+MAX_CONCURRENCY = 4096
 
 
 class Secret:
@@ -48,10 +52,11 @@ class Secret:
 
 @dataclass(frozen=True)
 class Settings:
-    manifest: Path
+    manifest: Path              # "-" (or /dev/stdin): standard input
     out: Path
-    base_url: str
+    base_url: str               # "" only for a dry run, which sends nothing
     api_key: Secret
+    manifest_format: ManifestFormat = field(default_factory=ManifestFormat)
     model: str = DEFAULT_MODEL
     api: str = "openai"
     prompt: str = DEFAULT_PROMPT
@@ -100,6 +105,10 @@ class Settings:
 
     def __post_init__(self) -> None:
         _positive("--concurrency", self.concurrency)
+        if self.concurrency > MAX_CONCURRENCY:
+            raise RunFatal(f"--concurrency {self.concurrency} is above the maximum of "
+                           f"{MAX_CONCURRENCY}; use at most what the server's limits allow",
+                           "config", exit_code=2)
         _positive("--max-tokens", self.max_tokens)
         _positive("--flush-rows", self.flush_rows)
         _positive("--read-timeout", self.read_timeout)
@@ -140,7 +149,8 @@ class Settings:
         if self.ray_actors is not None:
             _positive("--ray-actors", self.ray_actors)
         self.options.check_protocol(self.api)
-        if not self.base_url.startswith(("http://", "https://")):
+        if (self.base_url or not self.dry_run) and not self.base_url.startswith(
+                ("http://", "https://")):
             raise RunFatal(f"--base-url must start with http:// or https://, got "
                            f"{self.base_url!r}", "config", exit_code=2)
 

@@ -35,6 +35,7 @@ from aiohttp import web
 
 from pipeline.sim_captions import BadRequest, caption_for, split_tokens
 from pipeline.sim_delivery import Exchange, complete, stream
+from pipeline.sim_help import triggers_help
 from pipeline.sim_limits import RateLimits, TokenBucket, go_duration
 from pipeline.sim_wire import (
     ANTHROPIC,
@@ -49,7 +50,7 @@ from pipeline.sim_wire import (
 )
 
 __all__ = [
-    "CONFIG", "FAULT_MODES", "LIMITS", "STATS", "RateLimits", "SimConfig", "SimStats",
+    "CONFIG", "FAULT_MODES", "LIMITS", "RateLimits", "SimConfig", "SimStats",
     "TokenBucket", "build_app", "go_duration", "main", "start",
 ]  # fmt: skip
 
@@ -309,6 +310,8 @@ def _arg_parser() -> _Parser:
     parser = _Parser(
         prog="simulate",
         description="Local OpenAI/Anthropic-compatible gateway SIMULATOR (no model runs).",
+        epilog=triggers_help(FAULT_MODES, INVALID_KEY),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="interface to bind (default %(default)s)")

@@ -19,6 +19,7 @@ from .download import ImageFetcher
 from .imageprep import ImagePolicy
 from .images import ImageSource, ReadLimits
 from .keys import ImageRefs
+from .manifest_format import base_dir
 from .ratelimit import Budgets, Limiter
 from .retry import RetryPolicy
 from .settings import Settings
@@ -42,7 +43,7 @@ async def build_worker(stack: contextlib.AsyncExitStack, s: Settings, *, concurr
     if s.fetch_urls:
         fetcher = await stack.enter_async_context(
             ImageFetcher(policy, s.max_download_bytes, s.download_timeout))
-    images = ImageSource(s.manifest.parent, ImagePolicy(s.max_edge, s.max_image_bytes),
+    images = ImageSource(base_dir(s.manifest), ImagePolicy(s.max_edge, s.max_image_bytes),
                          executor, fetcher, ReadLimits(s.max_file_bytes, s.image_timeout))
     price = s.price
     return Worker(s, adapter, transport, images, Limiter(budgets, concurrency), policy,

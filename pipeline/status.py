@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from .errors import TRANSIENT, RunFatal
 from .keys import KeySet, key_hash
 from .manifest import Manifest
+from .manifest_format import ManifestFormat
 from .outdir import QUARANTINE, RUNS, check_part, part_files
 
 
@@ -26,6 +27,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("out", type=Path, help="the output dataset directory")
     p.add_argument("--manifest", type=Path, help="count the manifest's pending rows too")
     p.add_argument("--runs", type=int, default=5, help="how many recent runs to list (5)")
+    p.add_argument("--delimiter", help="the manifest's separator (default: detected)")
+    p.add_argument("--image-column", default="image", help="as for caption ('image')")
+    p.add_argument("--id-column", default="id", help="as for caption ('id')")
     ns = p.parse_args(argv)
     if not ns.out.is_dir():
         print(f"error: {ns.out} is not a directory", file=sys.stderr)
@@ -43,7 +47,8 @@ def main(argv: list[str]) -> int:
         print(f"quarantined: {q}")
     if ns.manifest is not None:
         try:
-            pending, total = _pending(ns.manifest, keys, names or {"default"})
+            fmt = ManifestFormat.parse(ns.delimiter, ns.image_column, ns.id_column)
+            pending, total = _pending(Manifest(ns.manifest, fmt), keys, names or {"default"})
         except RunFatal as e:
             print(f"error: {e.message}", file=sys.stderr)
             return 2
@@ -90,10 +95,10 @@ def _value_counts(t, column: str) -> tuple[list[str | None], list[int]]:  # type
     return vc.field("values").to_pylist(), vc.field("counts").to_pylist()
 
 
-def _pending(manifest_path: Path, keys: KeySet, names: set[str]) -> tuple[int, int]:
+def _pending(manifest: Manifest, keys: KeySet, names: set[str]) -> tuple[int, int]:
     pending = total = 0
     seen = KeySet()
-    for row in Manifest(manifest_path):
+    for row in manifest:
         if key_hash(row.id, "") in seen:
             continue
         seen.add(key_hash(row.id, ""))

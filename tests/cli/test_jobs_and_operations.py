@@ -604,7 +604,7 @@ def test_copied_identical_image_costs_nothing(gateway, tmp_path, capfd):
     assert gateway.count() == 1                       # the second row was copied
     df = read_out(tmp_path / "out")
     copy = df[df["id"] == "b"].iloc[0]
-    assert copy["dedup_of"] == "a" and clean(copy["cost_usd"]) in (None, 0.0)
+    assert copy["dedup_of"] == "a" and clean(copy["cost_usd"]) == 0.0
     assert "cost=$0.0030 " in stdout
     report = reports(tmp_path / "out")[0]
     assert report["cost_usd"] == pytest.approx((OK_IN * 3 + OK_OUT * 7) / 1e6)
@@ -717,7 +717,8 @@ def test_dry_run_prints_pending_rows_with_estimates_and_sends_nothing(gateway, t
     total_in = sum(int(r[4]) for r in table)
     total_cost = sum((int(r[4]) * 3 + int(r[5]) * 15) / 1e6 for r in table)
     (summary,) = [ln for ln in lines(err) if ln.startswith("dry run: ")]
-    assert summary == (f"dry run: 4 rows would be captioned (0 unusable), skipped 2 already "
+    assert summary == (f"dry run: 4 rows would be captioned (0 unusable, 0 copied from "
+                       f"identical images: left out of the estimate), skipped 2 already "
                        f"done; estimated input tokens {total_in}, output at most 160; "
                        f"cost ${total_cost:.4f} at most")
 

@@ -84,12 +84,12 @@ def test_a_gateway_that_quotes_the_key_back_leaks_it_nowhere(gateway, tmp_path):
     assert {c.headers.get("Authorization") for c in gateway.calls()} == {f"Bearer {SECRET}"}
     assert {400, 401, 200} <= {c.status for c in gateway.calls()}
     assert b"DEBUG row quoted400" in runs[0].stderr  # -v was on
-    df = read_out(out1).set_index("id")  # before report.html joins the parts
+    df = read_out(out1).set_index("id")
     for out in (out1, out2):
         runs.append(run([sys.executable, "-m", "pipeline", "status", str(out)]))
         runs.append(run([sys.executable, "-m", "pipeline", "report", str(out)]))
     assert runs[2].returncode == 0 and runs[3].returncode == 0, runs[2].stderr + runs[3].stderr
-    assert (out1 / "report.html").exists() and list((out1 / "_runs").glob("*.json"))
+    assert (out1 / "_report.html").exists() and list((out1 / "_runs").glob("*.json"))
 
     leaks = [f"{i}:{name}" for i, p in enumerate(runs)
              for name, blob in (("stdout", p.stdout), ("stderr", p.stderr))

@@ -1,0 +1,100 @@
+"""Specification of ``Plan.groups`` on a manifest from standard input: rows start as they
+arrive, and a quiet pipe never blocks the event loop (or keeps the process alive)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.checkpoint import KeySet
+from pipeline.manifest import Manifest
+from pipeline.plan import NamedPrompt, Plan
+from pipeline.progress import Counters
+
+PROMPTS = (NamedPrompt("default", "Caption it."),)
+
+
+@pytest.fixture
+def pipe(monkeypatch: pytest.MonkeyPatch):
+    """Standard input is the read end of a real pipe; yields the write end."""
+    r, w = os.pipe()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.FileIO(r, "rb")))
+    writer = os.fdopen(w, "wb", buffering=0)
+    yield writer
+    if not writer.closed:
+        writer.close()
+
+
+def plan(done: KeySet | None = None) -> Plan:
+    return Plan(Manifest(Path("-")), done or KeySet(), PROMPTS, None, Counters())
+
+
+async def test_a_row_starts_while_the_pipe_is_still_open_and_the_loop_runs_on(pipe) -> None:
+    pipe.write(b"id,image\nr1,a.png\n")
+    p = plan()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    tick = asyncio.create_task(ticker())
+    groups = p.groups()
+    first = await asyncio.wait_for(anext(_nonempty(groups)), 5)
+    assert [r.id for r in first] == ["r1"]
+    before = ticks
+    later = asyncio.create_task(anext(_nonempty(groups)))
+    await asyncio.sleep(0.3)                 # the pipe is quiet: the loop is not
+    assert ticks - before >= 3 and not later.done()
+    pipe.write(b"r2,b.png\n")
+    assert [r.id for r in await asyncio.wait_for(later, 5)] == ["r2"]
+    pipe.close()
+    assert [g async for g in groups if g] == []
+    tick.cancel()
+
+
+async def _nonempty(groups):
+    async for g in groups:
+        if g:
+            yield g
+
+
+def test_a_run_stopped_while_the_pipe_is_quiet_ends_at_once(pipe) -> None:
+    pipe.write(b"id,image\nr1,a.png\n")
+
+    async def consume() -> None:
+        p = plan()
+        task = asyncio.create_task(_drain(p))
+        await asyncio.sleep(0.3)             # r1 taken; the reader now waits on the pipe
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    t0 = time.monotonic()
+    asyncio.run(consume())                    # must not wait for the blocked reader
+    assert time.monotonic() - t0 < 10         # (blocked, it would never return)
+
+
+async def _drain(p: Plan) -> None:
+    async for _ in p.groups():
+        pass
+
+
+async def test_a_read_error_reaches_the_consumer(pipe, monkeypatch) -> None:
+    pipe.write(b"id,image\nr1,a.png\n")
+    p = plan()
+
+    def broken():
+        yield []
+        raise OSError("read failed")
+
+    monkeypatch.setattr(Plan, "__iter__", lambda self: broken())
+    with pytest.raises(OSError, match="read failed"):
+        await _drain(p)
