@@ -62,6 +62,8 @@ class Counters:
     ok: int = 0
     failed: int = 0
     skipped_done: int = 0
+    errors_kept: int = 0     # error rows of earlier runs left as they are (permanent)
+    errors_retried: int = 0  # error rows of earlier runs pending again (transient)
     skipped_duplicate: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
@@ -218,6 +220,9 @@ class Progress:
             f"ok={self.c.ok}", f"failed={self.c.failed}" + (f" ({classes})" if classes else ""),
             f"skipped={self.c.skipped_done} (already done)",
         ]
+        if self.c.errors_kept or self.c.errors_retried:
+            parts.append(f"earlier error rows: retried={self.c.errors_retried} "
+                         f"kept={self.c.errors_kept}")
         if self.c.skipped_duplicate:
             parts.append(f"duplicate ids skipped={self.c.skipped_duplicate}")
         if self.c.copies:
@@ -231,5 +236,7 @@ class Progress:
                              exit_code=exit_code, stop_reason=stop_reason, note=note,
                              **self.stats(), skipped_duplicate=self.c.skipped_duplicate,
                              copied_from_identical=self.c.copies, out=out,
+                             errors_retried=self.c.errors_retried,
+                             errors_kept=self.c.errors_kept,
                              error_classes=dict(self.c.error_classes))
         return "summary: " + " ".join(parts)

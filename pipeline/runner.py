@@ -123,6 +123,8 @@ class Run:
         self.s = replace(self.s, concurrency=fit_descriptors(self.s.concurrency))
         opened = await asyncio.to_thread(open_dataset, self.s, manifest, self.run_id)
         resume = opened.resume
+        self.counters.errors_retried = resume.rows_retried
+        self.counters.errors_kept = resume.rows_error - resume.rows_retried
         self.progress = Progress(self.counters, self.s.progress and sys.stderr.isatty(),
                                  self.s.status_interval,
                                  json_lines=self.s.log_format == "json")
@@ -360,8 +362,8 @@ class Run:
                              "was committed", "output", exit_code=fatal.exit_code)
         return conclude(self.s, self.run_id, self.started_at, self.progress, self.stopping,
                         fatal, self.budget_stop, uncommitted=self.uncommitted,
-                        errors_kept=opened.resume.rows_error - opened.resume.rows_retried,
-                        errors_retried=opened.resume.rows_retried,
+                        errors_kept=self.counters.errors_kept,
+                        errors_retried=self.counters.errors_retried,
                         quarantined=[str(p) for p in opened.resume.quarantined])
 
 
