@@ -227,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     commands = {"caption": caption, "run": _run_job, "status": _status, "report": _report,
                 "simulate": _simulate, "demo": _demo}
+    commands["export"] = lambda a: __import__("pipeline.export", fromlist=["main"]).main(a)
     if not args or args[0] in ("-h", "--help") or args[0] not in commands:
         print("usage: python -m pipeline {caption,run,status,report,simulate,demo} ...\n"
               "  caption MANIFEST [options]   caption a manifest (see caption --help)\n"
