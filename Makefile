@@ -10,7 +10,8 @@ OUT ?=
 JOB ?=
 ARGS ?=
 
-.PHONY: help setup demo caption test test-ray bench bench-ratelimit bench-images bench-crash clean bench-ray
+.PHONY: help setup demo caption test test-ray bench bench-ratelimit bench-images bench-crash clean bench-ray \
+	bench-export
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-10s %s\n", $$1, $$2}'
@@ -59,6 +60,9 @@ bench-crash: $(STAMP) ## rows redone after SIGKILL and time to stop on SIGTERM
 
 bench-ray: $(RAY_STAMP) ## images/s: local engine vs --engine ray with 1 and 2 actors (3000x2000 JPEGs)
 	$(BIN)/python tests/bench/bench_ray.py
+
+bench-export: $(STAMP) ## export 1M rows to JSONL and sidecars vs a pandas script (rows/s, peak RSS)
+	$(BIN)/python tests/bench/bench_export.py
 
 clean: ## remove demo output
 	rm -rf out data/sample/out

@@ -20,12 +20,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import pyarrow as pa
+
 if TYPE_CHECKING:
     from .images import Resolver
     from .reader import Committed, Selection
 
 __all__ = ["ExportError", "Spec", "Summary", "Job", "Writer", "check_dest", "one_line",
-           "caption_text", "with_trigger", "write_atomic", "jsonable", "DEFAULT_COLUMNS", "ERROR_COLUMNS"]
+           "caption_text", "with_trigger", "write_atomic", "jsonable", "json_columns", "DEFAULT_COLUMNS", "ERROR_COLUMNS"]
 
 # Columns exported when --columns is not given (those OUT has and that hold a value),
 # followed by the manifest's own columns.
@@ -202,6 +204,13 @@ def jsonable(v: Any) -> Any:
     return v
 
 
+def json_columns(schema: pa.Schema, columns: list[str]) -> list[tuple[str, bool]]:
+    """(column, needs ``jsonable``): only timestamp and float columns do (speed)."""
+    def needs(t: pa.DataType) -> bool:
+        return pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_floating(t)
+    return [(c, needs(schema.field(c).type)) for c in columns]
+
+
 def tmp_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
 
@@ -226,7 +235,7 @@ def write_atomic(final: Path, data: bytes, sync: bool = False) -> None:
         raise
 
 
-def copy_atomic(src: Path, final: Path) -> None:
+def copy_atomic(src: str | Path, final: Path) -> None:
     tmp = tmp_path(final)
     try:
         shutil.copy2(src, tmp)

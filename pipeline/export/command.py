@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from tqdm import tqdm
 
 from ..records import BASE_NAMES
@@ -222,6 +223,10 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 def main(argv: Sequence[str]) -> int:
     ns = build_parser().parse_args(list(argv))
+    # Streaming many short-lived batches, Arrow's default allocator (mimalloc) keeps
+    # freed pages: measured at 1 M rows, the system allocator peaks ~45 MB lower and
+    # runs faster. It only changes where Arrow's buffers come from.
+    pa.set_memory_pool(pa.system_memory_pool())
     try:
         spec = spec_from_args(ns)
         with _sigterm_interrupts():

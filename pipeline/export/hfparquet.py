@@ -80,6 +80,7 @@ class HfParquetWriter(Writer):
         self.shards: list[Path] = []
         self.writer: pq.ParquetWriter | None = None
         self.shard_written = 0
+        self.group_bytes = min(ROW_GROUP_BYTES, self.spec.shard_bytes)  # shards cut here
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         for r in rows:
@@ -91,7 +92,7 @@ class HfParquetWriter(Writer):
             self.buf.append(rec)
             self.buf_bytes += len(image["bytes"] or b"")
             self.job.summary.written += 1
-            if self.buf_bytes >= ROW_GROUP_BYTES or len(self.buf) >= ROW_GROUP_ROWS:
+            if self.buf_bytes >= self.group_bytes or len(self.buf) >= ROW_GROUP_ROWS:
                 self._flush()
 
     def _image(self, ref: ImageRef) -> dict[str, Any] | None:
@@ -104,13 +105,13 @@ class HfParquetWriter(Writer):
         try:
             with open(ref.path, "rb") as f:
                 data = f.read(MAX_IMAGE_BYTES + 1)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            s.skip("missing image files", str(ref.path))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+            s.skip("missing or unreadable image files", ref.path)
             return None
         if len(data) > MAX_IMAGE_BYTES:
-            s.skip(f"images over {MAX_IMAGE_BYTES >> 20} MiB", str(ref.path))
+            s.skip(f"images over {MAX_IMAGE_BYTES >> 20} MiB", ref.path)
             return None
-        return {"bytes": data, "path": ref.rel.as_posix()}
+        return {"bytes": data, "path": ref.rel}
 
     def _flush(self) -> None:
         if not self.buf:

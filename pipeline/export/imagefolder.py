@@ -19,7 +19,7 @@ import json
 import os
 from typing import Any
 
-from .base import ExportError, Job, Writer, jsonable, tmp_path, with_trigger
+from .base import ExportError, Job, Writer, json_columns, jsonable, tmp_path, with_trigger
 from .images import ImageRef, place
 
 __all__ = ["ImageFolderWriter", "local_file"]
@@ -34,8 +34,8 @@ def local_file(ref: ImageRef, summary: Any) -> bool:
         summary.skip(reason, ref.value)
         return False
     assert ref.path is not None
-    if not ref.path.is_file():
-        summary.skip("missing image files", str(ref.path))
+    if not os.path.isfile(ref.path) or not os.access(ref.path, os.R_OK):
+        summary.skip("missing or unreadable image files", ref.path)
         return False
     return True
 
@@ -55,7 +55,8 @@ class ImageFolderWriter(Writer):
         self.final = self.dest / METADATA
         self.tmp = tmp_path(self.final)
         self.f = open(self.tmp, "w", encoding="utf-8")
-        self.cols = [c for c in job.columns if c not in self.reserved]
+        self.cols = json_columns(job.committed.schema,
+                                 [c for c in job.columns if c not in self.reserved])
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         s = self.job.summary
@@ -64,12 +65,12 @@ class ImageFolderWriter(Writer):
             if not local_file(ref, s):
                 continue
             assert ref.path is not None and ref.rel is not None
-            if ref.rel.as_posix() == METADATA:
-                s.skip(f"images named {METADATA}", str(ref.path))
+            if ref.rel == METADATA:
+                s.skip(f"images named {METADATA}", ref.path)
                 continue
             s.images += place(ref.path, self.dest / ref.rel, self.spec.images)
-            rec = {"file_name": ref.rel.as_posix(),
-                   **{c: jsonable(r.get(c)) for c in self.cols}}
+            rec = {"file_name": ref.rel,
+                   **{c: jsonable(r[c]) if conv else r[c] for c, conv in self.cols}}
             self.f.write(json.dumps(with_trigger(rec, self.spec.trigger),
                                     ensure_ascii=False) + "\n")
             s.written += 1

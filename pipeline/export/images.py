@@ -13,7 +13,7 @@ import errno
 import os
 import shutil
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from .base import ExportError, copy_atomic
 
@@ -24,10 +24,12 @@ PLACE_MODES = ("copy", "hardlink", "symlink")
 
 @dataclass(frozen=True, slots=True)
 class ImageRef:
+    """Paths as strings: a million rows of pathlib objects cost seconds, strings do not."""
+
     value: str | None          # as OUT holds it
     url: str | None = None     # an http(s) image
-    path: Path | None = None   # a local image, absolute and normalised
-    rel: PurePosixPath | None = None  # where it goes under DEST
+    path: str | None = None    # a local image, absolute and normalised
+    rel: str | None = None     # where it goes under DEST (POSIX, relative)
 
     @property
     def skip_reason(self) -> str | None:
@@ -41,7 +43,8 @@ class ImageRef:
 
 class Resolver:
     def __init__(self, base_dir: Path | None, where: str) -> None:
-        self.base = Path(os.path.abspath(base_dir)) if base_dir else None
+        self.base = os.path.normpath(os.path.abspath(base_dir)) if base_dir else None
+        self.prefix = self.base.rstrip("/") + "/" if self.base else None
         self.where = where  # named in the error when base_dir is needed but unknown
 
     def resolve(self, value: str | None, strict: bool = True) -> ImageRef:
@@ -50,25 +53,24 @@ class Resolver:
             return ImageRef(value)
         if value[:8].lower().startswith(("http://", "https://")):
             return ImageRef(value, url=value)
-        if os.path.isabs(value):
-            path = Path(os.path.normpath(value))
+        if value.startswith("/"):
+            path = os.path.normpath(value)
         elif self.base is not None:
-            path = Path(os.path.normpath(os.path.join(self.base, value)))
+            path = os.path.normpath(os.path.join(self.base, value))
         elif strict:
             raise ExportError(f"{self.where} does not say where relative image paths such "
                               f"as {value!r} start (no readable _dataset.json): pass "
                               "--base-dir DIR, the folder of the manifest")
         else:
             return ImageRef(value)
-        return ImageRef(value, path=path, rel=self._rel(path))
+        if self.prefix is not None and path.startswith(self.prefix):
+            rel = path[len(self.prefix):]
+        else:
+            rel = path.lstrip("/")
+        return ImageRef(value, path=path, rel=rel)
 
-    def _rel(self, path: Path) -> PurePosixPath:
-        if self.base is not None and path.is_relative_to(self.base):
-            return PurePosixPath(path.relative_to(self.base).as_posix())
-        return PurePosixPath(path.as_posix().lstrip("/"))
 
-
-def place(src: Path, dst: Path, how: str) -> bool:
+def place(src: str, dst: Path, how: str) -> bool:
     """Put ``src`` at ``dst`` (copy, hard link or symlink); False when already there.
 
     A copy is "already there" when size and modification time match (``copy2`` keeps
@@ -100,13 +102,13 @@ def place(src: Path, dst: Path, how: str) -> bool:
     return True
 
 
-def _same(src: Path, dst: Path, how: str) -> bool:
+def _same(src: str, dst: Path, how: str) -> bool:
     try:
         if how == "symlink":
-            return dst.is_symlink() and os.readlink(dst) == str(src)
+            return dst.is_symlink() and os.readlink(dst) == src
         if dst.is_symlink():
             return False
-        a, b = src.stat(), dst.stat()
+        a, b = os.stat(src), dst.stat()
     except OSError:
         return False
     if how == "hardlink" and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):

@@ -44,8 +44,9 @@ from .base import ExportError
 __all__ = ["Committed", "Selection", "open_committed"]
 
 _KEYS = ["id", "prompt_name", "status", "finished_at"]
-_BATCH = 8192  # rows per batch in pass 2: a few MB of Arrow, whatever the dataset's size
-_KEY_BATCH = 65_536
+_BATCH = 2048  # rows per batch in pass 2: a few MB of Arrow, whatever the dataset's size
+_KEY_BATCH = 16_384
+_READ_BUFFER = 1 << 20  # read column chunks through a 1 MiB buffer, not whole
 _NEVER = np.iinfo(np.int64).min  # finished_at of a row that has none: older than any
 
 
@@ -100,50 +101,45 @@ class Committed:
     # ------------------------------------------------------------------ pass 1
 
     def select(self, include_errors: bool, prompt_names: Sequence[str] | None) -> Selection:
-        hashes: list[np.ndarray] = []
+        chunks: list[np.ndarray] = []
         selected = 0
         names: Counter[str] = Counter()
         wanted = pa.array(list(prompt_names)) if prompt_names else None
         for part in self.parts:
-            part_hashes = []
             for b in self._batches(part, _KEYS, _KEY_BATCH):
-                part_hashes.append(_hashes(b))
+                chunks.append(_hashes(b))
                 selected += int(pc.sum(_wanted(b, include_errors, wanted)).as_py() or 0)
                 vc = pc.value_counts(pc.fill_null(b["prompt_name"], ""))
                 names.update(dict(zip(vc.field("values").to_pylist(),
                                       vc.field("counts").to_pylist())))
-            hashes.append(np.concatenate(part_hashes) if part_hashes
-                          else np.empty(0, np.int64))
-        dups = _duplicated(hashes)
+        dups = _duplicated(chunks)  # consumes chunks: one 8-byte array, sorted in place
         sel = Selection([np.empty(0, np.int64) for _ in self.parts])
         if dups.size:
-            sel.losers, sel.duplicates, lost = self._losers(hashes, dups, include_errors,
-                                                             wanted)
+            sel.losers, sel.duplicates, lost = self._losers(dups, include_errors, wanted)
             selected -= lost
-        del hashes
         sel.rows = selected
         sel.all_prompt_names = names
         sel.prompt_names, sel.errors_left_out = self._counts(sel, include_errors, wanted)
         return sel
 
-    def _losers(self, hashes: list[np.ndarray], dups: np.ndarray, include_errors: bool,
+    def _losers(self, dups: np.ndarray, include_errors: bool,
                 wanted: pa.Array | None) -> tuple[list[np.ndarray], int, int]:
         """Per part, the rows of duplicated keys that lose to a better row of their key."""
         cand_h, cand_rank, cand_where, cand_sel = [], [], [], []
-        for i, (part, h) in enumerate(zip(self.parts, hashes)):
-            rows = np.flatnonzero(np.isin(h, dups))
+        for i, part in enumerate(self.parts):
             start = 0
-            for b in self._batches(part, _KEYS, _KEY_BATCH) if rows.size else ():
-                lo, hi = np.searchsorted(rows, [start, start + b.num_rows])
-                here = rows[lo:hi]
+            for b in self._batches(part, _KEYS, _KEY_BATCH):
+                h = _hashes(b)
+                local = np.flatnonzero(np.isin(h, dups))
+                here = local + start
                 start += b.num_rows
-                if not here.size:
+                if not local.size:
                     continue
-                t = b.take(pa.array(here - (start - b.num_rows)))
+                t = b.take(pa.array(local))
                 ok = pc.equal(t["status"], "ok").fill_null(False).to_numpy(
                     zero_copy_only=False)
                 when = pc.fill_null(t["finished_at"].cast(pa.int64()), _NEVER).to_numpy()
-                cand_h.append(h[here])
+                cand_h.append(h[local])
                 cand_rank.append(np.stack([ok.astype(np.int64), when,
                                            np.full(here.size, i), here]))
                 cand_where.append(np.stack([np.full(here.size, i), here]))
@@ -201,9 +197,9 @@ class Committed:
                  size: int) -> Iterator[pa.RecordBatch]:
         schema = pa.schema([self.schema.field(c) for c in columns])
         try:
-            pf = pq.ParquetFile(part)
+            pf = pq.ParquetFile(part, buffer_size=_READ_BUFFER, pre_buffer=False)
             present = [c for c in columns if c in pf.schema_arrow.names]
-            for b in pf.iter_batches(size, columns=present):
+            for b in pf.iter_batches(size, columns=present, use_threads=False):
                 yield _conform(b, schema)
         except FileNotFoundError:
             raise ExportError(f"{part} disappeared while exporting (did a caption run "
@@ -241,10 +237,13 @@ def _hashes(b: pa.RecordBatch) -> np.ndarray:
     return hash_strings(keys, len(keys))
 
 
-def _duplicated(hashes: list[np.ndarray]) -> np.ndarray:
-    if not hashes:
+def _duplicated(chunks: list[np.ndarray]) -> np.ndarray:
+    """The hashes that occur more than once; empties ``chunks`` as it goes (memory)."""
+    if not chunks:
         return np.empty(0, np.int64)
-    s = np.sort(np.concatenate(hashes))
+    s = np.concatenate(chunks)
+    chunks.clear()
+    s.sort()
     return np.unique(s[1:][s[1:] == s[:-1]])
 
 

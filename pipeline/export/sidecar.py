@@ -58,7 +58,8 @@ class SidecarWriter(Writer):
         super().__init__(job)
         self.rank = {n: i for i, n in enumerate(job.prompt_order)}
         self.stage: _Stage | None = None
-        self._made_dir: Path | None = None
+        self._made_dir: str | None = None
+        self.dest = str(self.spec.dest) if self.spec.dest is not None else None
 
     def read_columns(self) -> list[str]:
         return ["id", "prompt_name", "image", "caption", "captions"]
@@ -74,20 +75,20 @@ class SidecarWriter(Writer):
         for b in j.committed.batches(["image"], j.selection, self.spec.include_errors,
                                      self.spec.prompt_names or None):
             targets = [self._target(j.resolver.resolve(v)) for v in b["image"].to_pylist()]
-            keys = [str(t) for t in targets if t is not None]
+            keys = [t for t in targets if t is not None]
             hashes.append(np.fromiter(map(hash, keys), dtype=np.int64, count=len(keys)))
         s = np.sort(np.concatenate(hashes)) if hashes else np.empty(0, np.int64)
         return bool((s[1:] == s[:-1]).any())
 
-    def _target(self, ref: ImageRef) -> Path | None:
+    def _target(self, ref: ImageRef) -> str | None:
+        """The sidecar's path: the image's, with the extension replaced."""
         if ref.skip_reason is not None:
             return None
         if self.spec.beside_images:
             assert ref.path is not None
-            return ref.path.with_name(ref.path.stem + self.spec.extension)
-        assert ref.rel is not None and self.spec.dest is not None
-        rel = ref.rel.with_name(ref.rel.stem + self.spec.extension)
-        return self.spec.dest / rel
+            return os.path.splitext(ref.path)[0] + self.spec.extension
+        assert ref.rel is not None and self.dest is not None
+        return os.path.join(self.dest, os.path.splitext(ref.rel)[0] + self.spec.extension)
 
     def _lines(self, r: dict[str, Any]) -> list[str]:
         texts = (r.get("captions") or []) if self.spec.all_captions else []
@@ -112,15 +113,15 @@ class SidecarWriter(Writer):
                 s.skipped[f"images whose name ends in {self.spec.extension}"] += 1
                 continue
             needs_file = self.spec.beside_images or self.spec.images != "none"
-            if needs_file and not ref.path.is_file():
-                s.skipped["missing image files"] += 1
+            if needs_file and not os.path.isfile(ref.path):
+                s.skip("missing or unreadable image files", ref.path)
                 continue
             if self.spec.images != "none" and not self.spec.beside_images:
-                self._mkdir(target.parent)
                 assert ref.rel is not None and self.spec.dest is not None
+                self._mkdir(os.path.dirname(target))
                 s.images += place(ref.path, self.spec.dest / ref.rel, self.spec.images)
             if self.stage is not None:
-                self.stage.add(str(target), str(ref.path),
+                self.stage.add(target, ref.path,
                                self.rank.get(r.get("prompt_name") or "", len(self.rank)),
                                str(r.get("id")), lines)
             else:
@@ -136,7 +137,7 @@ class SidecarWriter(Writer):
                     self.job.summary.example(_CLASH, f"{' and '.join(sorted(images)[:2])} "
                                                      f"-> {target}")
                     continue
-                self._apply(Path(target), list(dict.fromkeys(lines)))
+                self._apply(target, list(dict.fromkeys(lines)))
         finally:
             self.stage.close()
             self.stage = None
@@ -146,22 +147,22 @@ class SidecarWriter(Writer):
             self.stage.close()
             self.stage = None
 
-    def _mkdir(self, folder: Path) -> None:
+    def _mkdir(self, folder: str) -> None:
         if folder != self._made_dir:  # rows come in folder order mostly: one mkdir each
-            folder.mkdir(parents=True, exist_ok=True)
+            os.makedirs(folder, exist_ok=True)
             self._made_dir = folder
 
-    def _apply(self, target: Path, lines: list[str]) -> None:
+    def _apply(self, target: str, lines: list[str]) -> None:
         s = self.job.summary
         existing = _read_existing(target)
         if existing is False and self.spec.policy != "overwrite":
             s.skipped[_NOT_TEXT] += 1
-            s.example(_NOT_TEXT, str(target))
+            s.example(_NOT_TEXT, target)
             return
         if existing is None:
             if not self.spec.beside_images:
-                self._mkdir(target.parent)
-            write_atomic(target, _text(lines).encode("utf-8"))
+                self._mkdir(os.path.dirname(target))
+            write_atomic(Path(target), _text(lines).encode("utf-8"))
             s.written += 1
             return
         if self.spec.policy == "skip":
@@ -171,7 +172,7 @@ class SidecarWriter(Writer):
         if new == existing:
             s.unchanged += 1
             return
-        write_atomic(target, new.encode("utf-8"))
+        write_atomic(Path(target), new.encode("utf-8"))
         s.updated += 1
 
 
@@ -193,7 +194,7 @@ def _text(lines: list[str]) -> str:
     return "".join(ln + "\n" for ln in lines)
 
 
-def _read_existing(path: Path) -> str | None | bool:
+def _read_existing(path: str) -> str | None | bool:
     """The file's text; None when there is none; False when it is not caption text."""
     try:
         with open(path, "rb") as f:

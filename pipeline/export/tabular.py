@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any
 
-from .base import Job, Writer, jsonable, tmp_path, with_trigger
+from .base import Job, Writer, json_columns, jsonable, tmp_path, with_trigger
 
 __all__ = ["JsonlWriter", "CsvWriter"]
 
@@ -29,12 +29,13 @@ class _FileWriter(Writer):
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp_path(self.final)
         self.f = open(self.tmp, "w", encoding="utf-8", newline="")
+        self.convert = json_columns(job.committed.schema, job.columns)
 
     def record(self, r: dict[str, Any]) -> dict[str, Any]:
-        rec = {c: jsonable(r.get(c)) for c in self.job.columns}
+        rec = {c: jsonable(r[c]) if conv else r[c] for c, conv in self.convert}
         if "image" in rec:
             ref = self.job.resolver.resolve(rec["image"], strict=False)
-            rec["image"] = str(ref.path) if ref.path is not None else ref.value
+            rec["image"] = ref.path if ref.path is not None else ref.value
         return with_trigger(rec, self.spec.trigger)
 
     def finish(self) -> None:
