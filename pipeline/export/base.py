@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .images import Resolver
     from .reader import Committed, Selection
 
-__all__ = ["ExportError", "Spec", "Summary", "Job", "Writer", "check_dest", "one_line",
+__all__ = ["ExportError", "Spec", "Summary", "Job", "Writer", "Stop", "Interrupted", "check_dest", "one_line",
            "caption_text", "with_trigger", "write_atomic", "jsonable", "json_columns", "DEFAULT_COLUMNS", "ERROR_COLUMNS"]
 
 # Columns exported when --columns is not given (those OUT has and that hold a value),
@@ -114,6 +114,25 @@ class Job:
     columns: list[str]       # the data columns to export, in order
     prompt_order: list[str]  # prompt names in output order
     summary: Summary = field(default_factory=Summary)
+    stop: Stop = field(default_factory=lambda: Stop())
+
+    def check_stop(self) -> None:
+        """Raise ``Interrupted`` when a signal asked to stop (called between batches)."""
+        if self.stop.exit_code is not None:
+            raise Interrupted(self.stop.exit_code)
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; raised at a batch boundary, never inside a library."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(exit_code)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Stop:
+    exit_code: int | None = None  # set by the signal handler: 130 (SIGINT), 143 (SIGTERM)
 
 
 class Writer:
@@ -133,7 +152,8 @@ class Writer:
                                    "caption", "captions"]))
 
     def prepare(self) -> None:
-        """Called once before the first ``write`` (a format may read OUT once more)."""
+        """Create what the format writes into (``__init__`` has no side effects, so an
+        interruption at any point is cleaned up by ``abort``); may read OUT once more."""
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         raise NotImplementedError

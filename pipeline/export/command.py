@@ -22,8 +22,8 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from ..records import BASE_NAMES
-from .base import DEFAULT_COLUMNS, ERROR_COLUMNS, ExportError, Job, Spec, Summary, Writer, \
-    check_dest
+from .base import DEFAULT_COLUMNS, ERROR_COLUMNS, ExportError, Interrupted, Job, Spec, Stop, \
+    Summary, Writer, check_dest
 from .hfparquet import HfParquetWriter
 from .imagefolder import ImageFolderWriter
 from .images import PLACE_MODES, Resolver
@@ -163,8 +163,8 @@ def prompt_order(c: Committed, spec: Spec, sel: Selection) -> list[str]:
     return recorded + sorted(set(sel.all_prompt_names) - set(recorded))
 
 
-def run(spec: Spec) -> Summary:
-    """Export ``spec.out`` to ``spec.dest``; raises ExportError or OSError."""
+def run(spec: Spec, stop: Stop | None = None) -> Summary:
+    """Export ``spec.out`` to ``spec.dest``; raises ExportError, Interrupted or OSError."""
     cls = WRITERS[spec.format]
     with open_committed(spec.out) as c:
         sel = c.select(spec.include_errors, spec.prompt_names or None)
@@ -173,13 +173,14 @@ def run(spec: Spec) -> Summary:
         if spec.dest is not None:
             check_dest(spec.dest, spec.out, spec.force, cls.dest_is_file)
         resolver = Resolver(spec.base_dir or c.base_dir, str(spec.out / "_dataset.json"))
-        job = Job(spec, c, sel, resolver, columns, order)
+        job = Job(spec, c, sel, resolver, columns, order, stop=stop or Stop())
         writer = cls(job)
         try:
             writer.prepare()
             with _bar(sel.rows, spec.progress) as bar:
                 for b in c.batches(writer.read_columns(), sel, spec.include_errors,
                                    spec.prompt_names or None):
+                    job.check_stop()
                     rows = b.to_pylist()
                     job.summary.rows += len(rows)
                     writer.write(rows)
@@ -205,20 +206,26 @@ def _bar(total: int, enabled: bool) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so temporary files are removed (exit 143)."""
+def _signals_stop(stop: Stop) -> Iterator[None]:
+    """SIGINT and SIGTERM set a flag that the export checks between batches, so it
+    stops at a known point and removes its temporary files (exit 130 / 143).
+
+    Raising from the handler instead would surface inside whatever runs at that
+    moment, C extensions included, which may turn it into an unrelated error.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
-        raise SystemExit(143)
+        stop.exit_code = 128 + signum
 
-    old = signal.signal(signal.SIGTERM, handler)
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -229,8 +236,12 @@ def main(argv: Sequence[str]) -> int:
     pa.set_memory_pool(pa.system_memory_pool())
     try:
         spec = spec_from_args(ns)
-        with _sigterm_interrupts():
-            summary = run(spec)
+        stop = Stop()
+        with _signals_stop(stop):
+            summary = run(spec, stop)
+    except Interrupted as e:
+        print("export: interrupted; temporary files removed", file=sys.stderr)
+        return e.exit_code
     except ExportError as e:
         print(f"export: error: {e.message}", file=sys.stderr)
         return e.exit_code

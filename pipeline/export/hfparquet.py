@@ -68,7 +68,6 @@ class HfParquetWriter(Writer):
         super().__init__(job)
         assert self.spec.dest is not None
         self.data = self.spec.dest / "data"
-        self.data.mkdir(parents=True, exist_ok=True)
         self.cols = [c for c in job.columns if c not in self.reserved]
         fields = [pa.field("image", IMAGE_TYPE),
                   *(job.committed.schema.field(c) for c in self.cols)]
@@ -81,6 +80,9 @@ class HfParquetWriter(Writer):
         self.writer: pq.ParquetWriter | None = None
         self.shard_written = 0
         self.group_bytes = min(ROW_GROUP_BYTES, self.spec.shard_bytes)  # shards cut here
+
+    def prepare(self) -> None:
+        self.data.mkdir(parents=True, exist_ok=True)
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         for r in rows:

@@ -51,12 +51,14 @@ class ImageFolderWriter(Writer):
                               "--images copy, hardlink or symlink")
         assert self.spec.dest is not None
         self.dest = self.spec.dest
-        self.dest.mkdir(parents=True, exist_ok=True)
         self.final = self.dest / METADATA
         self.tmp = tmp_path(self.final)
-        self.f = open(self.tmp, "w", encoding="utf-8")
         self.cols = json_columns(job.committed.schema,
                                  [c for c in job.columns if c not in self.reserved])
+
+    def prepare(self) -> None:
+        self.dest.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.tmp, "w", encoding="utf-8")
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         s = self.job.summary
@@ -82,5 +84,6 @@ class ImageFolderWriter(Writer):
         os.replace(self.tmp, self.final)
 
     def abort(self) -> None:
-        self.f.close()
+        if hasattr(self, "f"):
+            self.f.close()
         self.tmp.unlink(missing_ok=True)

@@ -265,19 +265,20 @@ def _schema(parts: list[Path]) -> pa.Schema:
     schemas = []
     for part in parts:
         try:
-            schemas.append(pq.read_schema(part).remove_metadata())
+            schema = pq.read_schema(part).remove_metadata()
         except (OSError, pa.ArrowException) as e:
             raise ExportError(f"{part}: not a readable Parquet file ({_first_line(e)}); the "
                               "next caption run moves it to _quarantine/", exit_code=2) from None
+        for name in ("id", "prompt_name", "status"):
+            if name not in schema.names or not pa.types.is_string(schema.field(name).type):
+                raise ExportError(f"{part} is not a part of a caption dataset: no string "
+                                  f"column {name!r}", exit_code=2)
+        schemas.append(schema)
     try:
         schema = pa.unify_schemas(schemas)
     except (pa.ArrowException, ValueError) as e:
         raise ExportError(f"the parts of {parts[0].parent} disagree on a column's type "
                           f"({_first_line(e)})", exit_code=2) from None
-    for name in ("id", "prompt_name", "status"):
-        if name not in schema.names or not pa.types.is_string(schema.field(name).type):
-            raise ExportError(f"{parts[0].parent} is not a caption dataset: no string "
-                              f"column {name!r}", exit_code=2)
     if "finished_at" not in schema.names:
         schema = schema.append(pa.field("finished_at", pa.timestamp("us", tz="UTC")))
     return schema

@@ -131,7 +131,9 @@ class SidecarWriter(Writer):
         if self.stage is None:
             return
         try:
-            for target, images, lines in self.stage.groups():
+            for n, (target, images, lines) in enumerate(self.stage.groups()):
+                if n % 1024 == 0:
+                    self.job.check_stop()
                 if len(images) > 1:
                     self.job.summary.skipped[_CLASH] += len(lines)
                     self.job.summary.example(_CLASH, f"{' and '.join(sorted(images)[:2])} "

@@ -26,10 +26,12 @@ class _FileWriter(Writer):
         super().__init__(job)
         assert self.spec.dest is not None
         self.final = self.spec.dest
-        self.final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp_path(self.final)
-        self.f = open(self.tmp, "w", encoding="utf-8", newline="")
         self.convert = json_columns(job.committed.schema, job.columns)
+
+    def prepare(self) -> None:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.tmp, "w", encoding="utf-8", newline="")
 
     def record(self, r: dict[str, Any]) -> dict[str, Any]:
         rec = {c: jsonable(r[c]) if conv else r[c] for c, conv in self.convert}
@@ -45,7 +47,8 @@ class _FileWriter(Writer):
         os.replace(self.tmp, self.final)
 
     def abort(self) -> None:
-        self.f.close()
+        if hasattr(self, "f"):
+            self.f.close()
         self.tmp.unlink(missing_ok=True)
 
 
@@ -72,10 +75,10 @@ def _cell(v: Any) -> Any:
 class CsvWriter(_FileWriter):
     name = "csv"
 
-    def __init__(self, job: Job) -> None:
-        super().__init__(job)
+    def prepare(self) -> None:
+        super().prepare()
         self.csv = csv.writer(self.f)
-        self.csv.writerow(job.columns)
+        self.csv.writerow(self.job.columns)
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         cols = self.job.columns

@@ -113,7 +113,10 @@ def export(capsys: pytest.CaptureFixture[str]) -> Any:
 
     def run(*argv: object) -> Exported:
         capsys.readouterr()
-        code = main(["export", *map(str, argv), "--no-progress"])
+        try:
+            code = main(["export", *map(str, argv), "--no-progress"])
+        except SystemExit as e:  # argparse's own errors (one line, exit 2)
+            code = int(e.code or 0)
         cap = capsys.readouterr()
         return Exported(code, cap.out, cap.err)
 
