@@ -26,8 +26,9 @@ if TYPE_CHECKING:
     from .images import Resolver
     from .reader import Committed, Selection
 
-__all__ = ["ExportError", "Spec", "Summary", "Job", "Writer", "Stop", "Interrupted", "check_dest", "one_line",
-           "caption_text", "with_trigger", "write_atomic", "jsonable", "json_columns", "DEFAULT_COLUMNS", "ERROR_COLUMNS"]
+__all__ = ["ExportError", "Spec", "Summary", "Job", "Writer", "Stop", "Interrupted",
+           "check_dest", "one_line", "caption_text", "with_trigger", "write_atomic",
+           "jsonable", "json_columns", "DEFAULT_COLUMNS", "ERROR_COLUMNS"]
 
 # Columns exported when --columns is not given (those OUT has and that hold a value),
 # followed by the manifest's own columns.
@@ -227,7 +228,8 @@ def jsonable(v: Any) -> Any:
 def json_columns(schema: pa.Schema, columns: list[str]) -> list[tuple[str, bool]]:
     """(column, needs ``jsonable``): only timestamp and float columns do (speed)."""
     def needs(t: pa.DataType) -> bool:
-        return pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_floating(t)
+        return bool(pa.types.is_timestamp(t) or pa.types.is_date(t)
+                    or pa.types.is_floating(t))
     return [(c, needs(schema.field(c).type)) for c in columns]
 
 

@@ -22,8 +22,18 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from ..records import BASE_NAMES
-from .base import DEFAULT_COLUMNS, ERROR_COLUMNS, ExportError, Interrupted, Job, Spec, Stop, \
-    Summary, Writer, check_dest
+from .base import (
+    DEFAULT_COLUMNS,
+    ERROR_COLUMNS,
+    ExportError,
+    Interrupted,
+    Job,
+    Spec,
+    Stop,
+    Summary,
+    Writer,
+    check_dest,
+)
 from .hfparquet import HfParquetWriter
 from .imagefolder import ImageFolderWriter
 from .images import PLACE_MODES, Resolver
@@ -189,6 +199,9 @@ def run(spec: Spec, stop: Stop | None = None) -> Summary:
         except BaseException:
             writer.abort()
             raise
+    if sel.duplicates:
+        job.summary.skipped["older duplicate rows of a key (left by a killed run)"] += \
+            sel.duplicates
     if sel.errors_left_out:
         job.summary.skipped["keys whose best row is an error (--include-errors)"] += \
             sel.errors_left_out

@@ -76,7 +76,8 @@ def _conflicting_part(out: Path) -> None:
 @pytest.mark.parametrize("damage, says", [
     (lambda out: (out / "part-bad.parquet").write_bytes(b"PAR1 not really"),
      "part-bad.parquet: not a readable Parquet file"),
-    (_foreign_part, "part-foreign.parquet is not a part of a caption dataset: no string column 'id'"),
+    (_foreign_part,
+     "part-foreign.parquet is not a part of a caption dataset: no string column 'id'"),
     (_conflicting_part, "disagree on a column's type"),
     (lambda out: [p.unlink() for p in out.glob("part-*.parquet")], "holds no committed rows"),
 ])
@@ -139,6 +140,34 @@ def test_a_quiet_export_prints_only_its_summary(demo: Captioned, export,
     assert r.stderr == ""  # no TTY: no progress bar
     assert re.fullmatch(r"export csv: 9 rows, 9 written -> \S+; skipped: 1 keys whose "
                         r"best row is an error \(--include-errors\)\n", r.stdout)
+
+
+def test_a_tty_shows_a_progress_bar(demo: Captioned, tmp_path: Path) -> None:
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "export", str(demo.out),
+                               "--to", str(tmp_path / "c.jsonl"), "--format", "jsonl"],
+                              env=env, stdout=subprocess.PIPE, stderr=follower, timeout=60)
+        os.close(follower)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the follower side is closed: all was read
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(leader)
+    assert proc.returncode == 0
+    assert b"9/9" in shown and b"row" in shown  # tqdm's bar: rows done / total
 
 
 def test_a_full_disk_exits_6_with_one_line_and_no_temporary_files(

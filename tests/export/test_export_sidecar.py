@@ -19,7 +19,8 @@ def txt(folder: Path, rid: str) -> Path:
     return folder / Path(IMAGES[rid]).with_suffix(".txt")
 
 
-def test_mirrored_sidecars_hold_each_images_caption(demo: Captioned, export, tmp_path: Path) -> None:
+def test_mirrored_sidecars_hold_each_images_caption(demo: Captioned, export,
+                                                    tmp_path: Path) -> None:
     r = export(demo.out, "--to", tmp_path / "dest", "--format", "sidecar")
     assert r.code == 0, r.stderr
     for rid, row in demo.ok().items():

@@ -97,6 +97,7 @@ def test_a_killed_runs_duplicates_export_the_newest_ok_row_per_key(
         dest = tmp_path / f"c{len(errors)}.jsonl"
         r = export(out, "--to", dest, "--format", "jsonl", *errors)
         assert r.code == 0, r.stderr
+        assert "3 older duplicate rows of a key" in r.stdout
         got = read_jsonl(dest)
         ids = [x["id"] for x in got]
         assert len(ids) == len(set(ids))  # one line per key
