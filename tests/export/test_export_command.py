@@ -134,6 +134,19 @@ def test_an_out_locked_by_a_caption_run_exits_4(demo: Captioned, export,
     assert r.code == 4 and "being written by a caption run (pid 4242)" in one_line(r.stderr)
 
 
+def test_a_caption_run_cannot_start_while_an_export_reads_out(
+        demo: Captioned, sim, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.cli import main
+    from pipeline.export.reader import open_committed
+
+    out = copy_out(demo, tmp_path)
+    with open_committed(out), pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CAPTION_API_KEY", "sk-export-tests")
+        code = main(["caption", str(demo.images / "images.csv"), "--out", str(out),
+                     "--base-url", sim.base_url, "--no-progress"])
+    assert code == 4
+
+
 def test_a_quiet_export_prints_only_its_summary(demo: Captioned, export,
                                                 tmp_path: Path) -> None:
     r = export(demo.out, "--to", tmp_path / "c.csv", "--format", "csv")
