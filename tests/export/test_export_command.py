@@ -16,7 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import Captioned, copy_out
+
+from .helpers import Captioned, copy_out
 
 REPO = Path(__file__).resolve().parents[2]
 

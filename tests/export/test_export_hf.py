@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REMOTE, Captioned
+
+from .helpers import REMOTE, Captioned
 
 datasets = pytest.importorskip("datasets")
 

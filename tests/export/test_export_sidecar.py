@@ -1,6 +1,6 @@
 """``export --format sidecar``: NAME.txt per image, read back as plain files.
 
-Every OUT here was captioned from the demo images against the simulator (conftest).
+Every OUT here was captioned from the demo images against the simulator (conftest.py).
 """
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import Captioned, copy_images, snapshot
+
+from .helpers import Captioned, copy_images, snapshot
 
 IMAGES = {"astronaut": "astronaut.png", "camera": "camera.png", "chelsea": "chelsea.png",
           "coffee": "coffee.png", "horse": "horse.png", "hubble": "hubble_deep_field.jpg",
@@ -187,7 +188,7 @@ def test_a_sidecar_that_is_not_text_is_left_alone(demo: Captioned, export,
 
 def test_images_sharing_one_sidecar_name_are_skipped_not_merged(
         sim, tmp_path: Path, export) -> None:  # type: ignore[no-untyped-def]
-    from conftest import SAMPLES, _caption
+    from .helpers import API_KEY, SAMPLES, caption
 
     folder = tmp_path / "clash"
     folder.mkdir()
@@ -196,8 +197,8 @@ def test_images_sharing_one_sidecar_name_are_skipped_not_merged(
     (folder / "b.png").write_bytes((SAMPLES / "camera.png").read_bytes())
     (folder / "m.csv").write_text("id,image\npa,a.png\nja,a.jpg\nb,b.png\n", encoding="utf-8")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CAPTION_API_KEY", "sk-export-tests")
-        _caption(sim, folder / "m.csv", tmp_path / "out")
+        mp.setenv("CAPTION_API_KEY", API_KEY)
+        caption(sim, folder / "m.csv", tmp_path / "out")
     r = export(tmp_path / "out", "--format", "sidecar", "--beside-images")
     assert r.code == 0
     assert not (folder / "a.txt").exists() and (folder / "b.txt").is_file()

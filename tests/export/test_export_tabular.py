@@ -12,7 +12,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from conftest import REMOTE, Captioned, copy_out
+
+from .helpers import REMOTE, Captioned, copy_out
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
