@@ -10,7 +10,8 @@ OUT ?=
 JOB ?=
 ARGS ?=
 
-.PHONY: help setup demo caption test test-ray bench bench-ratelimit bench-images bench-crash clean bench-ray docs-screenshot
+.PHONY: help setup demo caption test test-ray bench bench-ratelimit bench-images bench-crash clean bench-ray \
+	bench-export docs-screenshot
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-10s %s\n", $$1, $$2}'
@@ -62,6 +63,9 @@ bench-ray: $(RAY_STAMP) ## images/s: local engine vs --engine ray with 1 and 2 a
 
 docs-screenshot: $(STAMP) ## regenerate docs/gallery.png from a real demo run (needs chromium)
 	$(BIN)/python docs/make_screenshot.py
+
+bench-export: $(STAMP) ## export 1M rows to JSONL and sidecars vs a pandas script (rows/s, peak RSS)
+	$(BIN)/python tests/bench/bench_export.py
 
 clean: ## remove demo output
 	rm -rf out data/sample/out

@@ -36,7 +36,7 @@ EXIT_CODES = """exit codes:
 """
 
 
-COMMANDS = ("caption", "run", "status", "report", "simulate", "demo")
+COMMANDS = ("caption", "run", "status", "report", "export", "simulate", "demo")
 
 
 def did_you_mean(word: str, known: Sequence[str], quote: bool = False) -> str:
@@ -311,15 +311,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     commands = {"caption": caption, "run": _run_job, "status": _status, "report": _report,
                 "simulate": _simulate, "demo": _demo}
+    commands["export"] = _export
     if args and args[0] not in commands and args[0] not in ("-h", "--help"):
         Say(wants_json(args))("error", _unknown_command(args[0]), exit_code=2)
         return 2
     if not args or args[0] in ("-h", "--help"):
-        print("usage: python -m pipeline {caption,run,status,report,simulate,demo} ...\n"
+        print("usage: python -m pipeline {caption,run,status,report,export,simulate,demo} ...\n"
               "  caption MANIFEST [options]   caption a manifest (see caption --help)\n"
               "  run JOB.toml [options]       run a job file; options override it\n"
               "  status OUT [--manifest M]    done / failed / pending and the last runs\n"
               "  report OUT [--html PAGE]     write OUT/_report.html, a review gallery\n"
+              "  export OUT --to D --format F  captions for trainers (sidecar, hf-*, jsonl, csv)\n"
               "  simulate [--port P]          serve the local gateway simulator\n"
               "  demo                         caption data/sample with the simulator",
               file=sys.stdout if args else sys.stderr)
@@ -370,6 +372,12 @@ def _report(argv: Sequence[str]) -> int:
     from . import report
 
     return report.main(list(argv))
+
+
+def _export(argv: Sequence[str]) -> int:
+    from . import export
+
+    return export.main(list(argv))
 
 
 def _simulate(argv: Sequence[str]) -> int:

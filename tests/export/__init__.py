@@ -1,0 +1,1 @@
+"""Tests of `python -m pipeline export` (a package: see conftest.py)."""
