@@ -221,13 +221,14 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         raise _config(f"--engine ray reads the manifest on a cluster node: save "
                       f"{ns.manifest} to a file and pass its path")
     out = ns.out or Path("out") / ns.manifest.stem
-    key = _env(*_KEY_ENV[ns.api]) or ""
+    key_source = next((n for n in _KEY_ENV[ns.api] if os.environ.get(n)), None)
+    key = os.environ[key_source] if key_source else ""
     add_secret(key)  # before anything can print, log or write it
     add_secret(urlsplit(base_url).password)
     return Settings(
         manifest=ns.manifest, out=out, base_url=base_url,
         manifest_format=manifest_format(ns),
-        api_key=Secret(key), api=ns.api,
+        api_key=Secret(key), key_source=key_source, api=ns.api,
         model=ns.model, prompt=ns.prompt, system=ns.system, max_tokens=ns.max_tokens,
         options=options_from_args(ns), concurrency=ns.concurrency, limit=ns.limit,
         progress=not ns.no_progress and ns.log_format != "json",  # a bar is not JSON

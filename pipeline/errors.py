@@ -54,6 +54,7 @@ class PipelineError(Exception):
         *,
         http_status: int | None = None,
         retry_after: float | None = None,
+        endpoint: str | None = None,
     ) -> None:
         # Redacted once, here: every error message (error column, stderr, run report)
         # is built through this constructor, whatever a server quoted back at us.
@@ -64,6 +65,9 @@ class PipelineError(Exception):
             self.error_class = error_class
         self.http_status = http_status
         self.retry_after = retry_after
+        # Why the endpoint itself looks wrong (refused, dns, tls, http 404/405/501), for
+        # the fail-fast rule of pipeline/endpoint.py; None for a row's own problem.
+        self.endpoint = endpoint
         self.request_id: str | None = None  # set by the worker from the response head
         self.finish_reason_raw: str | None = None  # a clean stream that still failed the row
         self.usage: Any = None
@@ -172,6 +176,8 @@ def classify_http(status: int, headers: Mapping[str, str], body: bytes,
         return RunFatal(f"billing problem ({msg})", "quota", http_status=status)
     if status == 404:
         return RunFatal(f"endpoint or model not found ({msg})", "not_found", http_status=status)
+    if status in (405, 501):  # the URL answers, but not to POST: not an API endpoint
+        return RowFailed(msg, "bad_request", http_status=status, endpoint=f"http {status}")
     if status == 429:
         if "insufficient_quota" in (etype, code) or detail == "enforced_spend_limit_reached":
             return RunFatal(f"quota exhausted ({msg})", "quota", http_status=status)

@@ -56,6 +56,7 @@ class Settings:
     out: Path
     base_url: str               # "" only for a dry run, which sends nothing
     api_key: Secret
+    key_source: str | None = None  # the environment variable the key came from
     manifest_format: ManifestFormat = field(default_factory=ManifestFormat)
     model: str = DEFAULT_MODEL
     api: str = "openai"

@@ -81,7 +81,20 @@ def mapped(read_timeout: float) -> Iterator[None]:
     except aiohttp.InvalidURL as e:
         raise RunFatal(f"invalid endpoint URL: {e}", "config", exit_code=2) from e
     except (aiohttp.ClientError, OSError) as e:
-        raise Retryable(f"connection error: {type(e).__name__}: {e}", "connection") from e
+        raise Retryable(f"connection error: {type(e).__name__}: {e}", "connection",
+                        endpoint=_endpoint_reason(e)) from e
+
+
+def _endpoint_reason(e: BaseException) -> str | None:
+    """Failures that say the endpoint itself is wrong, not that this attempt was unlucky."""
+    if isinstance(e, aiohttp.ClientConnectorDNSError):
+        return "dns"
+    if isinstance(e, aiohttp.ClientSSLError):
+        return "tls"
+    if isinstance(e, aiohttp.ClientConnectorError) and isinstance(e.os_error,
+                                                                  ConnectionRefusedError):
+        return "refused"
+    return None
 
 
 async def _on_reuse(session: Any, ctx: SimpleNamespace, params: Any) -> None:

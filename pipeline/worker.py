@@ -27,6 +27,7 @@ from .errors import (
     bad_response,
     classify_http,
 )
+from .endpoint import EndpointWatch
 from .images import ImageSource
 from .keys import ImageRefs
 from .options import render_prompt
@@ -75,7 +76,8 @@ class Worker:
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  should_stop: Callable[[], bool] = lambda: False,
                  dedupe: Dedupe | None = None, budget: CostBudget | None = None,
-                 image_refs: ImageRefs | None = None) -> None:
+                 image_refs: ImageRefs | None = None,
+                 endpoint: EndpointWatch | None = None) -> None:
         self.settings = settings
         self.adapter = adapter
         self.transport = transport
@@ -88,6 +90,10 @@ class Worker:
         self.dedupe = dedupe
         self.budget = budget
         self.image_refs = image_refs  # what OUT holds per id: another image is a conflict
+        # Fail fast on a wrong URL (pipeline/endpoint.py); a fresh watch for a worker
+        # built without one (tests) still applies the rule.
+        self.endpoint = endpoint or EndpointWatch(settings.endpoint, adapter.path,
+                                                  settings.key_source)
         self.in_request: set[asyncio.Task[Any] | None] = set()  # tasks with a request open
 
     async def process(self, row: ManifestRow,
@@ -149,8 +155,15 @@ class Worker:
             attempts += 1
             start = self.clock()
             try:
-                return await self._attempt_row(row, req, attempts, waited)
+                result = await self._attempt_row(row, req, attempts, waited)
+                self.endpoint.success()
+                return result
+            except RunFatal as e:
+                raise self.endpoint.fatal(e) from None  # with the URL, or the key's source
             except Retryable as e:
+                if self.endpoint.probing(e):  # the endpoint may be wrong: no error row yet
+                    await self.sleep(self.policy.next_delay(attempts))
+                    continue
                 if not self.policy.may_retry(attempts):
                     return self._failed(row, e, attempts, start, waited,
                                         suffix=f" (gave up after {attempts} attempts)")
@@ -166,6 +179,9 @@ class Worker:
                 else:
                     await self.sleep(delay)
             except RowFailed as e:
+                if self.endpoint.probing(e):
+                    await self.sleep(self.policy.next_delay(attempts))
+                    continue
                 return self._failed(row, e, attempts, start, waited)
 
     async def _attempt_row(self, row: ManifestRow, req: ApiRequest, attempts: int,

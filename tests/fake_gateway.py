@@ -31,6 +31,7 @@ import asyncio
 import base64
 import email.utils
 import json
+import logging
 import socket
 import struct
 import threading
@@ -42,6 +43,12 @@ from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
+
+# The test server's own errors (a client that hung up mid-write) stay out of the
+# client's captured stderr, where tests count lines: they are the server's noise.
+SERVER_LOG = logging.getLogger("tests.server")
+SERVER_LOG.propagate = False
+SERVER_LOG.addHandler(logging.NullHandler())
 
 MODEL = "gpt-4o-mini-2024-07-18"
 RETRY_CAPTION = "Second attempt caption."
@@ -371,6 +378,7 @@ class Gateway:
         app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                                     logger=SERVER_LOG,
                                      shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from fake_gateway import SERVER_LOG
 
 Handler = Callable[["AppServer", web.Request], Awaitable[web.StreamResponse]]
 
@@ -52,6 +53,7 @@ class AppServer:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                                     logger=SERVER_LOG,
                                      shutdown_timeout=0.2)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from fake_gateway import SERVER_LOG
 from conftest import API_KEY
 from fake_gateway import Ctx, decode_data_uri, default_caption
 from PIL import Image
@@ -83,6 +84,7 @@ class ImageServer:
         app = web.Application()
         app.router.add_route("GET", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                                     logger=SERVER_LOG,
                                      shutdown_timeout=0.2)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from fake_gateway import SERVER_LOG
 from conftest import API_KEY, clean
 from fake_gateway import USAGE_OK, Ctx, chunk, done, img, sse, usage_chunk
 from PIL import Image
@@ -500,7 +501,7 @@ class AnthropicServer:
     async def _start(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        self._runner = web.AppRunner(app, access_log=None, logger=SERVER_LOG, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
