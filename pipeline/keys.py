@@ -1,26 +1,58 @@
 """Sets of row keys in flat memory: 64-bit hashes in sorted NumPy arrays.
 
 A million finished rows cost megabytes, not the hundreds a set of strings would.
-Hashes are process-local (Python's ``hash``): every index is rebuilt from OUT at each
-start and never stored.
+
+The key hash (``key_hash``, ``key_hashes``) is the one hash of a row's key (id,
+prompt name): BLAKE2b cut to 64 bits, the same value in every process, so the set can
+be built on the driver and shipped to a Ray task. Everything that decides whether a
+key is done uses it: the checkpoint, the planner, ``status``, the engines.
+``hash_strings`` is a faster process-local hash (Python's ``hash``) for indexes that
+never leave the process (which image an id had).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["KeySet", "key_hash", "hash_strings", "ImageRefs", "hex64", "hex64_one"]
+__all__ = ["KeySet", "key_hash", "key_hashes", "column_key_hashes", "hash_strings",
+           "ImageRefs", "hex64", "hex64_one"]
+
+_SEP = "\x1f"  # between id and prompt name; no manifest value contains a unit separator
+
+
+def _digests(keys: Iterable[bytes]) -> bytes:
+    blake = hashlib.blake2b
+    return b"".join(blake(k, digest_size=8).digest() for k in keys)
 
 
 def key_hash(rid: str, prompt_name: str) -> int:
-    return hash(rid + "\x1f" + prompt_name)
+    """The hash of one key (see ``key_hashes``)."""
+    return int(key_hashes([rid], prompt_name)[0])
+
+
+def key_hashes(ids: Iterable[str], prompt_name: str) -> np.ndarray:
+    """The key hash of (id, ``prompt_name``) for each id, as int64 (~0.4 µs a key)."""
+    suffix = (_SEP + prompt_name).encode("utf-8", "surrogateescape")
+    raw = _digests(i.encode("utf-8", "surrogateescape") + suffix for i in ids)
+    return np.frombuffer(raw, dtype=np.int64).copy()
+
+
+def column_key_hashes(ids: pa.Array | pa.ChunkedArray,
+                      names: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Key hashes of Arrow columns of ids and prompt names (nulls count as "")."""
+    joined = pc.binary_join_element_wise(pc.fill_null(ids, ""), pc.fill_null(names, ""),
+                                         _SEP)
+    raw = _digests(v.encode("utf-8", "surrogateescape") for v in joined.to_pylist())
+    return np.frombuffer(raw, dtype=np.int64).copy()
 
 
 def hash_strings(values: Iterable[str], count: int) -> np.ndarray:
+    """Process-local 64-bit hashes, for indexes rebuilt at each start (never shipped)."""
     return np.fromiter(map(hash, values), dtype=np.int64, count=count)
 
 
@@ -32,6 +64,18 @@ class KeySet:
     def __init__(self) -> None:
         self._sorted = np.empty(0, dtype=np.int64)
         self._recent: set[int] = set()
+
+    @classmethod
+    def from_sorted(cls, hashes: np.ndarray) -> KeySet:
+        """A set over an already sorted, unique array (e.g. one shipped to a Ray task)."""
+        keys = cls()
+        keys._sorted = hashes
+        return keys
+
+    def sorted_array(self) -> np.ndarray:
+        """Every member, sorted and unique (what ``from_sorted`` takes)."""
+        self._merge()
+        return self._sorted
 
     def __len__(self) -> int:
         return len(self._sorted) + len(self._recent)

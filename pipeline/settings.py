@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cost import Price, price_for
+from .pacing.cost import Price, price_for
 from .errors import RunFatal
-from .manifest_format import ManifestFormat
-from .options import RequestOptions
-from .plan import NamedPrompt
+from .sources.manifest_format import ManifestFormat
+from .wire.options import RequestOptions
+from .sources.plan import NamedPrompt
 from .records import DEFAULT_PROMPT_NAME
 
 DEFAULT_MODEL = "claude-3-5-sonnet-20240620"

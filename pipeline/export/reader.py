@@ -37,8 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..keys import hash_strings
-from ..outdir import RECORD, part_files
+from ..keys import column_key_hashes
+from ..store.outdir import RECORD, part_files
 from .base import ExportError
 
 __all__ = ["Committed", "Selection", "open_committed"]
@@ -231,10 +231,8 @@ def _wanted(b: pa.RecordBatch | pa.Table, include_errors: bool,
 
 
 def _hashes(b: pa.RecordBatch) -> np.ndarray:
-    """The checkpoint's key hash of every row (Arrow joins the key, ``hash`` hashes it)."""
-    keys = pc.binary_join_element_wise(pc.fill_null(b["id"], ""),
-                                       pc.fill_null(b["prompt_name"], ""), "\x1f").to_pylist()
-    return hash_strings(keys, len(keys))
+    """The key hash of every row: the checkpoint's own (``keys.column_key_hashes``)."""
+    return column_key_hashes(b["id"], b["prompt_name"])
 
 
 def _duplicated(chunks: list[np.ndarray]) -> np.ndarray:

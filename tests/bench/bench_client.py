@@ -202,8 +202,8 @@ def run_child(argv: list[str], cwd: Path, timeout: float = 600.0) -> Child:
 CAPTION_TOKENS = 100
 _SIM_LAUNCHER = """\
 import math, sys
-from pipeline import simulator
-from pipeline.sim_captions import split_tokens
+from pipeline.simulator import app as simulator
+from pipeline.simulator.captions import split_tokens
 
 n, natural = int(sys.argv[1]), simulator.caption_for
 

@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.sim_thread import SimThread
-from pipeline.simulator import SimConfig
+from pipeline.simulator.thread import SimThread
+from pipeline.simulator.app import SimConfig
 
 
 def run_mode(name: str, args: argparse.Namespace, client_args: list[str], headers: bool,

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_client  # noqa: E402
 import bench_scale  # noqa: E402
 
-from pipeline.checkpoint import Checkpoint  # noqa: E402
+from pipeline.store.checkpoint import Checkpoint  # noqa: E402
 from pipeline.records import output_schema  # noqa: E402
 
 

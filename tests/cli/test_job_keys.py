@@ -17,8 +17,8 @@ from conftest import FAST, REPO, write_manifest
 from fake_gateway import img
 from test_jobs_and_operations import lines, main_run, write_job
 
-from pipeline.cli import build_parser
-from pipeline.jobfile import job_argv, job_key, job_keys
+from pipeline.commands.caption import build_parser
+from pipeline.commands.jobfile import job_argv, job_key, job_keys
 
 EXAMPLE = REPO / "jobs" / "example.toml"
 
@@ -52,16 +52,16 @@ def test_every_caption_option_has_a_job_file_key() -> None:
 
 
 def test_an_option_added_to_the_parser_is_settable_at_once(monkeypatch, tmp_path) -> None:
-    import pipeline.cli
+    import pipeline.commands.caption as caption_command
 
-    real = pipeline.cli.build_parser
+    real = caption_command.build_parser
 
     def grown() -> argparse.ArgumentParser:
         p = real()
         p.add_argument("--frobnicate-level", type=int)
         return p
 
-    monkeypatch.setattr(pipeline.cli, "build_parser", grown)
+    monkeypatch.setattr(caption_command, "build_parser", grown)
     job_keys.cache_clear()
     try:
         job = write_job(tmp_path / "j.toml", 'manifest = "m.csv"\nfrobnicate_level = 3\n')

@@ -37,13 +37,14 @@ def write_job(path: Path, text: str) -> Path:
 
 def main_run(capfd: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     """``pipeline.cli.main(argv)`` in-process -> (exit code, stdout, stderr)."""
-    import pipeline.dryrun
-    import pipeline.progress
+    import pipeline.commands.dryrun
+    import pipeline.run.progress
     from pipeline.cli import main
 
     # dry_run() and Progress() bind sys.stdout / sys.stderr as default arguments at import
     # time; under pytest those are an earlier test's (closed) capture: use the current ones.
-    patched = {pipeline.dryrun.dry_run: sys.stdout, pipeline.progress.Progress.__init__:
+    patched = {pipeline.commands.dryrun.dry_run: sys.stdout,
+               pipeline.run.progress.Progress.__init__:
                sys.stderr}
     saved = {f: f.__defaults__ for f in patched}
     for f, stream in patched.items():
@@ -264,7 +265,7 @@ def test_manifest_of_wrong_type_exits_2_naming_key_and_file(tmp_path, capfd):
 
 def test_example_job_parses_and_all_its_prompts_are_used(gateway, tmp_path, capfd,
                                                           monkeypatch):
-    from pipeline.jobfile import job_argv
+    from pipeline.commands.jobfile import job_argv
 
     argv = job_argv(REPO / "jobs" / "example.toml")
     assert Path(argv[0]).resolve() == (SAMPLES / "images.csv").resolve()
@@ -320,7 +321,7 @@ def _named(prompts: dict[str, str]) -> list[str]:
 
 def test_named_prompts_one_row_per_pair_image_prepared_once(gateway, tmp_path, capfd,
                                                             monkeypatch):
-    import pipeline.images as images_mod
+    import pipeline.images.load as images_mod
 
     names = tiny_pngs(tmp_path / "pics", 3)
     manifest = write_manifest(tmp_path / "m.csv",

@@ -16,7 +16,7 @@ from conftest import FAST, REPO, caption_cmd, subprocess_env, write_manifest
 from fake_gateway import img
 from test_jobs_and_operations import main_run, tiny_pngs, url_rows
 
-from pipeline.cli import build_parser, settings_from_args
+from pipeline.commands.caption import build_parser, settings_from_args
 
 JSON = ["--log-format", "json"]
 

@@ -73,7 +73,7 @@ def test_a_full_disk_during_the_final_merge_is_only_a_warning(caption: Any, gate
                                                                small_disk: Any,
                                                                monkeypatch: Any,
                                                                caplog: Any) -> None:
-    import pipeline.dataset as dataset_mod
+    import pipeline.store.dataset as dataset_mod
 
     disk = small_disk("4m")
     caption.out = disk.path / "out"
@@ -229,7 +229,7 @@ def test_every_row_records_the_hash_of_the_prompt_it_was_sent(caption: Any,
 
 
 def test_status_names_unreadable_and_quarantined_parts(caption: Any, gateway: Any) -> None:
-    from pipeline import status
+    from pipeline.commands import status
 
     assert caption([{"id": "a", "image": img("ok", "a.jpg")}]).code == 0
     victim = caption.out / "part-zz-000001.parquet"

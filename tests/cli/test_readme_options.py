@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pipeline.cli import build_parser
+from pipeline.commands.caption import build_parser
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

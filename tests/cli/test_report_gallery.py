@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from pipeline.records import output_schema
-from pipeline.report import first_images, main, run_line
+from pipeline.commands.report import first_images, main, run_line
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "data" / "sample"

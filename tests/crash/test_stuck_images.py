@@ -61,7 +61,7 @@ def test_fifo_dev_zero_and_1_gib_junk_are_bad_image_rows_with_flat_memory(gatewa
 STUCK_DRIVER = """
 import os, sys
 from pathlib import Path
-import pipeline.images
+import pipeline.images.load
 
 marker = Path(sys.argv[1])
 
@@ -72,7 +72,7 @@ def stuck(path, max_bytes):
     marker.write_text(str(path))
     os.read(os.pipe()[0], 1)
 
-pipeline.images.read_file = stuck
+pipeline.images.load.read_file = stuck
 from pipeline.cli import main
 sys.exit(main(sys.argv[2:]))
 """

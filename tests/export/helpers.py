@@ -11,7 +11,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline.sim_thread import SimThread
+from pipeline.simulator.thread import SimThread
 
 SAMPLES = Path(__file__).resolve().parents[2] / "data" / "sample"
 REMOTE = "http://127.0.0.1:9/remote/dish.jpg"  # a pass-through URL: never fetched

@@ -9,6 +9,7 @@ planner is the local one with stable hashes, and a missing Ray is one clear line
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -24,16 +25,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import cli
-from pipeline.errors import PipelineError, RunFatal
-from pipeline.sim_thread import SimThread
-from pipeline.simulator import SimConfig
+from pipeline.commands.caption import build_parser, settings_from_args
+from pipeline.errors import RunFatal
+from pipeline.simulator.thread import SimThread
+from pipeline.simulator.app import SimConfig
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = sorted(p for p in (REPO / "data" / "sample").iterdir()
                  if p.suffix in (".png", ".jpg"))
 FAST = ["--backoff-base", "0.01", "--backoff-max", "0.05", "--read-timeout", "10",
         "--retries", "2", "--no-progress"]
-HOOKS = any("--engine" in a.option_strings for a in cli.build_parser()._actions)
+
 COMPARED = ["status", "caption", "error", "error_class", "line", "image", "source",
             "manifest_status", "width", "height", "sent_width", "sent_height", "sent_bytes",
             "image_sha256", "finish_reason"]
@@ -70,21 +72,8 @@ def caption_local(manifest: Path, out: Path, base_url: str, *args: str) -> int:
 
 
 def caption_ray(manifest: Path, out: Path, base_url: str, *args: str, actors: int = 2) -> int:
-    """Through the CLI once the hooks are applied; else ``run_ray`` directly, as the CLI would."""
     argv = [str(manifest), "--out", str(out), "--base-url", base_url, *FAST, *args]
-    if HOOKS:
-        return cli.main(["caption", *argv, "--engine", "ray", "--ray-actors", str(actors)])
-    from pipeline.engine_ray import run_ray
-
-    try:
-        result = run_ray(cli.settings_from_args(cli.build_parser().parse_args(argv)), actors)
-    except PipelineError as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        return getattr(e, "exit_code", 2)
-    if result.fatal:
-        print(f"error: {result.fatal}", file=sys.stderr)
-    print(result.summary)
-    return result.exit_code
+    return cli.main(["caption", *argv, "--engine", "ray", "--ray-actors", str(actors)])
 
 
 def read(out: Path) -> pd.DataFrame:
@@ -243,7 +232,7 @@ def test_a_killed_actor_loses_no_row(ray_local: Any, simulator: Any, tmp_path: P
 def test_a_fatal_error_in_an_actor_stops_the_run(ray_local: Any, simulator: Any,
                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capfd: pytest.CaptureFixture[str]) -> None:
-    from pipeline.simulator import INVALID_KEY
+    from pipeline.simulator.app import INVALID_KEY
 
     sim = simulator()
     manifest = make_manifest(tmp_path, good=12, bad=False)
@@ -262,7 +251,6 @@ def test_a_fatal_error_in_an_actor_stops_the_run(ray_local: Any, simulator: Any,
 
 
 @pytest.mark.ray
-@pytest.mark.skipif(not HOOKS, reason="the --engine hooks (cli, settings, jobfile) are not applied")
 def test_a_job_file_selects_the_ray_engine(ray_local: Any, simulator: Any,
                                            tmp_path: Path) -> None:
     sim = simulator()
@@ -278,47 +266,52 @@ def test_a_job_file_selects_the_ray_engine(ray_local: Any, simulator: Any,
 # ----------------------------------------------------------------- without Ray
 
 
-def test_the_planner_is_the_local_one_with_stable_hashes(tmp_path: Path) -> None:
-    import numpy as np
-
-    from pipeline.checkpoint import KeySet, key_hash
-    from pipeline.engine_ray_actor import _plan, stable_key_hash
-    from pipeline.manifest import Manifest
-    from pipeline.plan import NamedPrompt, Plan
-    from pipeline.progress import Counters
-
-    manifest = Manifest(make_manifest(tmp_path))
-    prompts = (NamedPrompt("a", "Caption {source}."), NamedPrompt("default", "Caption."))
-    done_keys = [("r01", "a"), ("r02", "default"), ("r03", "a"), ("r03", "default")]
-    local_done = KeySet()
-    for k in done_keys:
-        local_done.add(key_hash(*k))
-    counters = Counters()
-    expected = [row for group in Plan(manifest, local_done, prompts, 50, counters)
-                for row in group]
-    counts: dict[str, Any] = {"skipped_done": 0, "skipped_duplicate": 0, "pending": 0,
-                              "duplicates": []}
-    stable = np.unique(np.array([stable_key_hash(*k) for k in done_keys], dtype=np.int64))
+def test_the_planning_task_runs_the_one_planner_over_shipped_keys(tmp_path: Path) -> None:
     import pickle
 
-    got = [row for chunk in _plan(manifest, prompts, 50, stable, 8, counts)
-           for row in pickle.loads(chunk["payload"][0].as_py())]
+    from pipeline.engines.ray_actor import plan_chunks
+    from pipeline.keys import KeySet, key_hash
+    from pipeline.sources.manifest import Manifest
+    from pipeline.sources.plan import NamedPrompt, Plan
+
+    path = make_manifest(tmp_path)
+    prompts = (NamedPrompt("a", "Caption {source}."), NamedPrompt("default", "Caption."))
+    done = KeySet()
+    for k in [("r01", "a"), ("r02", "default"), ("r03", "a"), ("r03", "default")]:
+        done.add(key_hash(*k))
+    local = Plan(Manifest(path), done, prompts, 50)
+    expected = [row for group in local for row in group]
+
+    import types
+
+    # ray.get of the shipped reference gives the driver's array back: ray is not needed
+    # to plan, only to move the array.
+    sys.modules["ray"] = types.SimpleNamespace(get=lambda ref: ref)  # type: ignore[assignment]
+    try:
+        chunks = list(plan_chunks(None, manifest=str(path), fmt=Manifest(path).fmt,
+                                  prompts=prompts, limit=50, done=[done.sorted_array()],
+                                  chunk_rows=8))
+    finally:
+        del sys.modules["ray"]
+    got = [row for c in chunks if c["kind"][0].as_py() == "rows"
+           for row in pickle.loads(c["payload"][0].as_py())]
+    stats = json.loads(chunks[-1]["payload"][0].as_py())
     assert got == expected
-    assert (counts["skipped_done"], counts["skipped_duplicate"], counts["pending"]) == (
-        counters.skipped_done, counters.skipped_duplicate, 50)
-    assert stable_key_hash("r01", "a") == stable_key_hash("r01", "a") != stable_key_hash(
-        "r01", "b")
+    assert (stats["skipped_done"], stats["skipped_duplicate"], stats["pending"]) == (
+        local.counts.skipped_done, local.counts.skipped_duplicate, 50)
 
 
 def test_without_ray_the_engine_says_how_to_get_it(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.engine_ray import run_ray
+    import asyncio
+
+    from pipeline.engines.ray_driver import RayEngine
+    from pipeline.run.session import RunSession
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
-    settings = cli.settings_from_args(cli.build_parser().parse_args(
+    settings = settings_from_args(build_parser().parse_args(
         [str(make_manifest(tmp_path, good=2, bad=False)), "--out", str(tmp_path / "out"),
          "--base-url", "http://127.0.0.1:9/v1"]))
-    with pytest.raises(RunFatal) as e:
-        run_ray(settings)
-    assert e.value.exit_code == 2
-    assert e.value.message == "--engine ray needs Ray: pip install 'caption-pipeline[ray]'"
+    result = asyncio.run(RunSession(settings, RayEngine()).execute())
+    assert result.exit_code == 2
+    assert result.fatal == "--engine ray needs Ray: pip install 'caption-pipeline[ray]'"

@@ -17,7 +17,7 @@ from concurrent.futures import CancelledError
 import pytest
 from conftest import REPO, subprocess_env
 
-from pipeline.daemonpool import DaemonPool, JobTimeout, PoolExhausted
+from pipeline.images.pool import DaemonPool, JobTimeout, PoolExhausted
 
 WAIT = 10  # seconds a future may take at most before the test fails (never reached)
 
@@ -173,7 +173,7 @@ def exits_within(code: str, seconds: float) -> bool:
 
 
 def test_a_thread_stuck_in_a_read_does_not_keep_the_process_alive() -> None:
-    assert exits_within(STUCK.format(module="pipeline.daemonpool", cls="DaemonPool"), 20)
+    assert exits_within(STUCK.format(module="pipeline.images.pool", cls="DaemonPool"), 20)
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
-from pipeline.imageprep import ImagePolicy, ImageProblem, Prepared, b64_len, prepare
+from pipeline.images.prepare import ImagePolicy, ImageProblem, Prepared, b64_len, prepare
 
 SAMPLES = Path(__file__).resolve().parents[2] / "data" / "sample"
 DEFAULT = ImagePolicy()

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.journal import Journal, decode, encode, recover, segments
+from pipeline.store.journal import Journal, decode, encode, recover, segments
 from pipeline.records import output_schema
-from pipeline.sink import ParquetSink, recover_journal
+from pipeline.store.sink import ParquetSink, recover_journal
 
 ROW = {"id": "a", "prompt_name": "default", "status": "ok", "caption": "A kayak \U0001f680.",
        "finished_at": datetime(2026, 1, 1, tzinfo=UTC)}

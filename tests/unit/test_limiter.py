@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from pipeline.ratelimit import (
+from pipeline.pacing.limiter import (
     AdaptiveConcurrency,
     AdaptiveRate,
     Budgets,

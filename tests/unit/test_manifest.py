@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import RunFatal
-from pipeline.manifest import Manifest, derive_id
+from pipeline.sources.manifest import Manifest, derive_id
 from pipeline.records import output_schema
 
 SAMPLE_PNG = Path(__file__).resolve().parents[2] / "data" / "sample" / "horse.png"

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import RunFatal
-from pipeline.manifest import Manifest
-from pipeline.manifest_format import ManifestFormat, base_dir, is_stream, sniff_delimiter
+from pipeline.sources.manifest import Manifest
+from pipeline.sources.manifest_format import ManifestFormat, base_dir, is_stream, sniff_delimiter
 
 
 def write(tmp_path: Path, text: str, name: str = "m.csv") -> Path:

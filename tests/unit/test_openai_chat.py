@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from pipeline.adapters.openai_chat import ChatStreamState, OpenAIChat
+from pipeline.wire.adapters.openai_chat import ChatStreamState, OpenAIChat
 from pipeline.errors import Retryable, RowFailed, RunFatal
 from pipeline.records import Completion
-from pipeline.sse import Event
+from pipeline.wire.sse import Event
 
 
 def chunk(content: str | None = None, finish: str | None = None, index: int = 0,

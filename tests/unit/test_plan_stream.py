@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.checkpoint import KeySet
-from pipeline.manifest import Manifest
-from pipeline.plan import NamedPrompt, Plan
-from pipeline.progress import Counters
+from pipeline.store.checkpoint import KeySet
+from pipeline.sources.manifest import Manifest
+from pipeline.sources.plan import NamedPrompt, Plan
 
 PROMPTS = (NamedPrompt("default", "Caption it."),)
 
@@ -32,7 +31,7 @@ def pipe(monkeypatch: pytest.MonkeyPatch):
 
 
 def plan(done: KeySet | None = None) -> Plan:
-    return Plan(Manifest(Path("-")), done or KeySet(), PROMPTS, None, Counters())
+    return Plan(Manifest(Path("-")), done or KeySet(), PROMPTS, None)
 
 
 async def test_a_row_starts_while_the_pipe_is_still_open_and_the_loop_runs_on(pipe) -> None:

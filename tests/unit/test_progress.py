@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from pipeline.logs import setup_logging
-from pipeline.progress import Counters, Progress, terminal_size
+from pipeline.run.progress import Counters, Progress, terminal_size
 
 FRAME = re.compile(r"(\d+)/(\d+) \[.*ok=(\d+), failed=(\d+)")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from pipeline.ratelimit import PauseGate
+from pipeline.pacing.limiter import PauseGate
 
 
 class FakeTime:

@@ -18,7 +18,7 @@ from pipeline.redact import (
     redact,
     redact_obj,
 )
-from pipeline.sink import write_run_report
+from pipeline.store.sink import write_run_report
 
 KEY = "sk-unit-redact-7f3a9c"  # registered once for this module; unique to it
 
@@ -132,7 +132,7 @@ def test_run_reports_are_written_redacted(tmp_path: Path) -> None:
 
 
 def test_a_transport_registers_its_credentials_and_nothing_else() -> None:
-    from pipeline.transport import Transport
+    from pipeline.wire.transport import Transport
 
     Transport("http://127.0.0.1:1/v1", {"anthropic-version": "2031-01-01",
                                         "x-api-key": "sk-ant-transport-5521"}, 1, 1.0, 1.0)

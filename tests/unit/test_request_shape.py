@@ -22,17 +22,17 @@ import pytest
 from aioresponses import aioresponses
 from yarl import URL
 
-from pipeline.imageprep import ImagePolicy
-from pipeline.adapters import get_adapter
+from pipeline.images.prepare import ImagePolicy
+from pipeline.wire.adapters import get_adapter
 from pipeline.errors import RunFatal
-from pipeline.images import ImageSource
-from pipeline import ratelimit
+from pipeline.images.load import ImageSource
+from pipeline.pacing import limiter as ratelimit
 from pipeline.records import ManifestRow
-from pipeline.retry import RetryPolicy
-from pipeline.options import RequestOptions
+from pipeline.pacing.retry import RetryPolicy
+from pipeline.wire.options import RequestOptions
 from pipeline.settings import Secret, Settings
-from pipeline.transport import Transport
-from pipeline.worker import Worker
+from pipeline.wire.transport import Transport
+from pipeline.run.worker import Worker
 
 SAMPLES = Path(__file__).resolve().parents[2] / "data" / "sample"
 BASE_URL = "http://gateway.test/v1"

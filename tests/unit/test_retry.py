@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.retry import RetryPolicy
+from pipeline.pacing.retry import RetryPolicy
 
 
 def const(x: float) -> Callable[[], float]:

@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline.sink as sink_mod
-from pipeline.checkpoint import Checkpoint, KeySet, key_hash
+import pipeline.store.sink as sink_mod
+from pipeline.store.checkpoint import Checkpoint, KeySet, key_hash
 from pipeline.records import (
     Completion,
     ManifestRow,
@@ -30,7 +30,7 @@ from pipeline.records import (
     ok_row,
     output_schema,
 )
-from pipeline.sink import ParquetSink, commit_table, compact, part_files
+from pipeline.store.sink import ParquetSink, commit_table, compact, part_files
 
 SCHEMA = output_schema(["source"])
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.sse import DEFAULT_MAX_LINE, Event, SSEDecoder, StreamTooLong
+from pipeline.wire.sse import DEFAULT_MAX_LINE, Event, SSEDecoder, StreamTooLong
 
 # A realistic stream: CRLF, LF and lone CR endings, comments, no-space data, multi-line data,
 # id/retry fields, UTF-8 split candidates (é, 世界, 🚀), U+2028 inside JSON, and [DONE].

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from pipeline.adapters.anthropic_messages import AnthropicMessages, MessagesStreamState
-from pipeline.adapters.openai_chat import ChatStreamState, OpenAIChat
+from pipeline.wire.adapters.anthropic_messages import AnthropicMessages, MessagesStreamState
+from pipeline.wire.adapters.openai_chat import ChatStreamState, OpenAIChat
 from pipeline.errors import Retryable, RowFailed
 from pipeline.records import Completion
-from pipeline.sse import Event, SSEDecoder
+from pipeline.wire.sse import Event, SSEDecoder
 
 DONE = Event("message", "[DONE]")
 

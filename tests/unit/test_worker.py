@@ -10,16 +10,16 @@ from typing import Any
 
 import pytest
 
-from pipeline.imageprep import ImagePolicy
-from pipeline.adapters.openai_chat import OpenAIChat
+from pipeline.images.prepare import ImagePolicy
+from pipeline.wire.adapters.openai_chat import OpenAIChat
 from pipeline.errors import Retryable, RunFatal
-from pipeline.images import ImageSource
-from pipeline.ratelimit import Budgets, Limiter
+from pipeline.images.load import ImageSource
+from pipeline.pacing.limiter import Budgets, Limiter
 from pipeline.records import ApiRequest, ManifestRow
-from pipeline.retry import RetryPolicy
+from pipeline.pacing.retry import RetryPolicy
 from pipeline.settings import Secret, Settings
-from pipeline.transport import Head
-from pipeline.worker import Worker
+from pipeline.wire.transport import Head
+from pipeline.run.worker import Worker
 
 
 def sse(*docs: Any, done: bool = True) -> list[bytes]:

@@ -255,17 +255,17 @@ def test_a_failure_on_a_fresh_connection_counts_as_an_attempt(caption, gateway):
 
 def test_a_hung_image_read_is_a_bad_image_row_and_the_run_ends(caption, gateway, tmp_path,
                                                                monkeypatch):
-    import pipeline.images
+    import pipeline.images.load
 
     release = threading.Event()
-    real = pipeline.images.read_file
+    real = pipeline.images.load.read_file
 
     def read(path: Any, max_bytes: int) -> bytes:
         if path.name.startswith("hung"):
             release.wait()  # as a read on a dead network mount
         return real(path, max_bytes)
 
-    monkeypatch.setattr(pipeline.images, "read_file", read)
+    monkeypatch.setattr(pipeline.images.load, "read_file", read)
     shutil.copy(SAMPLES / "horse.png", tmp_path / "fine.png")
     rows = [{"id": "hung1", "image": "hung1.png"}, {"id": "hung2", "image": "hung2.png"},
             {"id": "fine", "image": "fine.png"}, {"id": "url", "image": img("ok")}]

@@ -1,0 +1,122 @@
+"""`python -m pipeline status OUT [--manifest M]`: what OUT holds and what the last runs did.
+
+Read-only: it never repairs or locks OUT, so it is safe beside a running job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..errors import TRANSIENT, RunFatal
+from ..keys import KeySet, key_hash
+from ..sources.manifest import Manifest
+from ..sources.manifest_format import ManifestFormat
+from ..store.outdir import QUARANTINE, RUNS, check_part, part_files
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline status")
+    p.add_argument("out", type=Path, help="the output dataset directory")
+    p.add_argument("--manifest", type=Path, help="count the manifest's pending rows too")
+    p.add_argument("--runs", type=int, default=5, help="how many recent runs to list (5)")
+    p.add_argument("--delimiter", help="the manifest's separator (default: detected)")
+    p.add_argument("--image-column", default="image", help="as for caption ('image')")
+    p.add_argument("--id-column", default="id", help="as for caption ('id')")
+    ns = p.parse_args(argv)
+    if not ns.out.is_dir():
+        print(f"error: {ns.out} is not a directory", file=sys.stderr)
+        return 2
+    keys, names, counts, classes, unreadable = _scan(ns.out)
+    transient = sum(n for c, n in classes.items() if c in TRANSIENT)
+    print(f"{ns.out}: {counts['ok']} ok, {counts['error']} failed"
+          + (f" ({', '.join(f'{k}={v}' for k, v in classes.most_common())})" if classes else "")
+          + (f"; {transient} transient, captioned again by the next run" if transient else ""))
+    for part, reason in unreadable:
+        print(f"unreadable part {part}: {reason} (the next run moves it to {QUARANTINE}/)")
+    quarantined = sorted((ns.out / QUARANTINE).glob("*")) if (ns.out / QUARANTINE).is_dir() \
+        else []
+    for q in quarantined:
+        print(f"quarantined: {q}")
+    if ns.manifest is not None:
+        try:
+            fmt = ManifestFormat.parse(ns.delimiter, ns.image_column, ns.id_column)
+            pending, total = _pending(Manifest(ns.manifest, fmt), keys, names or {"default"})
+        except RunFatal as e:
+            print(f"error: {e.message}", file=sys.stderr)
+            return 2
+        print(f"{ns.manifest}: {total} rows x {len(names or {'default'})} prompt(s), "
+              f"{pending} pending")
+    for line in _runs(ns.out, ns.runs):
+        print(line)
+    return 0
+
+
+def _scan(out: Path) -> tuple[KeySet, set[str], Counter[str], Counter[str],
+                              list[tuple[Path, str]]]:
+    keys, names = KeySet(), set()
+    counts: Counter[str] = Counter(ok=0, error=0)
+    classes: Counter[str] = Counter()
+    unreadable = []
+    for part in part_files(out):
+        reason = check_part(part)
+        if reason is None:
+            try:
+                pf = pq.ParquetFile(part)
+                cols = [c for c in ("id", "prompt_name", "status", "error_class")
+                        if c in pf.schema_arrow.names]
+                t = pf.read(columns=cols)
+            except (OSError, pa.ArrowException) as e:
+                reason = f"unreadable ({e})"
+        if reason is not None:
+            unreadable.append((part, reason))
+            continue
+        for rid, name in zip(t["id"].to_pylist(), t["prompt_name"].to_pylist()):
+            keys.add(key_hash(rid or "", name or ""))
+            names.add(name or "")
+        for status, n in zip(*_value_counts(t, "status")):
+            counts[status or "?"] += n
+        if "error_class" in t.column_names:
+            for cls, n in zip(*_value_counts(t, "error_class")):
+                if cls:
+                    classes[cls] += n
+    return keys, names, counts, classes, unreadable
+
+
+def _value_counts(t, column: str) -> tuple[list[str | None], list[int]]:  # type: ignore[no-untyped-def]
+    vc = pc.value_counts(t[column])
+    return vc.field("values").to_pylist(), vc.field("counts").to_pylist()
+
+
+def _pending(manifest: Manifest, keys: KeySet, names: set[str]) -> tuple[int, int]:
+    pending = total = 0
+    seen = KeySet()
+    for row in manifest:
+        if key_hash(row.id, "") in seen:
+            continue
+        seen.add(key_hash(row.id, ""))
+        total += 1
+        pending += sum(key_hash(row.id, n) not in keys for n in names)
+    return pending, total
+
+
+def _runs(out: Path, n: int) -> list[str]:
+    lines = []
+    for path in sorted((out / RUNS).glob("*.json"))[-n:]:
+        try:
+            r = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        lines.append(f"run {r.get('run_id')}: started {r.get('started_at', '?')[:19]}, "
+                     f"exit {r.get('exit_code')}, ok={r.get('ok')} failed={r.get('failed')} "
+                     f"skipped={r.get('skipped_done')}, {r.get('wall_s')} s, "
+                     f"cost ${r.get('cost_usd') or 0:.4f}"
+                     + (f" ({r['note']})" if r.get("note") else ""))
+    return lines

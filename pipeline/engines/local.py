@@ -1,0 +1,132 @@
+"""The local engine: the session's pending rows → a bounded queue → a fixed pool of workers.
+
+* The queue holds at most 2 × concurrency rows, so memory stays flat; a row's image is
+  prepared as it enters the queue, once for all of its prompts.
+* A stop with grace (a signal, a failed write, the budget) cancels the workers that
+  are not inside a request at once and gives the others ``--grace`` seconds; a fatal
+  stop, or a second signal, cancels everything now. Rows left in the queue stay
+  pending (their image preparation is cancelled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from ..errors import RunFatal
+from ..images.load import default_executor
+from ..pacing.cost import BudgetReached
+from ..pacing.limiter import Budgets
+from ..records import ManifestRow, PreparedImage
+from ..run.session import RunSession, Stop
+from ..run.stack import build_worker
+from ..run.worker import Interrupted, Worker
+
+__all__ = ["LocalEngine"]
+
+log = logging.getLogger("pipeline")
+
+_DONE = None  # queue sentinel
+Item = tuple[ManifestRow, "asyncio.Future[PreparedImage] | None"]
+
+
+class LocalEngine:
+    name = "local"
+
+    async def run(self, session: RunSession) -> None:
+        s = session.settings
+        self.session = session
+        self.queue: asyncio.Queue[Item | None] = asyncio.Queue(2 * s.concurrency)
+        images = session.opened.resume.images
+        index = await session.dedupe_index()
+        async with contextlib.AsyncExitStack() as stack:
+            self.worker = await build_worker(
+                stack, s, concurrency=s.concurrency,
+                budgets=Budgets(s.rpm, s.tpm, s.itpm, s.otpm), max_cost=s.max_cost,
+                executor=default_executor(),
+                lookup_done=index.lookup if index is not None else None,
+                should_stop=lambda: session.halting,
+                image_refs=None if s.allow_mixed or not len(images) else images)
+            self.workers = [asyncio.create_task(self._work()) for _ in range(s.concurrency)]
+            producer = asyncio.create_task(self._produce())
+            try:
+                await self._wait(producer)
+            finally:
+                producer.cancel()
+                await asyncio.gather(producer, return_exceptions=True)
+                self._drop_queued()
+
+    async def _wait(self, producer: asyncio.Task[None]) -> None:
+        session = self.session
+        workers = asyncio.gather(*self.workers)
+        stop = asyncio.create_task(session.stopped.wait())
+        waiting: set[asyncio.Future[Any]] = {workers, stop, producer}
+        while not (workers.done() or stop.done()):
+            done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if producer in done and not producer.cancelled() and producer.exception():
+                exc = producer.exception()
+                # A plan that must stop (a conflicting id), or a manifest that could not
+                # be read on: no row is lost, stop cleanly.
+                session.halt(Stop.FATAL, exc if isinstance(exc, RunFatal) else RunFatal(
+                    f"manifest {session.settings.manifest}: reading stopped: {exc}",
+                    "manifest", exit_code=2))
+        if not workers.done():
+            producer.cancel()
+            if session.stop is not None and session.stop.with_grace:
+                for t in self.workers:  # rows mid-request get the grace, the others go
+                    if t not in self.worker.in_request:
+                        t.cancel()
+                cancel = asyncio.create_task(session.cancel_now.wait())
+                await asyncio.wait([workers, cancel], timeout=session.settings.grace,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                cancel.cancel()
+            for t in self.workers:
+                t.cancel()
+        stop.cancel()
+        await asyncio.gather(workers, stop, return_exceptions=True)
+
+    async def _produce(self) -> None:
+        session = self.session
+        async for group in session.plan.groups():  # a stream is read off the loop
+            if not group:
+                await asyncio.sleep(0)  # a long run of done rows must not starve the loop
+                continue
+            # Start preparing the image now, once for all of the row's prompts, so it is
+            # ready when a worker takes the row (the queue bounds how many are ahead).
+            first = group[0]
+            prepared = None if first.error else asyncio.ensure_future(
+                self.worker.images.load(first))
+            for row in group:
+                await self.queue.put((row, prepared))
+        session.progress.set_total(session.plan.pending)
+        for _ in self.workers:
+            await self.queue.put(_DONE)
+
+    def _drop_queued(self) -> None:
+        """Rows still queued at a stop stay pending; cancel their image preparation."""
+        while not self.queue.empty():
+            item = self.queue.get_nowait()
+            if item is not None and item[1] is not None:
+                item[1].cancel()
+
+    async def _work(self) -> None:
+        session, worker = self.session, self.worker
+        while not session.halting:
+            await session.room()
+            item = await self.queue.get()
+            if item is None:
+                return
+            row, prepared = item
+            try:
+                result = await worker.process(row, prepared)
+            except Interrupted:
+                return  # the row stays pending for the next run
+            except BudgetReached as e:  # what is in flight finishes; this row waits
+                session.halt(Stop.BUDGET, note=str(e))
+                return
+            except RunFatal as e:
+                session.halt(Stop.FATAL, e)
+                return
+            session.keep(result)

@@ -1,0 +1,142 @@
+"""Caption each distinct image once: same bytes, same prompt, same model → one request.
+
+The key is a hash of the image's sha256, the prompt, the system message and the
+model. The first row with a key captions it; a row with the same key waits for that
+result (if it is in flight) or copies it (if it finished in this run or is already
+in OUT) and records ``dedup_of`` = the id that was captioned. A failed original lets
+its duplicates try for themselves.
+
+Memory stays bounded: finished keys of OUT are 16 bytes each (hash + where the row
+is), results of this run are kept in a bounded LRU, and only in-flight keys hold a
+future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..keys import hex64, hex64_one
+
+_COPIED = ("caption", "finish_reason", "finish_reason_raw", "model", "response_id",
+           "terminal")
+_RECENT_MAX = 100_000
+_BATCH = 65_536
+RECENT_MAX = _RECENT_MAX  # --dry-run mirrors this bound when it predicts copies
+
+
+def dedup_key(sha256: str, prompt: str, system: str | None, model: str) -> str:
+    h = hashlib.sha256("\x1f".join((sha256, prompt, system or "", model)).encode())
+    return h.hexdigest()[:32]
+
+
+class Dedupe:
+    """Claims and results per dedup key; ``lookup_done`` reads an original from OUT."""
+
+    def __init__(self, lookup_done: Callable[[str], dict[str, Any] | None] | None = None
+                 ) -> None:
+        self._lookup_done = lookup_done
+        self._inflight: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
+        self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.copies = 0
+
+    async def claim(self, key: str) -> dict[str, Any] | None:
+        """None: the caller captions this key. Else the original's fields to copy."""
+        while True:
+            fut = self._inflight.get(key)
+            if fut is None:
+                break
+            original = await asyncio.shield(fut)
+            if original is not None:
+                return self._hit(original)
+            # The original failed: this row tries itself (or waits for a newer claim).
+        if key in self._recent:
+            self._recent.move_to_end(key)
+            return self._hit(self._recent[key])
+        if self._lookup_done is not None:
+            found = await asyncio.to_thread(self._lookup_done, key)
+            if found is not None:
+                return self._hit(found)
+        self._inflight[key] = asyncio.get_running_loop().create_future()
+        return None
+
+    def resolve(self, key: str, row: dict[str, Any] | None) -> None:
+        """The claimer's outcome: an ok row to share, or None (failed, cancelled)."""
+        fut = self._inflight.pop(key, None)
+        original = None
+        if row is not None and row.get("status") == "ok":
+            original = {"id": row["id"], **{k: row.get(k) for k in _COPIED}}
+            self._recent[key] = original
+            if len(self._recent) > _RECENT_MAX:
+                self._recent.popitem(last=False)
+        if fut is not None and not fut.done():
+            fut.set_result(original)
+
+    def _hit(self, original: dict[str, Any]) -> dict[str, Any]:
+        self.copies += 1
+        return original
+
+
+class ImageIndex:
+    """Where OUT holds an ok row for each dedup key: 16 bytes a row, rows read lazily.
+
+    A dedup key is hex; its first 16 digits, read as a 64-bit integer in bulk by NumPy,
+    index it, so a million finished rows cost no Python string at all.
+    """
+
+    def __init__(self, parts: list[Path]) -> None:
+        self.parts = parts
+        keys: list[np.ndarray] = []
+        refs: list[np.ndarray] = []
+        for i, part in enumerate(parts):
+            pf = pq.ParquetFile(part)
+            if "dedup_key" not in pf.schema_arrow.names:
+                continue  # written before images were keyed
+            offset = 0
+            for t in pf.iter_batches(_BATCH, columns=["dedup_key", "status"]):
+                ok = pc.and_(pc.equal(t["status"], "ok"), pc.is_valid(t["dedup_key"]))
+                rows = np.flatnonzero(ok.fill_null(False).to_numpy(zero_copy_only=False))
+                keys.append(hex64(t["dedup_key"].take(pa.array(rows))))
+                refs.append((np.int64(i) << 32) | (rows + offset).astype(np.int64))
+                offset += t.num_rows
+        all_keys = np.concatenate(keys) if keys else np.empty(0, np.int64)
+        order = np.argsort(all_keys, kind="stable")
+        self._keys = all_keys[order]
+        self._refs = (np.concatenate(refs) if refs else np.empty(0, np.int64))[order]
+        self._cache: tuple[int, pa.Table] | None = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def lookup(self, key: str) -> dict[str, Any] | None:
+        """The original ok row for ``key`` (id and caption fields), or None."""
+        h = hex64_one(key)
+        i = int(np.searchsorted(self._keys, h))
+        while i < len(self._keys) and int(self._keys[i]) == h:
+            ref = int(self._refs[i])
+            row = self._row(ref >> 32, ref & 0xFFFFFFFF)
+            if row.get("dedup_key") == key:  # guard against a collision of the prefixes
+                return row
+            i += 1
+        return None
+
+    def _row(self, part: int, row: int) -> dict[str, Any]:
+        with self._lock:  # lookups run in worker threads; one cached part at a time
+            if self._cache is None or self._cache[0] != part:
+                self._cache = (part, pq.read_table(self.parts[part], columns=_ORIGINAL))
+            return self._cache[1].slice(row, 1).to_pylist()[0]
+
+
+_ORIGINAL = ["id", "dedup_key", "caption", "finish_reason", "finish_reason_raw", "model",
+             "response_id", "terminal"]

@@ -1,0 +1,53 @@
+"""One worker and everything it stands on, assembled the same way for every engine.
+
+The local runner builds one for the whole run; each Ray actor builds one with its
+share of the concurrency, image threads and budgets. Whatever needs closing (HTTP
+sessions, the image thread pool) is registered on the caller's exit stack.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from ..wire.adapters import get_adapter
+from ..pacing.cost import CostBudget
+from ..images.pool import DaemonPool
+from ..images.dedupe import Dedupe
+from ..images.download import ImageFetcher
+from ..images.prepare import ImagePolicy
+from ..images.load import ImageSource, ReadLimits
+from ..keys import ImageRefs
+from ..sources.manifest_format import base_dir
+from ..pacing.limiter import Budgets, Limiter
+from ..pacing.retry import RetryPolicy
+from ..settings import Settings
+from ..wire.transport import Transport
+from .worker import Worker
+
+
+async def build_worker(stack: contextlib.AsyncExitStack, s: Settings, *, concurrency: int,
+                       budgets: Budgets, max_cost: float | None, executor: DaemonPool,
+                       lookup_done: Callable[[str], dict[str, Any] | None] | None,
+                       should_stop: Callable[[], bool],
+                       image_refs: ImageRefs | None = None) -> Worker:
+    """Protocol, transport, image preparation, limits, cost budget and dedupe."""
+    adapter = get_adapter(s.api)
+    policy = RetryPolicy(s.retries, s.backoff_base, s.backoff_max, s.max_retry_after)
+    transport = await stack.enter_async_context(Transport(
+        s.endpoint, adapter.auth_headers(s.api_key.reveal()), concurrency,
+        s.connect_timeout, s.read_timeout))
+    stack.callback(executor.shutdown, wait=False, cancel_futures=True)
+    fetcher = None
+    if s.fetch_urls:
+        fetcher = await stack.enter_async_context(
+            ImageFetcher(policy, s.max_download_bytes, s.download_timeout))
+    images = ImageSource(base_dir(s.manifest), ImagePolicy(s.max_edge, s.max_image_bytes),
+                         executor, fetcher, ReadLimits(s.max_file_bytes, s.image_timeout))
+    price = s.price
+    return Worker(s, adapter, transport, images, Limiter(budgets, concurrency), policy,
+                  should_stop=should_stop,
+                  dedupe=Dedupe(lookup_done) if s.dedupe else None,
+                  budget=CostBudget(price, max_cost) if price is not None else None,
+                  image_refs=image_refs)

@@ -1,0 +1,7 @@
+"""``python -m pipeline.simulator``: the same as ``python -m pipeline simulate``."""
+
+import sys
+
+from .app import main
+
+sys.exit(main())

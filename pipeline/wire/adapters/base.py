@@ -1,0 +1,183 @@
+"""The seam between the pipeline and a wire protocol.
+
+An adapter builds the request body for one row and folds the decoded SSE events of a
+response into a ``Completion``. Adapters are pure: no HTTP, no files, so each can be
+tested by feeding it events.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ...errors import Retryable, RowFailed, bad_response
+from ...records import ApiRequest, Completion, ManifestRow, PreparedImage, Usage
+from ..sse import Event
+from ..tokens import image_tokens, text_tokens
+from ...validate import as_count, as_text, clean_text
+
+if TYPE_CHECKING:
+    from ...settings import Settings
+
+# protocol-reference section 8: one vocabulary for finish reasons, raw value kept beside it.
+_FINISH = {
+    "stop": "stop", "end_turn": "stop", "stop_sequence": "stop",
+    "length": "length", "max_tokens": "length", "model_context_window_exceeded": "length",
+    "content_filter": "content_filter", "refusal": "content_filter",
+    "tool_calls": "tool_calls", "tool_use": "tool_calls", "function_call": "tool_calls",
+    "error": "error",
+}
+
+
+def encode_request(path: str, body: dict[str, Any], row: ManifestRow, image: PreparedImage,
+                   settings: Settings) -> ApiRequest:
+    """The common tail of every adapter's ``build_request``: vendor fields, the token
+    estimate for the budgets (image by the provider's formula, prompt text,
+    ``max_tokens`` reserved), and the encoded body."""
+    body.update(settings.options.extra_body or {})  # vendor fields, as given
+    size = (image.width, image.height) if image.width and image.height else None
+    est_in = image_tokens(settings.model, size) + text_tokens(row.prompt, settings.system)
+    return ApiRequest(path, json.dumps(body, ensure_ascii=False).encode(),
+                      {"Accept": "text/event-stream"}, est_in, settings.max_tokens)
+
+
+def normalize_finish(raw: str | None) -> str:
+    if not raw:
+        return "none"
+    return _FINISH.get(raw, "other")
+
+
+# ---------------------------------------------------------------- values from the wire
+# Every adapter reads wire values through these, so a wrongly typed field is coerced
+# where its meaning is clear and fails the row as ``bad_response`` where it is not
+# (docs/protocol.md, "Values from outside").
+
+_MAX_ID = 200  # ids and model names are short; a megabyte "id" is not kept whole
+
+
+def try_json(data: str) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+def label(v: Any, quirks: dict[str, int], name: str) -> str | None:
+    """An id or model name: text, or a number taken as its text; other types are
+    dropped (and counted), as they only label the row."""
+    if v is None or v == "":
+        return None
+    text = as_text(v, _MAX_ID)
+    if text is None:
+        quirks[f"bad_{name}"] = quirks.get(f"bad_{name}", 0) + 1
+    return text or None
+
+
+def reason(v: Any, name: str) -> str:
+    """A finish/stop reason: text, or empty when absent. Any other type has no meaning
+    a caption could be judged by: the row fails (permanently) rather than guessing."""
+    if v is None:
+        return ""
+    if not isinstance(v, str):
+        raise bad_response(f"{name} is {json.dumps(v)[:40]} ({type(v).__name__}), not text")
+    return clean_text(v)[0]
+
+
+def content_text(v: Any, where: str) -> str:
+    """Text of a ``content`` value: a string, or a list of text parts (Mistral style)."""
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list):
+        texts = []
+        for part in v:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and part.get("type", "text") == "text":
+                t = part.get("text")
+                if t is not None and not isinstance(t, str):
+                    raise bad_response(f"{where} text part is {type(t).__name__}, not text")
+                texts.append(t or "")
+            elif not isinstance(part, dict):
+                raise bad_response(f"{where} part is {type(part).__name__}")
+        return "".join(texts)
+    raise bad_response(f"{where} is {type(v).__name__}, not text")
+
+
+def obj(v: Any, where: str, required: bool = False) -> dict[str, Any]:
+    """A JSON object the protocol puts here (absent = empty, unless ``required``: an
+    element of a list, where null is no value at all)."""
+    if v is None and not required:
+        return {}
+    if not isinstance(v, dict):
+        raise bad_response(f"{where} is {type(v).__name__}, not an object")
+    return v
+
+
+def usage_counts(p: Any, c: Any, t: Any, cached: Any) -> Usage | None:
+    p, c, t, cached = as_count(p), as_count(c), as_count(t), as_count(cached)
+    if p is None and c is None:
+        return None
+    if t is None and p is not None and c is not None:
+        t = p + c
+    return Usage(p, c, t, cached)
+
+
+def finish_completion(text: str, raw_finish: str, model: str | None, rid: str | None,
+                      usage: Usage | None, terminal: str,
+                      quirks: dict[str, int]) -> Completion:
+    """Apply the success rule to what an attempt produced (shared by all adapters).
+
+    The text is made valid UTF-8 here, once: surrogate halves that arrived in separate
+    chunks are joined, lone ones are replaced and counted as ``invalid_text``.
+    """
+    text, replaced = clean_text(text)
+    if replaced:
+        quirks = {**quirks, "invalid_text": quirks.get("invalid_text", 0) + replaced}
+    finish = normalize_finish(raw_finish)
+    if finish == "none":
+        raise Retryable("stream ended without finish_reason", "stream_broken", http_status=200)
+    if finish == "error":
+        raise Retryable("stream ended with finish_reason 'error'", "stream_error",
+                        http_status=200)
+    failure = None
+    if finish == "content_filter":
+        failure = RowFailed(f"the model declined (finish_reason {raw_finish!r})", "refused",
+                            http_status=200)
+    elif not text.strip():
+        failure = RowFailed(f"empty caption (finish_reason {raw_finish!r})", "empty",
+                            http_status=200)
+    if failure is not None:
+        failure.finish_reason_raw = raw_finish  # the row keeps how the stream ended
+        failure.usage = usage
+        raise failure
+    return Completion(text, finish, raw_finish, model, rid, usage, terminal, quirks)
+
+
+class StreamState(Protocol):
+    """Accumulates one attempt's events. ``on_event`` returns True at the terminator."""
+
+    first_content_at: float | None
+
+    def on_event(self, event: Event, now: float) -> bool: ...
+
+    def finish(self) -> Completion: ...
+
+
+class Adapter(Protocol):
+    name: str
+    path: str
+
+    def auth_headers(self, api_key: str) -> dict[str, str]: ...
+
+    def build_request(self, row: ManifestRow, image: PreparedImage,
+                      settings: Settings) -> ApiRequest: ...
+
+    def new_state(self, n: int = 1) -> StreamState:
+        """State for one attempt; ``n`` choices are kept apart when more than one."""
+        ...
+
+    def from_json(self, doc: Any) -> Completion:
+        """A complete (non-streamed) response body sent instead of a stream."""
+        ...

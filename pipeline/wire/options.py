@@ -1,0 +1,144 @@
+"""Request options passed through to the API, validated before any request is sent.
+
+Each option is checked against the range the API documents, and against the chosen
+protocol: an option the Anthropic Messages API has no equivalent for is an error
+here, with its name, rather than a 400 on every row.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import RunFatal
+
+__all__ = ["RequestOptions", "load_response_format", "template_fields", "render_prompt"]
+
+_ANTHROPIC_UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "seed",
+                          "response_format")
+
+
+def _bad(message: str) -> RunFatal:
+    return RunFatal(message, "config", exit_code=2)
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, int] | None = None
+    user: str | None = None
+    seed: int | None = None
+    response_format: dict[str, Any] | None = None
+    extra_body: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        _between("--temperature", self.temperature, 0, 2)
+        _between("--top-p", self.top_p, 0, 1)
+        _between("--presence-penalty", self.presence_penalty, -2, 2)
+        _between("--frequency-penalty", self.frequency_penalty, -2, 2)
+        if not 1 <= self.n <= 128:
+            raise _bad(f"--n must be between 1 and 128, got {self.n}")
+        if len(self.stop) > 4:
+            raise _bad(f"--stop may be given at most 4 times, got {len(self.stop)}")
+        for token, bias in (self.logit_bias or {}).items():
+            if (not str(token).isdigit() or isinstance(bias, bool) or not isinstance(bias, int)
+                    or not -100 <= bias <= 100):
+                raise _bad(f"--logit-bias wants token ids mapped to integers -100..100, "
+                           f"got {token!r}: {bias!r}")
+
+    def check_protocol(self, api: str) -> None:
+        if api != "anthropic":
+            return
+        for name in _ANTHROPIC_UNSUPPORTED:
+            if getattr(self, name) is not None:
+                raise _bad(f"--{name.replace('_', '-')} is not available with --api anthropic "
+                           "(the Messages API has no such option)")
+        if self.n != 1:
+            raise _bad("--n > 1 is not available with --api anthropic "
+                       "(the Messages API returns one answer per request)")
+
+    def openai_fields(self) -> dict[str, Any]:
+        body: dict[str, Any] = {}
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty",
+                     "logit_bias", "user", "seed", "response_format"):
+            if getattr(self, name) is not None:
+                body[name] = getattr(self, name)
+        if self.n != 1:
+            body["n"] = self.n
+        if self.stop:
+            body["stop"] = list(self.stop)
+        return body
+
+    def anthropic_fields(self) -> dict[str, Any]:
+        body: dict[str, Any] = {}
+        for name in ("temperature", "top_p"):
+            if getattr(self, name) is not None:
+                body[name] = getattr(self, name)
+        if self.stop:
+            body["stop_sequences"] = list(self.stop)
+        if self.user:
+            body["metadata"] = {"user_id": self.user}
+        return body
+
+
+def _between(name: str, value: float | None, low: float, high: float) -> None:
+    if value is not None and not low <= value <= high:
+        raise _bad(f"{name} must be between {low:g} and {high:g}, got {value:g}")
+
+
+def load_response_format(value: str | None) -> dict[str, Any] | None:
+    """``json_object``, or a JSON Schema file for ``json_schema`` structured output."""
+    if value is None:
+        return None
+    if value == "json_object":
+        return {"type": "json_object"}
+    path = Path(value)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise _bad(f"--response-format {value}: cannot read the schema file "
+                   f"({e.strerror})") from None
+    except ValueError as e:
+        raise _bad(f"--response-format {value}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise _bad(f"--response-format {value}: a JSON Schema must be an object")
+    if "schema" in doc and "name" in doc:  # already the json_schema envelope
+        return {"type": "json_schema", "json_schema": doc}
+    name = "".join(c if c.isalnum() or c in "_-" else "_" for c in path.stem)[:64] or "caption"
+    return {"type": "json_schema",
+            "json_schema": {"name": name, "schema": doc, "strict": True}}
+
+
+def parse_json_option(name: str, value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except ValueError as e:
+        raise _bad(f"{name}: not valid JSON ({e})") from None
+
+
+def template_fields(template: str) -> list[str]:
+    """The manifest columns a ``--prompt`` template refers to (``{category}``)."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise _bad(f"--prompt: not a valid template ({e}); write {{{{ and }}}} for braces"
+                   ) from None
+    for f in fields:
+        if not f.isidentifier():
+            raise _bad(f"--prompt: {{{f}}} is not a column name; templates take plain "
+                       "{column} references (write {{ and }} for literal braces)")
+    return fields
+
+
+def render_prompt(template: str, values: dict[str, Any]) -> str:
+    return template.format_map(values) if "{" in template else template
