@@ -152,6 +152,14 @@ class ImageRefs:
         i, known = self._find(ids)
         return known & (self._images[i] != images)
 
+    def classify(self, ids: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(known, conflicting) masks: is the id in OUT, and for another image?"""
+        if not len(self._ids):
+            none = np.zeros(len(ids), dtype=bool)
+            return none, none
+        i, known = self._find(ids)
+        return known, known & (self._images[i] != images)
+
     def sha_conflict(self, rid: str, sha256: str) -> bool:
         """Does OUT hold ``rid`` for an image with other content?"""
         if not len(self._ids):

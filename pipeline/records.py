@@ -8,58 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import pyarrow as pa
 
 DEFAULT_PROMPT_NAME = "default"
-
-# Fixed columns, in order; the manifest's extra columns (strings) follow them.
-BASE_FIELDS: list[pa.Field] = [
-    pa.field("id", pa.string()),
-    pa.field("prompt_name", pa.string()),
-    pa.field("image", pa.string()),
-    pa.field("caption", pa.string()),
-    pa.field("captions", pa.list_(pa.string())),
-    pa.field("caption_json", pa.string()),
-    pa.field("json_valid", pa.bool_()),
-    pa.field("status", pa.string()),
-    pa.field("error", pa.string()),
-    pa.field("error_class", pa.string()),
-    pa.field("finish_reason", pa.string()),
-    pa.field("finish_reason_raw", pa.string()),
-    pa.field("model", pa.string()),
-    pa.field("prompt_sha256", pa.string()),
-    pa.field("prompt_tokens", pa.int64()),
-    pa.field("completion_tokens", pa.int64()),
-    pa.field("total_tokens", pa.int64()),
-    pa.field("cached_tokens", pa.int64()),
-    pa.field("cost_usd", pa.float64()),
-    pa.field("usage_source", pa.string()),
-    pa.field("attempts", pa.int32()),
-    pa.field("latency_s", pa.float64()),
-    pa.field("ttft_s", pa.float64()),
-    pa.field("request_id", pa.string()),
-    pa.field("response_id", pa.string()),
-    pa.field("http_status", pa.int32()),
-    pa.field("retry_after_s", pa.float64()),
-    pa.field("terminal", pa.string()),
-    pa.field("quirks", pa.string()),
-    pa.field("line", pa.int64()),
-    pa.field("width", pa.int32()),
-    pa.field("height", pa.int32()),
-    pa.field("sent_width", pa.int32()),
-    pa.field("sent_height", pa.int32()),
-    pa.field("sent_bytes", pa.int64()),
-    pa.field("image_sha256", pa.string()),
-    pa.field("dedup_key", pa.string()),
-    pa.field("dedup_of", pa.string()),
-    pa.field("finished_at", pa.timestamp("us", tz="UTC")),
-]
-BASE_NAMES = frozenset(f.name for f in BASE_FIELDS)
-
+_TIMESTAMP = pa.timestamp("us", tz="UTC")
 
 def output_schema(extra_columns: list[str]) -> pa.Schema:
     extras = [pa.field(c, pa.string()) for c in extra_columns if c not in BASE_NAMES]
@@ -146,44 +104,151 @@ def now_utc() -> datetime:
     return datetime.now(UTC)
 
 
-def base_row(row: ManifestRow) -> dict[str, Any]:
-    out: dict[str, Any] = {name: None for name in BASE_NAMES}
-    out.update(row.extra)
-    out.update(id=row.id, prompt_name=row.prompt_name, image=row.image, line=row.line,
-               attempts=0)
-    return out
+class Status(StrEnum):
+    OK = "ok"
+    ERROR = "error"
 
 
-def ok_row(row: ManifestRow, c: Completion, **timing: Any) -> dict[str, Any]:
-    out = base_row(row)
+def _col(arrow: pa.DataType, default: Any = None) -> Any:
+    """A column of the output: its Arrow type rides on the field (the schema is derived)."""
+    return field(default=default, metadata={"arrow": arrow})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResultRow:
+    """Every manifest row (× prompt) ends as exactly one of these: the output schema.
+
+    Built by ``ok_row``, ``error_row`` and ``copied_row`` from typed values (a
+    ``Completion``, an error, the prepared image's columns); a misspelt column is a
+    ``TypeError`` where it is written, not a silent null. ``extra`` holds the manifest's
+    own columns. The sink conforms ``to_record()`` to the schema once more (the last
+    gate for values from outside: docs/protocol.md §11.4).
+    """
+
+    id: str = _col(pa.string(), "")
+    prompt_name: str = _col(pa.string(), DEFAULT_PROMPT_NAME)
+    image: str = _col(pa.string(), "")
+    caption: str | None = _col(pa.string())
+    captions: tuple[str, ...] | None = _col(pa.list_(pa.string()))
+    caption_json: str | None = _col(pa.string())
+    json_valid: bool | None = _col(pa.bool_())
+    status: Status = _col(pa.string(), Status.ERROR)
+    error: str | None = _col(pa.string())
+    error_class: str | None = _col(pa.string())
+    finish_reason: str | None = _col(pa.string())
+    finish_reason_raw: str | None = _col(pa.string())
+    model: str | None = _col(pa.string())
+    prompt_sha256: str | None = _col(pa.string())
+    prompt_tokens: int | None = _col(pa.int64())
+    completion_tokens: int | None = _col(pa.int64())
+    total_tokens: int | None = _col(pa.int64())
+    cached_tokens: int | None = _col(pa.int64())
+    cost_usd: float | None = _col(pa.float64())
+    usage_source: str | None = _col(pa.string())
+    attempts: int = _col(pa.int32(), 0)
+    latency_s: float | None = _col(pa.float64())
+    ttft_s: float | None = _col(pa.float64())
+    request_id: str | None = _col(pa.string())
+    response_id: str | None = _col(pa.string())
+    http_status: int | None = _col(pa.int32())
+    retry_after_s: float | None = _col(pa.float64())
+    terminal: str | None = _col(pa.string())
+    quirks: str | None = _col(pa.string())
+    line: int | None = _col(pa.int64())
+    width: int | None = _col(pa.int32())
+    height: int | None = _col(pa.int32())
+    sent_width: int | None = _col(pa.int32())
+    sent_height: int | None = _col(pa.int32())
+    sent_bytes: int | None = _col(pa.int64())
+    image_sha256: str | None = _col(pa.string())
+    dedup_key: str | None = _col(pa.string())
+    dedup_of: str | None = _col(pa.string())
+    finished_at: datetime = field(default_factory=now_utc, metadata={"arrow": _TIMESTAMP})
+    extra: Mapping[str, str | None] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == Status.OK
+
+    def to_record(self) -> dict[str, Any]:
+        """The row as columns (the manifest's extras beside the fixed ones)."""
+        out: dict[str, Any] = dict(self.extra)
+        for name in BASE_ORDER:
+            out[name] = getattr(self, name)
+        if self.captions is not None:
+            out["captions"] = list(self.captions)
+        return out
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> ResultRow:
+        """A row read back (from another process, or a part): columns by name."""
+        known = {k: v for k, v in record.items() if k in BASE_NAMES}
+        if known.get("captions") is not None:
+            known["captions"] = tuple(known["captions"])
+        extra = {k: v for k, v in record.items() if k not in BASE_NAMES}
+        return cls(**known, extra=extra)
+
+
+BASE_FIELDS: list[pa.Field] = [pa.field(f.name, f.metadata["arrow"])
+                               for f in fields(ResultRow) if "arrow" in f.metadata]
+BASE_ORDER = tuple(f.name for f in BASE_FIELDS)
+BASE_NAMES = frozenset(BASE_ORDER)
+
+
+def output_schema(extra_columns: list[str]) -> pa.Schema:
+    extras = [pa.field(c, pa.string()) for c in extra_columns if c not in BASE_NAMES]
+    return pa.schema(BASE_FIELDS + extras)
+
+
+@dataclass(frozen=True, slots=True)
+class Original:
+    """What a copy of an identical image takes from the row that was captioned."""
+
+    id: str
+    caption: str | None
+    finish_reason: str | None = None
+    finish_reason_raw: str | None = None
+    model: str | None = None
+    response_id: str | None = None
+    terminal: str | None = None
+
+    @classmethod
+    def of(cls, row: ResultRow) -> Original:
+        return cls(row.id, row.caption, row.finish_reason, row.finish_reason_raw, row.model,
+                   row.response_id, row.terminal)
+
+
+def _base(row: ManifestRow) -> dict[str, Any]:
+    return {"id": row.id, "prompt_name": row.prompt_name, "image": row.image,
+            "line": row.line, "extra": row.extra}
+
+
+def ok_row(row: ManifestRow, c: Completion, **columns: Any) -> ResultRow:
     u = c.usage
-    out.update(
-        caption=c.text, captions=list(c.texts) if c.texts else [c.text], status="ok",
-        finish_reason=c.finish_reason,
+    usage = {} if u is None else {
+        "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens, "cached_tokens": u.cached_tokens}
+    return ResultRow(
+        **_base(row), status=Status.OK, caption=c.text,
+        captions=tuple(c.texts) if c.texts else (c.text,), finish_reason=c.finish_reason,
         finish_reason_raw=c.finish_reason_raw, model=c.model, response_id=c.response_id,
         terminal=c.terminal, usage_source="reported" if u else "absent",
         quirks=json.dumps(c.quirks, sort_keys=True) if c.quirks else None,
-        finished_at=now_utc(),
-    )
-    if u:
-        out.update(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                   total_tokens=u.total_tokens, cached_tokens=u.cached_tokens)
-    out.update(timing)
-    return out
+        **usage, **columns)
 
 
-def copied_row(row: ManifestRow, original: dict[str, Any], **extra: Any) -> dict[str, Any]:
+def copied_row(row: ManifestRow, original: Original, **columns: Any) -> ResultRow:
     """A duplicate image: the caption of the row that was captioned, no tokens spent."""
-    out = base_row(row)
-    out.update({k: v for k, v in original.items() if k != "id" and k != "dedup_key"})
-    out.update(status="ok", dedup_of=original["id"], usage_source="dedup",
-               cost_usd=0.0, finished_at=now_utc())  # no request, so no cost: 0, not unknown
-    out.update(extra)
-    return out
+    return ResultRow(
+        **_base(row), status=Status.OK, caption=original.caption,
+        captions=(original.caption,) if original.caption is not None else None,
+        finish_reason=original.finish_reason, finish_reason_raw=original.finish_reason_raw,
+        model=original.model, response_id=original.response_id, terminal=original.terminal,
+        dedup_of=original.id, usage_source="dedup",
+        cost_usd=0.0,  # no request, so no cost: 0, not unknown
+        **columns)
 
 
-def error_row(row: ManifestRow, message: str, error_class: str, **timing: Any) -> dict[str, Any]:
-    out = base_row(row)
-    out.update(status="error", error=message, error_class=error_class, finished_at=now_utc())
-    out.update(timing)
-    return out
+def error_row(row: ManifestRow, message: str, error_class: str, **columns: Any) -> ResultRow:
+    return ResultRow(**_base(row), status=Status.ERROR, error=message,
+                     error_class=error_class, **columns)

@@ -36,7 +36,7 @@ from ..images.pool import DaemonPool
 from ..keys import KeySet
 from ..pacing.cost import BudgetReached
 from ..pacing.limiter import Budgets
-from ..records import ManifestRow, PreparedImage, output_schema
+from ..records import ManifestRow, PreparedImage, ResultRow, output_schema
 from ..run.stack import build_worker
 from ..run.worker import Interrupted, Worker
 from ..settings import Settings
@@ -105,19 +105,20 @@ def _quiet_unclosed(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) ->
         loop.default_exception_handler(context)
 
 
-def encode_rows(rows: list[dict[str, Any]], schema: pa.Schema) -> bytes:
+def encode_rows(rows: list[ResultRow], schema: pa.Schema) -> bytes:
     """Result rows as an Arrow IPC stream in the output schema (conformed here, in the
     actor, so no value from the wire can fail the chunk)."""
     sink = io.BytesIO()
     conform = RowConformer(schema)
-    table = to_table([conform(r) for r in rows], schema)
+    table = to_table([conform(r.to_record()) for r in rows], schema)
     with pa.ipc.new_stream(sink, schema) as writer:
         writer.write_table(table)
     return sink.getvalue()
 
 
-def decode_rows(payload: bytes) -> list[dict[str, Any]]:
-    return pa.ipc.open_stream(payload).read_all().to_pylist()  # type: ignore[no-any-return]
+def decode_rows(payload: bytes) -> list[ResultRow]:
+    table = pa.ipc.open_stream(payload).read_all()
+    return [ResultRow.from_record(r) for r in table.to_pylist()]
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,7 @@ class CaptionActor:
         return pa.Table.from_pydict(out, schema=CHUNK_SCHEMA)
 
     async def _chunk(self, rows: list[ManifestRow]
-                     ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+                     ) -> tuple[list[ResultRow], dict[str, Any] | None]:
         if self.halt is not None:
             return [], self.halt
         prepared: dict[tuple[int, str], asyncio.Future[PreparedImage]] = {}
@@ -222,10 +223,10 @@ class CaptionActor:
         for o in outcomes:
             if isinstance(o, BaseException) and not isinstance(o, asyncio.CancelledError):
                 raise o  # a bug, not a row's problem: fail the task loudly
-        return [o for o in outcomes if isinstance(o, dict)], self.halt
+        return [o for o in outcomes if isinstance(o, ResultRow)], self.halt
 
     async def _one(self, row: ManifestRow, image: asyncio.Future[PreparedImage] | None
-                   ) -> dict[str, Any] | None:
+                   ) -> ResultRow | None:
         try:
             return await self.worker.process(row, image)
         except Interrupted:

@@ -159,7 +159,7 @@ class RayEngine:
             session.progress.set_total(counts["pending"])
         if kind == "rows" and payload:
             for row in decode_rows(payload):
-                h = key_hash(row["id"], row["prompt_name"])
+                h = key_hash(row.id, row.prompt_name)
                 if h in self.written:
                     continue  # a chunk Ray ran twice: the first row of a key wins
                 self.written.add(h)

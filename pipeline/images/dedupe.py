@@ -27,9 +27,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..keys import hex64, hex64_one
+from ..records import Original, ResultRow
 
-_COPIED = ("caption", "finish_reason", "finish_reason_raw", "model", "response_id",
-           "terminal")
 _RECENT_MAX = 100_000
 _BATCH = 65_536
 RECENT_MAX = _RECENT_MAX  # --dry-run mirrors this bound when it predicts copies
@@ -43,15 +42,14 @@ def dedup_key(sha256: str, prompt: str, system: str | None, model: str) -> str:
 class Dedupe:
     """Claims and results per dedup key; ``lookup_done`` reads an original from OUT."""
 
-    def __init__(self, lookup_done: Callable[[str], dict[str, Any] | None] | None = None
-                 ) -> None:
+    def __init__(self, lookup_done: Callable[[str], Original | None] | None = None) -> None:
         self._lookup_done = lookup_done
-        self._inflight: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
-        self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._inflight: dict[str, asyncio.Future[Original | None]] = {}
+        self._recent: OrderedDict[str, Original] = OrderedDict()
         self.copies = 0
 
-    async def claim(self, key: str) -> dict[str, Any] | None:
-        """None: the caller captions this key. Else the original's fields to copy."""
+    async def claim(self, key: str) -> Original | None:
+        """None: the caller captions this key. Else the original to copy."""
         while True:
             fut = self._inflight.get(key)
             if fut is None:
@@ -70,19 +68,19 @@ class Dedupe:
         self._inflight[key] = asyncio.get_running_loop().create_future()
         return None
 
-    def resolve(self, key: str, row: dict[str, Any] | None) -> None:
+    def resolve(self, key: str, row: ResultRow | None) -> None:
         """The claimer's outcome: an ok row to share, or None (failed, cancelled)."""
         fut = self._inflight.pop(key, None)
         original = None
-        if row is not None and row.get("status") == "ok":
-            original = {"id": row["id"], **{k: row.get(k) for k in _COPIED}}
+        if row is not None and row.ok:
+            original = Original.of(row)
             self._recent[key] = original
             if len(self._recent) > _RECENT_MAX:
                 self._recent.popitem(last=False)
         if fut is not None and not fut.done():
             fut.set_result(original)
 
-    def _hit(self, original: dict[str, Any]) -> dict[str, Any]:
+    def _hit(self, original: Original) -> Original:
         self.copies += 1
         return original
 
@@ -119,7 +117,7 @@ class ImageIndex:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def lookup(self, key: str) -> dict[str, Any] | None:
+    def lookup(self, key: str) -> Original | None:
         """The original ok row for ``key`` (id and caption fields), or None."""
         h = hex64_one(key)
         i = int(np.searchsorted(self._keys, h))
@@ -127,7 +125,9 @@ class ImageIndex:
             ref = int(self._refs[i])
             row = self._row(ref >> 32, ref & 0xFFFFFFFF)
             if row.get("dedup_key") == key:  # guard against a collision of the prefixes
-                return row
+                return Original(row["id"], row.get("caption"), row.get("finish_reason"),
+                                row.get("finish_reason_raw"), row.get("model"),
+                                row.get("response_id"), row.get("terminal"))
             i += 1
         return None
 

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from ..records import ResultRow
 from ..sources.plan import PlanCounts
 
 from ..logs import json_line
@@ -75,23 +76,23 @@ class Counters:
     latency: Reservoir = field(default_factory=Reservoir)
     ttft: Reservoir = field(default_factory=Reservoir)
 
-    def record(self, row: dict[str, Any]) -> None:
-        self.cost_usd += row.get("cost_usd") or 0.0
-        if row.get("dedup_of"):
+    def record(self, row: ResultRow) -> None:
+        self.cost_usd += row.cost_usd or 0.0
+        if row.dedup_of:
             self.copies += 1
-        elif row.get("attempts"):
-            self.latency.add(row.get("latency_s"))
-            self.ttft.add(row.get("ttft_s"))
-        if row["status"] == "ok":
+        elif row.attempts:
+            self.latency.add(row.latency_s)
+            self.ttft.add(row.ttft_s)
+        if row.ok:
             self.ok += 1
         else:
             self.failed += 1
-            self.error_classes[row["error_class"] or "error"] += 1
-            reason = (row["error"] or "")[:120]
+            self.error_classes[row.error_class or "error"] += 1
+            reason = (row.error or "")[:120]
             if reason in self.reasons or len(self.reasons) < _MAX_REASONS:
                 self.reasons[reason] += 1
-        self.tokens_in += row.get("prompt_tokens") or 0
-        self.tokens_out += row.get("completion_tokens") or 0
+        self.tokens_in += row.prompt_tokens or 0
+        self.tokens_out += row.completion_tokens or 0
 
     @property
     def finished(self) -> int:

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from ..errors import RunFatal, output_error
 from ..images.dedupe import ImageIndex
-from ..records import now_utc
+from ..records import ResultRow, now_utc
 from ..settings import Settings
 from ..sources.manifest import Manifest
 from ..sources.plan import Plan
@@ -148,14 +148,14 @@ class RunSession:
         elif why is Stop.FATAL and self.stop.with_grace:
             self.cancel_now.set()  # e.g. the key failed while draining after a signal
 
-    def keep(self, row: dict[str, Any]) -> None:
+    def keep(self, row: ResultRow) -> None:
         """A finished row: journaled at once (a kill no longer loses it), then counted."""
         try:
-            self.sink.add(row)
+            self.sink.add(row.to_record())
         except OSError as e:
             self._output_failed(e, self.sink.journal.dir if self.sink.journal else self.s.out)
         self.counters.record(row)
-        self.progress.update(row.get("total_tokens") or 0)
+        self.progress.update(row.total_tokens or 0)
         if self.sink.due:
             self._flush_now.set()
 

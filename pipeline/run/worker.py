@@ -39,6 +39,7 @@ from ..records import (
     ManifestRow,
     PreparedImage,
     Usage,
+    ResultRow,
     copied_row,
     error_row,
     ok_row,
@@ -97,7 +98,7 @@ class Worker:
         self.in_request: set[asyncio.Task[Any] | None] = set()  # tasks with a request open
 
     async def process(self, row: ManifestRow,
-                      prepared: Awaitable[PreparedImage] | None = None) -> dict[str, Any]:
+                      prepared: Awaitable[PreparedImage] | None = None) -> ResultRow:
         """The result row for ``row``; ``prepared`` is its image if already under way."""
         if row.error:
             return error_row(row, row.error, "bad_input")
@@ -142,13 +143,13 @@ class Worker:
                 log.exception("row %s: failed unexpectedly", row.id)
                 result = error_row(row, f"internal error: {type(e).__name__}: {e}",
                                    "internal")
-            result.update(columns)
+            result = replace(result, **columns)
             return result
         finally:
             if key is not None and self.dedupe is not None:
                 self.dedupe.resolve(key, result)
 
-    async def _with_retries(self, row: ManifestRow, req: ApiRequest) -> dict[str, Any]:
+    async def _with_retries(self, row: ManifestRow, req: ApiRequest) -> ResultRow:
         attempts = 0
         waited: float | None = None
         while True:
@@ -185,7 +186,7 @@ class Worker:
                 return self._failed(row, e, attempts, start, waited)
 
     async def _attempt_row(self, row: ManifestRow, req: ApiRequest, attempts: int,
-                           waited: float | None) -> dict[str, Any]:
+                           waited: float | None) -> ResultRow:
         """One attempt under the cost budget and the limiter: the ok row, or it raises."""
         reserved = self.budget.reserve(req.est_input_tokens, req.est_output_tokens) \
             if self.budget else 0.0  # BudgetReached propagates: the run stops taking rows
@@ -233,26 +234,26 @@ class Worker:
         return {"caption_json": json.dumps(doc, ensure_ascii=False), "json_valid": True}
 
     def _failed(self, row: ManifestRow, e: PipelineError, attempts: int, start: float,
-                waited: float | None, suffix: str = "") -> dict[str, Any]:
+                waited: float | None, suffix: str = "") -> ResultRow:
         latency = e.latency if e.latency is not None else self.clock() - start
         log.debug("row %s: failed after %d attempt(s) (%s): %s%s", row.id, attempts,
                   e.error_class, e.message, suffix)
-        out = error_row(row, e.message + suffix, e.error_class, attempts=attempts,
-                        latency_s=latency, http_status=e.http_status,
-                        retry_after_s=waited, request_id=e.request_id)
+        columns: dict[str, Any] = {}
         if e.finish_reason_raw:
-            out.update(finish_reason=normalize_finish(e.finish_reason_raw),
-                       finish_reason_raw=e.finish_reason_raw)
+            columns.update(finish_reason=normalize_finish(e.finish_reason_raw),
+                           finish_reason_raw=e.finish_reason_raw)
         if e.error_class == "invalid_json":
-            out["json_valid"] = False
+            columns["json_valid"] = False
         if e.usage is not None:  # tokens were spent even though the row failed
-            out.update(prompt_tokens=e.usage.prompt_tokens,
-                       completion_tokens=e.usage.completion_tokens,
-                       total_tokens=e.usage.total_tokens, usage_source="reported")
+            columns.update(prompt_tokens=e.usage.prompt_tokens,
+                           completion_tokens=e.usage.completion_tokens,
+                           total_tokens=e.usage.total_tokens, usage_source="reported")
             if self.budget is not None:
-                out["cost_usd"] = self.budget.price.cost(e.usage.prompt_tokens,
-                                                         e.usage.completion_tokens)
-        return out
+                columns["cost_usd"] = self.budget.price.cost(e.usage.prompt_tokens,
+                                                             e.usage.completion_tokens)
+        return error_row(row, e.message + suffix, e.error_class, attempts=attempts,
+                         latency_s=latency, http_status=e.http_status,
+                         retry_after_s=waited, request_id=e.request_id, **columns)
 
     async def _attempt(self, req: ApiRequest, start: float
                        ) -> tuple[Completion, Head, float | None]:

@@ -72,6 +72,7 @@ class Plan:
         self.prompts = prompts
         self.limit = limit
         self.counts = counts if counts is not None else PlanCounts()
+        self._matched = KeySet()  # ids whose first line agreed with OUT's image
         self.log_duplicate = lambda row: None
         # A stream gives its rows as they come: a block would wait for 4096 of them.
         self.block = 1 if getattr(manifest, "one_shot", False) else _BLOCK
@@ -132,19 +133,28 @@ class Plan:
             yield []
 
     def _check_images(self, block: list[ManifestRow]) -> None:
-        """A known id with another image: this is not the manifest OUT was made from."""
+        """A known id with another image: this is not the manifest OUT was made from.
+
+        Only an id's first line counts: a later line with the same id is a duplicate,
+        skipped whatever its image (``_matched`` remembers the ids whose first line
+        agreed with OUT: 8 bytes each, at most one per id OUT holds).
+        """
         assert self.images is not None
         usable = [r for r in block if not r.error]
         ids = hash_strings((r.id for r in usable), len(usable))
         images = hash_strings((r.image for r in usable), len(usable))
-        clash = np.flatnonzero(self.images.conflicts(ids, images))
-        if clash.size:
-            row = usable[int(clash[0])]
+        known, clash = self.images.classify(ids, images)
+        for k in np.flatnonzero(known & ~clash):
+            self._matched.add(int(ids[k]))
+        for k in np.flatnonzero(clash):
+            if int(ids[k]) in self._matched:
+                continue  # a duplicate line of an id whose first line agreed
+            row = usable[int(k)]
             raise RunFatal(
                 f"manifest {self.manifest.path} line {row.line}: id {row.id!r} is in "
-                f"{self.out or 'OUT'} for another image than {row.image!r} "
-                f"({clash.size} such rows in this block). Caption into a new --out, give "
-                "the rows new ids, or pass --allow-mixed", "config", exit_code=2)
+                f"{self.out or 'OUT'} for another image than {row.image!r}. Caption into "
+                "a new --out, give the rows new ids, or pass --allow-mixed", "config",
+                exit_code=2)
 
     def _variants(self, row: ManifestRow, names: set[str]) -> Iterator[ManifestRow]:
         return variants(row, [p for p in self.prompts if p.name in names])

@@ -257,3 +257,12 @@ def test_a_replaced_image_file_under_a_known_id_exits_2(caption: Any, gateway: A
     assert res.code == 2 and gateway.count() == sent
     (line,) = res.stderr_lines()
     assert "id 'a'" in line and "other content" in line
+
+
+def test_a_duplicate_id_line_with_another_image_is_skipped_not_a_conflict(
+        caption: Any, gateway: Any) -> None:
+    rows = _two_rows()
+    assert caption(rows).code == 0
+    dup = [*rows, {"id": "a", "image": img("ok", "elsewhere.jpg")}]  # a later duplicate
+    res = caption(dup)
+    assert res.code == 0, res.stderr

@@ -17,15 +17,17 @@ from typing import Any
 import pytest
 
 from pipeline.logs import setup_logging
+from pipeline.records import ResultRow, Status
 from pipeline.run.progress import Counters, Progress, terminal_size
 
 FRAME = re.compile(r"(\d+)/(\d+) \[.*ok=(\d+), failed=(\d+)")
 
 
 def finish(c: Counters, p: Progress, ok: bool) -> None:
-    c.record({"status": "ok" if ok else "error", "error_class": None if ok else "server",
-              "error": None if ok else "HTTP 500", "prompt_tokens": 10,
-              "completion_tokens": 2})
+    c.record(ResultRow(status=Status.OK if ok else Status.ERROR,
+                       error_class=None if ok else "server",
+                       error=None if ok else "HTTP 500", prompt_tokens=10,
+                       completion_tokens=2))
     p.update(12)
 
 

@@ -266,10 +266,10 @@ async def test_no_authorization_header_without_a_key(tmp_path: Path,
 
 async def test_streamed_answer_becomes_an_ok_row(ok_request: dict[str, Any]) -> None:
     r = ok_request["result"]
-    assert r["status"] == "ok"
-    assert r["caption"] == "A horse in a field."
-    assert r["attempts"] == 1 and r["http_status"] == 200
-    assert (r["prompt_tokens"], r["completion_tokens"]) == (120, 6)
+    assert r.status == "ok"
+    assert r.caption == "A horse in a field."
+    assert r.attempts == 1 and r.http_status == 200
+    assert (r.prompt_tokens, r.completion_tokens) == (120, 6)
 
 
 async def test_401_raises_run_fatal_after_one_request(tmp_path: Path,
@@ -288,11 +288,11 @@ async def test_400_returns_an_error_row_with_one_attempt(tmp_path: Path,
     body = json.dumps({"error": {"message": "Unrecognized request argument supplied: foo",
                                  "type": "invalid_request_error"}}).encode()
     r = await process(tmp_path, mocked, status=400, body=body, content_type="application/json")
-    assert r["status"] == "error"
-    assert r["attempts"] == 1
-    assert r["http_status"] == 400
-    assert r["error_class"] == "bad_request"
-    assert "Unrecognized request argument" in r["error"]
+    assert r.status == "error"
+    assert r.attempts == 1
+    assert r.http_status == 400
+    assert r.error_class == "bad_request"
+    assert "Unrecognized request argument" in r.error
     assert len(calls(mocked)) == 1
 
 
@@ -301,7 +301,7 @@ async def test_400_image_error_is_a_bad_image_row_without_retry(tmp_path: Path,
     body = json.dumps({"error": {"message": "Invalid image.", "type":
                                  "invalid_request_error"}}).encode()
     r = await process(tmp_path, mocked, status=400, body=body, content_type="application/json")
-    assert (r["status"], r["error_class"], r["attempts"]) == ("error", "bad_image", 1)
+    assert (r.status, r.error_class, r.attempts) == ("error", "bad_image", 1)
     assert len(calls(mocked)) == 1
 
 
@@ -310,7 +310,7 @@ async def test_local_image_problem_sends_no_request(tmp_path: Path,
     h = Harness(settings(tmp_path))
     async with h.transport:
         r = await h.worker.process(row(image="missing.png"))
-    assert (r["status"], r["error_class"], r["attempts"]) == ("error", "bad_image", 0)
+    assert (r.status, r.error_class, r.attempts) == ("error", "bad_image", 0)
     assert calls(mocked) == []
 
 
@@ -321,7 +321,7 @@ async def test_500_then_success_is_retried_with_the_same_body(tmp_path: Path,
     h = Harness(settings(tmp_path))
     async with h.transport:
         r = await h.worker.process(row())
-    assert (r["status"], r["attempts"]) == ("ok", 2)
+    assert (r.status, r.attempts) == ("ok", 2)
     assert len(calls(mocked)) == 2
     assert calls(mocked)[0].kwargs["data"] == calls(mocked)[1].kwargs["data"]
     assert h.sleeps == [0.5]  # backoff base 1.0 x injected rand 0.5, no wall-clock wait

@@ -42,11 +42,12 @@ def mrow(rid: str, prompt_name: str = "default", line: int = 2) -> ManifestRow:
 
 def ok(rid: str, caption: str = "A horse.", at: datetime = T0, **kw: Any) -> dict[str, Any]:
     c = Completion(caption, "stop", "stop", "m", "chatcmpl-1", Usage(10, 3, 13, 0), "done", {})
-    return ok_row(mrow(rid, **kw), c, attempts=1, finished_at=at)
+    return ok_row(mrow(rid, **kw), c, attempts=1, finished_at=at).to_record()
 
 
 def err(rid: str, at: datetime = T0, **kw: Any) -> dict[str, Any]:
-    return error_row(mrow(rid, **kw), "HTTP 500: boom", "server", attempts=3, finished_at=at)
+    return error_row(mrow(rid, **kw), "HTTP 500: boom", "server", attempts=3,
+                     finished_at=at).to_record()
 
 
 class FakeClock:
@@ -343,7 +344,8 @@ def test_a_failed_commit_removes_its_temporary_file(tmp_path: Path,
 def test_load_indexes_ok_and_permanent_error_keys_as_done(tmp_path: Path) -> None:
     out = tmp_path / "out"
     sink = new_sink(out)
-    bad = error_row(mrow("b"), "HTTP 400: no", "bad_request", attempts=1, finished_at=T0)
+    bad = error_row(mrow("b"), "HTTP 400: no", "bad_request", attempts=1,
+                    finished_at=T0).to_record()
     sink.write([ok("a"), bad])
     sink.write([ok("c")])
     state = Checkpoint(out).load(retry_errors=False)
@@ -357,7 +359,8 @@ def test_load_indexes_ok_and_permanent_error_keys_as_done(tmp_path: Path) -> Non
                                  "connection", "stream_broken", "stream_error"])
 def test_transient_error_rows_are_pending_again_by_default(tmp_path: Path, cls: str) -> None:
     out = tmp_path / "out"
-    new_sink(out).write([ok("a"), error_row(mrow("b"), "flaky", cls, finished_at=T0)])
+    flaky = error_row(mrow("b"), "flaky", cls, finished_at=T0).to_record()
+    new_sink(out).write([ok("a"), flaky])
     state = Checkpoint(out).load(retry_errors=False)
     assert key_hash("a", "default") in state.done
     assert key_hash("b", "default") not in state.done
@@ -421,8 +424,9 @@ def test_repair_keeps_the_newer_of_two_ok_rows(tmp_path: Path) -> None:
 
 def test_repair_keeps_the_newer_of_two_error_rows(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    old = error_row(mrow("a"), "old failure", "server", finished_at=T0)
-    new = error_row(mrow("a"), "new failure", "server", finished_at=T0 + timedelta(seconds=1))
+    old = error_row(mrow("a"), "old failure", "server", finished_at=T0).to_record()
+    new = error_row(mrow("a"), "new failure", "server",
+                    finished_at=T0 + timedelta(seconds=1)).to_record()
     write_part(out, [new], "part-r1-000001.parquet")
     write_part(out, [old], "part-r2-000001.parquet")
     Checkpoint(out).load(retry_errors=False)

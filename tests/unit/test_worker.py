@@ -97,15 +97,15 @@ async def test_partial_text_of_a_cut_stream_is_discarded_on_retry(tmp_path: Path
         (200, {"content-type": "text/event-stream"}, sse(text("Whole."), STOP)),
     ], tmp_path)
     row = await w.process(ROW)
-    assert (row["status"], row["caption"], row["attempts"]) == ("ok", "Whole.", 2)
+    assert (row.status, row.caption, row.attempts) == ("ok", "Whole.", 2)
     assert clock.sleeps == [0.5]  # full jitter: rand 0.5 × min(cap, base·2⁰)
 
 
 async def test_backoff_doubles_and_gives_up_with_the_last_class(tmp_path: Path) -> None:
     w, _, clock, _ = make([(503, {}, [b"busy"])] * 4, tmp_path, retries=3)
     row = await w.process(ROW)
-    assert (row["status"], row["error_class"], row["attempts"]) == ("error", "server", 4)
-    assert "gave up after 4 attempts" in row["error"]
+    assert (row.status, row.error_class, row.attempts) == ("error", "server", 4)
+    assert "gave up after 4 attempts" in row.error
     assert clock.sleeps == [0.5, 1.0, 2.0]
 
 
@@ -115,14 +115,14 @@ async def test_429_retry_after_pauses_the_whole_pool(tmp_path: Path) -> None:
         (200, {"content-type": "text/event-stream"}, sse(text("Ok."), STOP)),
     ], tmp_path)
     row = await w.process(ROW)
-    assert (row["status"], row["attempts"], row["retry_after_s"]) == ("ok", 2, 7.0)
+    assert (row.status, row.attempts, row.retry_after_s) == ("ok", 2, 7.0)
     assert gate.gate.pauses == 1 and clock.sleeps == [7.0]
 
 
 async def test_a_permanent_error_is_not_retried(tmp_path: Path) -> None:
     w, t, _, _ = make([(400, {}, [b'{"error":{"message":"Invalid image."}}'])], tmp_path)
     row = await w.process(ROW)
-    assert (row["status"], row["error_class"], row["attempts"]) == ("error", "bad_image", 1)
+    assert (row.status, row.error_class, row.attempts) == ("error", "bad_image", 1)
     assert len(t.sent) == 1
 
 
@@ -137,7 +137,7 @@ async def test_manifest_row_error_becomes_a_bad_input_row_without_a_request(
     w, t, _, _ = make([], tmp_path)
     bad = ManifestRow("line-3", "", None, 3, {}, error="manifest line 3: empty image cell")
     row = await w.process(bad)
-    assert (row["status"], row["error_class"], row["line"]) == ("error", "bad_input", 3)
+    assert (row.status, row.error_class, row.line) == ("error", "bad_input", 3)
     assert t.sent == []
 
 
@@ -148,7 +148,7 @@ async def test_json_error_with_status_200_is_retried(tmp_path: Path) -> None:
         (200, {"content-type": "text/event-stream"}, sse(text("Fine."), STOP)),
     ], tmp_path)
     row = await w.process(ROW)
-    assert (row["status"], row["caption"], row["attempts"]) == ("ok", "Fine.", 2)
+    assert (row.status, row.caption, row.attempts) == ("ok", "Fine.", 2)
 
 
 async def test_a_chunk_of_an_impossible_shape_fails_its_row_for_good(tmp_path: Path) -> None:
@@ -158,7 +158,7 @@ async def test_a_chunk_of_an_impossible_shape_fails_its_row_for_good(tmp_path: P
         (200, {"content-type": "text/event-stream"}, sse(text("Whole."), STOP)),
     ], tmp_path)
     row = await w.process(ROW)  # permanent: a rerun does not pay for it again either
-    assert (row["status"], row["error_class"], row["attempts"]) == ("error", "bad_response", 1)
+    assert (row.status, row.error_class, row.attempts) == ("error", "bad_response", 1)
 
 
 async def test_an_unexpected_bug_fails_the_row_not_the_batch(tmp_path: Path) -> None:
@@ -169,5 +169,5 @@ async def test_an_unexpected_bug_fails_the_row_not_the_batch(tmp_path: Path) -> 
 
     w.adapter.build_request = broken  # type: ignore[method-assign]
     row = await w.process(ROW)
-    assert (row["status"], row["error_class"]) == ("error", "internal")
-    assert "ZeroDivisionError" in row["error"]
+    assert (row.status, row.error_class) == ("error", "internal")
+    assert "ZeroDivisionError" in row.error
