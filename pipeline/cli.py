@@ -12,10 +12,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .commands.caption import _KEY_ENV, caption, did_you_mean
+from .commands.caption import caption, did_you_mean
 from .errors import PipelineError
 from .logs import Say, wants_json
 from .redact import add_secret, redacted_std_streams
+from .wire.adapters import key_variables
 
 COMMANDS = ("caption", "run", "status", "report", "export", "simulate", "demo")
 
@@ -40,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "  demo                         caption data/sample with the simulator",
               file=sys.stdout if args else sys.stderr)
         return 0 if args else 2
-    for name in sorted({n for names in _KEY_ENV.values() for n in names}):
+    for name in key_variables():
         add_secret(os.environ.get(name))  # also for status/report over older output
     try:
         with redacted_std_streams():  # nothing printed by any command carries a secret

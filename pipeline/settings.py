@@ -8,6 +8,7 @@ from pathlib import Path
 from .pacing.cost import Price, price_for
 from .errors import RunFatal
 from .sources.manifest_format import ManifestFormat
+from .wire.adapters import RequestSpec, get_adapter
 from .wire.options import RequestOptions
 from .sources.plan import NamedPrompt
 from .records import DEFAULT_PROMPT_NAME
@@ -149,7 +150,10 @@ class Settings:
                            exit_code=2)
         if self.ray_actors is not None:
             _positive("--ray-actors", self.ray_actors)
-        self.options.check_protocol(self.api)
+        try:
+            get_adapter(self.api).check(self.options)
+        except ValueError as e:
+            raise RunFatal(str(e), "config", exit_code=2) from None
         if (self.base_url or not self.dry_run) and not self.base_url.startswith(
                 ("http://", "https://")):
             raise RunFatal(f"--base-url must start with http:// or https://, got "
@@ -187,6 +191,11 @@ class Settings:
         if self.attempt_timeout is not None:
             return self.attempt_timeout or None
         return max(ATTEMPT_FLOOR, ATTEMPT_PER_TOKEN * self.max_tokens)
+
+    @property
+    def request_spec(self) -> RequestSpec:
+        """What the protocol adapter gets of these settings (no key, no paths)."""
+        return RequestSpec(self.model, self.max_tokens, self.system, self.options)
 
     @property
     def endpoint(self) -> str:

@@ -21,6 +21,7 @@ from ..logs import Say, setup_logging, wants_json
 from ..redact import add_secret
 from ..settings import DEFAULT_MODEL, DEFAULT_PROMPT, MAX_CONCURRENCY, Secret, Settings
 from ..sources.manifest_format import ManifestFormat, is_stdin, is_stream
+from ..wire.adapters import ADAPTERS, get_adapter
 from ..wire.options import RequestOptions, load_response_format, parse_json_option
 
 EXIT_CODES = """exit codes:
@@ -78,9 +79,6 @@ def _env(*names: str) -> str | None:
     return None
 
 
-_KEY_ENV = {"openai": ("CAPTION_API_KEY", "OPENAI_API_KEY"),
-            "anthropic": ("CAPTION_API_KEY", "ANTHROPIC_API_KEY")}
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m pipeline caption",
@@ -93,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", type=Path, help="output dataset directory (default out/<manifest stem>)")
     a("--base-url", help="API root such as https://host/v1 "
                          "(env CAPTION_BASE_URL, then OPENAI_BASE_URL)")
-    a("--api", choices=["openai", "anthropic"], default="openai",
+    a("--api", choices=list(ADAPTERS), default="openai",
       help="wire protocol: OpenAI-compatible chat completions ({base}/chat/completions, "
            "default) or Anthropic's native Messages API ({base}/messages)")
     a("--model", default=_env("CAPTION_MODEL") or DEFAULT_MODEL,
@@ -219,7 +217,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         raise _config(f"--engine ray reads the manifest on a cluster node: save "
                       f"{ns.manifest} to a file and pass its path")
     out = ns.out or Path("out") / ns.manifest.stem
-    key_source = next((n for n in _KEY_ENV[ns.api] if os.environ.get(n)), None)
+    key_source = next((n for n in get_adapter(ns.api).key_env if os.environ.get(n)), None)
     key = os.environ[key_source] if key_source else ""
     add_secret(key)  # before anything can print, log or write it
     add_secret(urlsplit(base_url).password)

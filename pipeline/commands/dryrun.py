@@ -104,7 +104,7 @@ async def dry_run(s: Settings, stream: TextIO | None = None) -> int:
                     copied += 1
                     table.row(row, "copy (identical image)", 0, 0, 0 if price else None)
                     continue
-                req = adapter.build_request(row, image, s)
+                req = adapter.build_request(row, image, s.request_spec)
                 cost = price.cost(req.est_input_tokens, req.est_output_tokens) if price else None
                 total_in += req.est_input_tokens
                 total_out += req.est_output_tokens

@@ -24,7 +24,7 @@ import json
 import pickle
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from ..pacing.limiter import Budgets
 from ..records import ManifestRow, PreparedImage, ResultRow, output_schema
 from ..run.stack import build_worker
 from ..run.worker import Interrupted, Worker
-from ..settings import Settings
+from ..settings import Secret, Settings
 from ..sources.manifest import Manifest, ManifestFormat
 from ..sources.plan import NamedPrompt, Plan
 from ..store.sink import to_table
@@ -146,8 +146,8 @@ class CaptionActor:
     stops starting rows the same way.
     """
 
-    def __init__(self, settings: Settings, share: Share) -> None:
-        self.s = settings
+    def __init__(self, settings: Settings, share: Share, key: Secret | None = None) -> None:
+        self.s = settings if key is None else replace(settings, api_key=key)
         self.share = share
         self.schema = output_schema(list(share.extra_columns))
         self.halt: dict[str, Any] | None = None

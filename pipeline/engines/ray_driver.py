@@ -35,7 +35,7 @@ from typing import Any
 from ..errors import PipelineError, RunFatal
 from ..keys import KeySet, key_hash
 from ..run.session import RunSession, Stop
-from ..settings import Settings
+from ..settings import Secret, Settings
 from .ray_actor import CaptionActor, Share, decode_rows, plan_chunks
 
 __all__ = ["RayEngine"]
@@ -114,7 +114,11 @@ class RayEngine:
         pool, remote = _actor_pool(ActorPoolStrategy, n)
         return ds.map_batches(
             CaptionActor, compute=pool, batch_size=1, batch_format="pyarrow",
-            num_cpus=CPUS_PER_ACTOR, fn_constructor_kwargs={"settings": s, "share": share},
+            num_cpus=CPUS_PER_ACTOR,
+            # The key travels on its own, to the one place that sends it (the actor's
+            # transport); the settings every actor holds carry none.
+            fn_constructor_kwargs={"settings": replace(s, api_key=Secret("")),
+                                   "share": share, "key": s.api_key},
             **remote)
 
     async def _consume(self, session: RunSession, ds: Any) -> None:

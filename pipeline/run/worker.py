@@ -30,8 +30,7 @@ from ..errors import (
 from ..wire.endpoint import EndpointWatch
 from ..images.load import ImageSource
 from ..keys import ImageRefs
-from ..wire.options import render_prompt
-from ..sources.plan import row_values
+from ..sources.plan import variants
 from ..pacing.limiter import Limiter
 from ..records import (
     ApiRequest,
@@ -102,8 +101,9 @@ class Worker:
         """The result row for ``row``; ``prepared`` is its image if already under way."""
         if row.error:
             return error_row(row, row.error, "bad_input")
-        if row.prompt is None:  # a row from outside the planner: the run's prompt, filled in
-            row = replace(row, prompt=render_prompt(self.settings.prompt, row_values(row)))
+        if row.prompt is None:  # a row from outside the planner: prompted the planner's way
+            row = next(variants(row, self.settings.named_prompts[:1]))
+        prompt = row.prompt or ""
         try:
             # Shielded: the same preparation serves every prompt of the row.
             image = await (asyncio.shield(prepared) if prepared is not None
@@ -122,12 +122,11 @@ class Worker:
                            "--out, give the row a new id, or pass --allow-mixed", "config",
                            exit_code=2)
         columns = image.columns()
-        columns["prompt_sha256"] = prompt_sha256(self.settings.system,
-                                                 row.prompt or self.settings.prompt)
+        columns["prompt_sha256"] = prompt_sha256(self.settings.system, prompt)
         key = None
         if image.sha256 is not None and self.dedupe is not None:
             s = self.settings
-            key = dedup_key(image.sha256, row.prompt or s.prompt, s.system, s.model)
+            key = dedup_key(image.sha256, prompt, s.system, s.model)
             columns["dedup_key"] = key
             original = await self.dedupe.claim(key)
             if original is not None:
@@ -135,7 +134,7 @@ class Worker:
         result = None
         try:
             try:
-                req = self.adapter.build_request(row, image, self.settings)
+                req = self.adapter.build_request(row, image, self.settings.request_spec)
                 result = await self._with_retries(row, req)
             except (RunFatal, Interrupted, BudgetReached):
                 raise

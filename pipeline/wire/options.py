@@ -1,8 +1,9 @@
 """Request options passed through to the API, validated before any request is sent.
 
-Each option is checked against the range the API documents, and against the chosen
-protocol: an option the Anthropic Messages API has no equivalent for is an error
-here, with its name, rather than a 400 on every row.
+Each option is checked against the range the API documents here; each protocol's
+adapter checks what it can send (``Adapter.check``: an option the Anthropic Messages
+API has no equivalent for is an error with its name, rather than a 400 on every row)
+and maps the options to its own request fields.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from ..errors import RunFatal
 
 __all__ = ["RequestOptions", "load_response_format", "template_fields", "render_prompt"]
 
-_ANTHROPIC_UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "seed",
-                          "response_format")
 
 
 def _bad(message: str) -> RunFatal:
@@ -54,39 +53,9 @@ class RequestOptions:
                 raise _bad(f"--logit-bias wants token ids mapped to integers -100..100, "
                            f"got {token!r}: {bias!r}")
 
-    def check_protocol(self, api: str) -> None:
-        if api != "anthropic":
-            return
-        for name in _ANTHROPIC_UNSUPPORTED:
-            if getattr(self, name) is not None:
-                raise _bad(f"--{name.replace('_', '-')} is not available with --api anthropic "
-                           "(the Messages API has no such option)")
-        if self.n != 1:
-            raise _bad("--n > 1 is not available with --api anthropic "
-                       "(the Messages API returns one answer per request)")
-
-    def openai_fields(self) -> dict[str, Any]:
-        body: dict[str, Any] = {}
-        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty",
-                     "logit_bias", "user", "seed", "response_format"):
-            if getattr(self, name) is not None:
-                body[name] = getattr(self, name)
-        if self.n != 1:
-            body["n"] = self.n
-        if self.stop:
-            body["stop"] = list(self.stop)
-        return body
-
-    def anthropic_fields(self) -> dict[str, Any]:
-        body: dict[str, Any] = {}
-        for name in ("temperature", "top_p"):
-            if getattr(self, name) is not None:
-                body[name] = getattr(self, name)
-        if self.stop:
-            body["stop_sequences"] = list(self.stop)
-        if self.user:
-            body["metadata"] = {"user_id": self.user}
-        return body
+    def given(self, *names: str) -> dict[str, Any]:
+        """The named options that were set (an adapter maps them to its own fields)."""
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
 def _between(name: str, value: float | None, low: float, high: float) -> None:

@@ -284,14 +284,14 @@ def settings(tmp_path: Path, **kw: Any) -> Settings:
     return Settings(**base)
 
 
-ROW = ManifestRow("r1", "horse.png", None, 2, {})
+ROW = ManifestRow("r1", "horse.png", "Write one caption.", 2, {})
 
 
 def test_request_for_a_data_uri_image_with_system_prompt(tmp_path: Path) -> None:
     payload = base64.b64encode(b"\x89PNG fake").decode()
     image = PreparedImage(f"data:image/png;base64,{payload}", "image/png", 9, 800, 600)
     s = settings(tmp_path, system="You caption photos.", temperature=0.2)
-    req = AnthropicMessages().build_request(ROW, image, s)
+    req = AnthropicMessages().build_request(ROW, image, s.request_spec)
     body = json.loads(req.body)
     assert body == {
         "model": "claude-sonnet-4-5", "max_tokens": 200, "stream": True,
@@ -299,7 +299,7 @@ def test_request_for_a_data_uri_image_with_system_prompt(tmp_path: Path) -> None
         "messages": [{"role": "user", "content": [
             {"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                          "data": payload}},
-            {"type": "text", "text": s.prompt}]}],
+            {"type": "text", "text": "Write one caption."}]}],
     }
     assert (req.path, req.headers) == ("/messages", {"Accept": "text/event-stream"})
     assert req.est_input_tokens > 640 and req.est_output_tokens == 200  # 800x600/750 + text
@@ -308,7 +308,8 @@ def test_request_for_a_data_uri_image_with_system_prompt(tmp_path: Path) -> None
 def test_request_for_a_url_image_with_row_prompt(tmp_path: Path) -> None:
     image = PreparedImage("https://example.com/a.jpg", None, None)
     row = ManifestRow("r2", "https://example.com/a.jpg", "Name the animal.", 3, {})
-    body = json.loads(AnthropicMessages().build_request(row, image, settings(tmp_path)).body)
+    spec = settings(tmp_path).request_spec
+    body = json.loads(AnthropicMessages().build_request(row, image, spec).body)
     assert "system" not in body and "temperature" not in body
     assert body["messages"] == [{"role": "user", "content": [
         {"type": "image", "source": {"type": "url", "url": "https://example.com/a.jpg"}},
@@ -340,7 +341,8 @@ async def test_simulator_messages_route_end_to_end(tmp_path: Path, image: Prepar
     runner, port = await start(SimConfig(latency=0, tokens_per_second=0))
     adapter = AnthropicMessages()
     s = settings(tmp_path, base_url=f"http://127.0.0.1:{port}/v1")
-    req = adapter.build_request(ManifestRow("r", image.url[:40], None, 2, {}), image, s)
+    req = adapter.build_request(ManifestRow("r", image.url[:40], "Caption it.", 2, {}), image,
+                                s.request_spec)
     headers = {"Content-Type": "application/json", **req.headers,
                **adapter.auth_headers(s.api_key.reveal())}
     try:

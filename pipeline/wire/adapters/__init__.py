@@ -1,19 +1,28 @@
-"""Protocol adapters, registered by name the way a plugin would be."""
+"""Protocol adapters, registered by name the way a plugin would be.
+
+A protocol is one module (its request body, its stream fold, its options and key
+variables) and one line here; nothing else names it.
+"""
 
 from __future__ import annotations
 
 from .anthropic_messages import AnthropicMessages
-from .base import Adapter
+from .base import Adapter, RequestSpec
 from .openai_chat import OpenAIChat
 
-ADAPTERS: dict[str, type] = {"openai": OpenAIChat, "anthropic": AnthropicMessages}
+ADAPTERS: dict[str, type[Adapter]] = {"openai": OpenAIChat, "anthropic": AnthropicMessages}
 
 
 def get_adapter(name: str) -> Adapter:
     try:
-        return ADAPTERS[name]()  # type: ignore[no-any-return]
+        return ADAPTERS[name]()
     except KeyError:
         raise ValueError(f"unknown --api {name!r}; choose from {', '.join(ADAPTERS)}") from None
 
 
-__all__ = ["ADAPTERS", "Adapter", "get_adapter"]
+def key_variables() -> tuple[str, ...]:
+    """Every environment variable any protocol reads its key from (for the redactor)."""
+    return tuple(dict.fromkeys(v for a in ADAPTERS.values() for v in a.key_env))
+
+
+__all__ = ["ADAPTERS", "Adapter", "RequestSpec", "get_adapter", "key_variables"]

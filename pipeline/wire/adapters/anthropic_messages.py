@@ -14,23 +14,26 @@ import json
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from ...errors import Retryable, RowFailed, bad_response, classify_stream_error
+from ...errors import Retryable, RowFailed, RunFatal, bad_response, classify_stream_error
 from ...records import ApiRequest, Completion, ManifestRow, PreparedImage, Usage
 from ..sse import Event
 from ...validate import as_count
 from .base import (
+    RequestSpec,
     content_text,
     encode_request,
     finish_completion,
     label,
     obj,
+    prompt_of,
     reason,
     try_json,
+    unavailable,
     usage_counts,
 )
 
 if TYPE_CHECKING:
-    from ...settings import Settings
+    from ..options import RequestOptions
 
 API_VERSION = "2023-06-01"
 _CACHE_FIELDS = ("cache_creation_input_tokens", "cache_read_input_tokens")
@@ -176,6 +179,17 @@ class AnthropicMessages:
 
     name = "anthropic"
     path = "/messages"
+    key_env = ("CAPTION_API_KEY", "ANTHROPIC_API_KEY")
+    _UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "seed",
+                    "response_format")
+
+    def check(self, options: RequestOptions) -> None:
+        for name in self._UNSUPPORTED:
+            if getattr(options, name) is not None:
+                raise unavailable(self.name, name, "the Messages API has no such option")
+        if options.n != 1:
+            raise RunFatal("--n > 1 is not available with --api anthropic (the Messages "
+                           "API returns one answer per request)", "config", exit_code=2)
 
     def auth_headers(self, api_key: str) -> dict[str, str]:
         headers = {"anthropic-version": API_VERSION}
@@ -184,17 +198,25 @@ class AnthropicMessages:
         return headers
 
     def build_request(self, row: ManifestRow, image: PreparedImage,
-                      settings: Settings) -> ApiRequest:
-        prompt = row.prompt or settings.prompt
+                      spec: RequestSpec) -> ApiRequest:
         # Anthropic recommends the image before the text.
-        content = [image_block(image), {"type": "text", "text": prompt}]
-        body: dict[str, Any] = {"model": settings.model, "max_tokens": settings.max_tokens,
+        content = [image_block(image), {"type": "text", "text": prompt_of(row)}]
+        body: dict[str, Any] = {"model": spec.model, "max_tokens": spec.max_tokens,
                                 "stream": True}
-        if settings.system:
-            body["system"] = settings.system  # top-level: the API has no system role
+        if spec.system:
+            body["system"] = spec.system  # top-level: the API has no system role
         body["messages"] = [{"role": "user", "content": content}]
-        body.update(settings.options.anthropic_fields())
-        return encode_request(self.path, body, replace(row, prompt=prompt), image, settings)
+        body.update(self.option_fields(spec.options))
+        return encode_request(self.path, body, row, image, spec)
+
+    @staticmethod
+    def option_fields(o: RequestOptions) -> dict[str, Any]:
+        body = o.given("temperature", "top_p")
+        if o.stop:
+            body["stop_sequences"] = list(o.stop)
+        if o.user:
+            body["metadata"] = {"user_id": o.user}
+        return body
 
     def new_state(self, n: int = 1) -> MessagesStreamState:
         return MessagesStreamState()

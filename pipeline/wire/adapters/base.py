@@ -8,16 +8,16 @@ tested by feeding it events.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from ...errors import Retryable, RowFailed, bad_response
+from ...errors import Retryable, RowFailed, RunFatal, bad_response
 from ...records import ApiRequest, Completion, ManifestRow, PreparedImage, Usage
+from ...validate import as_count, as_text, clean_text
+from ..options import RequestOptions
 from ..sse import Event
 from ..tokens import image_tokens, text_tokens
-from ...validate import as_count, as_text, clean_text
 
-if TYPE_CHECKING:
-    from ...settings import Settings
 
 # protocol-reference section 8: one vocabulary for finish reasons, raw value kept beside it.
 _FINISH = {
@@ -29,16 +29,40 @@ _FINISH = {
 }
 
 
+@dataclass(frozen=True)
+class RequestSpec:
+    """What an adapter needs of a run to build its requests (never the whole settings,
+    never the key: credentials are added by the transport at send time)."""
+
+    model: str
+    max_tokens: int
+    system: str | None = None
+    options: RequestOptions = field(default_factory=RequestOptions)
+
+
+def prompt_of(row: ManifestRow) -> str:
+    """The row's prompt, rendered once by the planner (``sources.plan.variants``)."""
+    if row.prompt is None:
+        raise ValueError(f"row {row.id!r} reached the adapter without its prompt "
+                         "(rows are prompted by the planner)")
+    return row.prompt
+
+
 def encode_request(path: str, body: dict[str, Any], row: ManifestRow, image: PreparedImage,
-                   settings: Settings) -> ApiRequest:
+                   spec: RequestSpec) -> ApiRequest:
     """The common tail of every adapter's ``build_request``: vendor fields, the token
     estimate for the budgets (image by the provider's formula, prompt text,
     ``max_tokens`` reserved), and the encoded body."""
-    body.update(settings.options.extra_body or {})  # vendor fields, as given
+    body.update(spec.options.extra_body or {})  # vendor fields, as given
     size = (image.width, image.height) if image.width and image.height else None
-    est_in = image_tokens(settings.model, size) + text_tokens(row.prompt, settings.system)
+    est_in = image_tokens(spec.model, size) + text_tokens(row.prompt, spec.system)
     return ApiRequest(path, json.dumps(body, ensure_ascii=False).encode(),
-                      {"Accept": "text/event-stream"}, est_in, settings.max_tokens)
+                      {"Accept": "text/event-stream"}, est_in, spec.max_tokens)
+
+
+def unavailable(api: str, option: str, why: str) -> RunFatal:
+    return RunFatal(f"--{option.replace('_', '-')} is not available with --api {api} ({why})",
+                    "config", exit_code=2)
 
 
 def normalize_finish(raw: str | None) -> str:
@@ -166,13 +190,20 @@ class StreamState(Protocol):
 
 
 class Adapter(Protocol):
+    """One wire protocol: a module of its own plus a line in ``adapters.ADAPTERS``."""
+
     name: str
     path: str
+    key_env: tuple[str, ...]  # where its API key is read from, in order
+
+    def check(self, options: RequestOptions) -> None:
+        """RunFatal (exit 2) for an option this protocol has no equivalent for."""
+        ...
 
     def auth_headers(self, api_key: str) -> dict[str, str]: ...
 
     def build_request(self, row: ManifestRow, image: PreparedImage,
-                      settings: Settings) -> ApiRequest: ...
+                      spec: RequestSpec) -> ApiRequest: ...
 
     def new_state(self, n: int = 1) -> StreamState:
         """State for one attempt; ``n`` choices are kept apart when more than one."""

@@ -17,18 +17,20 @@ from ...errors import PipelineError, Retryable, bad_response, classify_stream_er
 from ...records import ApiRequest, Completion, ManifestRow, PreparedImage, Usage
 from ..sse import Event
 from .base import (
+    RequestSpec,
     content_text,
     encode_request,
     finish_completion,
     label,
     obj,
+    prompt_of,
     reason,
     try_json,
     usage_counts,
 )
 
 if TYPE_CHECKING:
-    from ...settings import Settings
+    from ..options import RequestOptions
 
 _loads = json.loads
 
@@ -210,26 +212,39 @@ class OpenAIChat:
 
     name = "openai"
     path = "/chat/completions"
+    key_env = ("CAPTION_API_KEY", "OPENAI_API_KEY")
+
+    def check(self, options: RequestOptions) -> None:
+        return None  # every option of RequestOptions has its chat-completions field
 
     def auth_headers(self, api_key: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def build_request(self, row: ManifestRow, image: PreparedImage,
-                      settings: Settings) -> ApiRequest:
+                      spec: RequestSpec) -> ApiRequest:
         messages: list[dict[str, Any]] = []
-        if settings.system:
-            messages.append({"role": "system", "content": settings.system})
-        prompt = row.prompt or settings.prompt
+        if spec.system:
+            messages.append({"role": "system", "content": spec.system})
         messages.append({"role": "user", "content": [
-            {"type": "text", "text": prompt},
+            {"type": "text", "text": prompt_of(row)},
             {"type": "image_url", "image_url": {"url": image.url}},
         ]})
         body: dict[str, Any] = {
-            "model": settings.model, "messages": messages, "stream": True,
-            "stream_options": {"include_usage": True}, "max_tokens": settings.max_tokens,
+            "model": spec.model, "messages": messages, "stream": True,
+            "stream_options": {"include_usage": True}, "max_tokens": spec.max_tokens,
         }
-        body.update(settings.options.openai_fields())
-        return encode_request(self.path, body, replace(row, prompt=prompt), image, settings)
+        body.update(self.option_fields(spec.options))
+        return encode_request(self.path, body, row, image, spec)
+
+    @staticmethod
+    def option_fields(o: RequestOptions) -> dict[str, Any]:
+        body = o.given("temperature", "top_p", "presence_penalty", "frequency_penalty",
+                       "logit_bias", "user", "seed", "response_format")
+        if o.n != 1:
+            body["n"] = o.n
+        if o.stop:
+            body["stop"] = list(o.stop)
+        return body
 
     def new_state(self, n: int = 1) -> ChatStreamState:
         return ChatStreamState(n)
