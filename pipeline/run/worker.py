@@ -47,7 +47,7 @@ from ..records import (
 from ..pacing.retry import RetryPolicy
 from ..settings import Settings
 from ..wire.sse import SSEDecoder, StreamTooLong
-from ..wire.transport import Head, Transport
+from ..wire.channel import Channel, Head
 
 log = logging.getLogger("pipeline")
 
@@ -70,7 +70,7 @@ class Interrupted(Exception):
 
 
 class Worker:
-    def __init__(self, settings: Settings, adapter: Adapter, transport: Transport,
+    def __init__(self, settings: Settings, adapter: Adapter, transport: Channel,
                  images: ImageSource, limiter: Limiter, policy: RetryPolicy,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,

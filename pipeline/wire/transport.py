@@ -34,13 +34,12 @@ from yarl import URL
 from ..errors import Retryable, RunFatal
 from ..records import ApiRequest
 from ..redact import add_secret
+from .channel import MAX_ERROR_BODY, Head, read_capped
 
 __all__ = ["Head", "Transport", "mapped", "MAX_ERROR_BODY"]
 
 log = logging.getLogger("pipeline.transport")
 
-_REQUEST_ID_HEADERS = ("x-request-id", "request-id", "x-litellm-call-id", "cf-ray")
-MAX_ERROR_BODY = 64 * 1024  # an error page is read this far: enough for any message
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "x-goog-api-key"})
 _MAX_HOPS = 5
@@ -48,23 +47,6 @@ _MAX_HOPS = 5
 # error (ClientConnectorError) cannot happen on a reused connection and is excluded.
 _STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
           aiohttp.ClientConnectionResetError)
-
-
-@dataclass(frozen=True, slots=True)
-class Head:
-    status: int
-    headers: Mapping[str, str]
-
-    @property
-    def content_type(self) -> str:
-        return self.headers.get("content-type", "").split(";")[0].strip().lower()
-
-    @property
-    def request_id(self) -> str | None:
-        for name in _REQUEST_ID_HEADERS:
-            if name in self.headers:
-                return self.headers[name]
-        return None
 
 
 @contextmanager
@@ -209,14 +191,7 @@ class Transport:
     async def read_body(self, chunks: AsyncIterator[bytes], limit: int = MAX_ERROR_BODY
                         ) -> bytes:
         """An error body, read up to ``limit`` bytes so a huge page cannot fill memory."""
-        parts: list[bytes] = []
-        size = 0
-        async for chunk in chunks:
-            parts.append(chunk)
-            size += len(chunk)
-            if size >= limit:
-                break
-        return b"".join(parts)[:limit]
+        return await read_capped(chunks, limit)
 
 
 def _location(resp: aiohttp.ClientResponse, url: str) -> URL:

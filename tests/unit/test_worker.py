@@ -18,7 +18,7 @@ from pipeline.pacing.limiter import Budgets, Limiter
 from pipeline.records import ApiRequest, ManifestRow
 from pipeline.pacing.retry import RetryPolicy
 from pipeline.settings import Secret, Settings
-from pipeline.wire.transport import Head
+from pipeline.wire.channel import ScriptedTransport
 from pipeline.run.worker import Worker
 
 
@@ -34,33 +34,6 @@ def text(t: str) -> dict[str, Any]:
 STOP = {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
 
 
-class FakeTransport:
-    """Answers each attempt from a script: (status, headers, chunks) or an exception."""
-
-    def __init__(self, script: list[Any]) -> None:
-        self.script = list(script)
-        self.sent: list[ApiRequest] = []
-
-    @asynccontextmanager
-    async def open(self, req: ApiRequest) -> AsyncIterator[tuple[Head, AsyncIterator[bytes]]]:
-        self.sent.append(req)
-        step = self.script.pop(0)
-        if isinstance(step, Exception):
-            raise step
-        status, headers, chunks = step
-
-        async def body() -> AsyncIterator[bytes]:
-            for c in chunks:
-                if isinstance(c, Exception):
-                    raise c
-                yield c
-
-        yield Head(status, headers), body()
-
-    async def read_body(self, chunks: AsyncIterator[bytes]) -> bytes:
-        return b"".join([c async for c in chunks])
-
-
 class Clock:
     def __init__(self) -> None:
         self.t = 0.0
@@ -74,15 +47,15 @@ class Clock:
         self.t += s
 
 
-def make(script: list[Any], tmp_path: Path, retries: int = 3) -> tuple[Worker, FakeTransport,
+def make(script: list[Any], tmp_path: Path, retries: int = 3) -> tuple[Worker, ScriptedTransport,
                                                                       Clock, Limiter]:
     clock = Clock()
     settings = Settings(manifest=tmp_path / "m.csv", out=tmp_path / "out",
                         base_url="http://127.0.0.1:1/v1", api_key=Secret("k"))
-    transport = FakeTransport(script)
+    transport = ScriptedTransport(script)
     gate = Limiter(Budgets(), 4, clock=clock, sleep=clock.sleep)
     policy = RetryPolicy(retries=retries, base=1.0, cap=8.0, rand=lambda: 0.5)
-    w = Worker(settings, OpenAIChat(), transport,  # type: ignore[arg-type]
+    w = Worker(settings, OpenAIChat(), transport,
                ImageSource(tmp_path, ImagePolicy(max_bytes=1 << 20)), gate, policy, clock=clock, sleep=clock.sleep)
     return w, transport, clock, gate
 
