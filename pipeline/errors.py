@@ -10,7 +10,7 @@
 
 ``classify_http`` (status + headers + body) and ``classify_stream_error`` (an error
 object inside a 200 stream) decide the class; nothing else in the code base does.
-Sources for each rule: protocol-reference 5.4 and section 7.
+Sources for each rule: docs/protocol.md §6 and §8.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ DEFAULT_PROMPT = (
     "Write one factual caption for this image: the main subject, the setting and any "
     "notable details, in one or two plain sentences."
 )
-# Claude's per-image limit is 5 MB measured on the base64 text (protocol-reference 6.1).
+# Claude's per-image limit is 5 MB measured on the base64 text (docs/protocol.md §7.1).
 DEFAULT_MAX_IMAGE_BYTES = 5 * 1024 * 1024
 MiB = 1024 * 1024
 # Bounds whose default follows --max-tokens (see the properties of Settings): generous

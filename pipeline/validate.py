@@ -1,7 +1,7 @@
 """Values from outside, made safe to keep: text that is valid UTF-8, numbers that are numbers.
 
 Everything that reaches a result row from the wire, the manifest or a header passes
-through here once. Two layers (docs/protocol.md, "Values from outside"):
+through here once. Two layers (docs/protocol.md §11):
 
 * ``clean_text`` / ``as_text`` / ``as_count`` at the wire boundary, used by the adapters
   and the transport: a surrogate pair that arrived as two JSON escapes split across

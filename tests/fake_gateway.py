@@ -17,7 +17,7 @@ Tests use pass-through URLs such as ``http://img.test/C18/a.jpg?fail=2``:
 * a local image arrives as a ``data:`` URI and is served by the ``local`` scenario.
 
 Every request is recorded (arrival time, end time, headers, body, attempt, status,
-outcome) for assertions. Sections 1, 2, 5, 7 and 9 of protocol-reference.md are the
+outcome) for assertions. Sections §1, §2, §5, §8 and §10 of docs/protocol.md are the
 source of every byte sequence below; scenario names follow the conformance cases
 C01..C40 (Anthropic-native C36-C38 and n=2 C16 are not implemented).
 

@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 __all__ = ["ImagePolicy", "Prepared", "ImageProblem", "prepare", "sniff_mime", "b64_len"]
 
-# Providers' common ground (protocol-reference 6): Claude, OpenAI and Gemini all take these.
+# Providers' common ground (docs/protocol.md §7.4): Claude, OpenAI and Gemini all take these.
 ACCEPTED = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 _MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp",
          "TIFF": "image/tiff", "BMP": "image/bmp", "MPO": "image/jpeg"}

@@ -358,7 +358,7 @@ class Worker:
             return self.adapter.from_json(_unwrap(doc))
         except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:
             # Valid JSON of a shape no adapter foresaw: this answer is unusable (permanent,
-            # docs/protocol.md "Values from outside"), the batch is not.
+            # docs/protocol.md §11), the batch is not.
             raise bad_response(f"unexpected JSON completion ({type(e).__name__}: {e})"
                                ) from e
 

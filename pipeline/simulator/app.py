@@ -7,7 +7,7 @@ token accounting), counters for benchmarks (`app[STATS]`), `start`/`build_app` a
 small CLI. The rest lives next to it:
 
 - `pipeline.sim_wire`: the OpenAI and Anthropic dialects (request fields, stream events
-  and bodies, error bodies, rate-limit headers; protocol-reference 2.3, 3.2, 5.2, 5.3);
+  and bodies, error bodies, rate-limit headers; docs/protocol.md §2.3, §3.2, §5.2, §5.3);
 - `pipeline.sim_limits`: the continuously refilled token buckets and their time texts;
 - `pipeline.sim_delivery`: pacing a stream and the faults that cut or stall an answer;
 - `pipeline.sim_captions`: what the simulated model "says" and what a prompt costs.
@@ -60,7 +60,7 @@ FAULT_MODES = (
 )  # fmt: skip
 _HTTP_FAULTS = frozenset({"429", "500", "502html", "503", "529"})
 INVALID_KEY = "sk-invalid"
-MAX_BODY_BYTES = 32 * 1024 * 1024  # the Messages API request limit (reference 6.1)
+MAX_BODY_BYTES = 32 * 1024 * 1024  # the Messages API request limit (docs/protocol.md §7.1)
 _HTML_502 = (
     "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
     "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
@@ -201,7 +201,7 @@ async def _serve(
 
 
 def _http_fault(dialect: Dialect, fault: str, request_id: str) -> web.Response:
-    if fault == "502html":  # a CDN/proxy page, not JSON (reference 7, item 36)
+    if fault == "502html":  # a CDN/proxy page, not JSON (docs/protocol.md §8.36)
         headers = {dialect.request_id_header: request_id}
         return web.Response(status=502, text=_HTML_502, content_type="text/html", headers=headers)
     return dialect.error(fault_error(fault), request_id)

@@ -40,7 +40,7 @@ __all__ = [
     "split_tokens",
 ]
 
-# Claude's native resolution (protocol-reference 6.1): larger images are scaled down,
+# Claude's native resolution (docs/protocol.md §7.1): larger images are scaled down,
 # aspect kept, before they are priced at w*h/750 tokens.
 MAX_LONG_EDGE = 1568
 MAX_PIXELS = 1_150_000

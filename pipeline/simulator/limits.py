@@ -1,6 +1,6 @@
 """Server-side rate limits of the local gateway SIMULATOR, and how their times are written.
 
-Owns the continuously refilled token buckets behind `--rpm` / `--tpm` (reference 5.2,
+Owns the continuously refilled token buckets behind `--rpm` / `--tpm` (docs/protocol.md §5.2,
 5.3): `TokenBucket`, `RateLimits` (a request takes from every bucket or from none) and
 the `Refusal` it returns, plus the duration texts the limits are reported in:
 `go_duration` for OpenAI's `x-ratelimit-reset-*` headers and `retry_after_text` for

@@ -2,10 +2,10 @@
 
 Owns everything that differs between the protocols: reading a request body into a
 `Job` (field checks, per-protocol defaults), framing a streamed answer as
-`chat.completion.chunk` events or named Messages events (protocol-reference 2.3, 3.2)
+`chat.completion.chunk` events or named Messages events (docs/protocol.md §2.3, §3.2)
 and the equivalent non-streamed body, the stream endings the faults use, error bodies
 and their retry headers (`ApiError`, simulated faults, 429s from the rate limits) and the
-`x-ratelimit-*` / `anthropic-ratelimit-*` headers (reference 5.2, 5.3).
+`x-ratelimit-*` / `anthropic-ratelimit-*` headers (docs/protocol.md §5.2, §5.3).
 
 It deliberately imports nothing from the client (pipeline.sse, pipeline.adapters, ...):
 a client bug must not be mirrored by the server it is tested against.
@@ -75,7 +75,7 @@ def fault_error(fault: str) -> ApiError:
 def rate_limit_error(refusal: Refusal, model: str) -> ApiError:
     unit = "requests per min (RPM)" if refusal.kind == "requests" else "tokens per min (TPM)"
     counts = f"Limit {refusal.limit}, Requested {refusal.requested}."
-    if refusal.retry_after is None:  # a correct client never retries this (reference 5.2)
+    if refusal.retry_after is None:  # a correct client never retries this (docs/protocol.md §5.2, §6.1)
         message = f"Request too large for {model} on {unit}: {counts}"
         return ApiError(429, message, "tokens", "rate_limit_error", "rate_limit_exceeded")
     wait = retry_after_text(refusal.retry_after)

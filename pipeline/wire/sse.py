@@ -3,7 +3,7 @@
 Owns framing only: bytes in, events out. It knows nothing of HTTP or JSON, so it can
 be fed from any transport and tested by re-chunking real streams at random.
 
-Rules (protocol-reference 1.1-1.4):
+Rules (docs/protocol.md §1):
 * lines end with CRLF, LF or a lone CR; a CR that ends one network read is held as a
   line end and a following LF is swallowed, so CRLF split across reads is one break;
 * frame on bytes and decode complete lines, so a multi-byte UTF-8 character split

@@ -1,7 +1,7 @@
 """Token estimates made before a request is sent, for the token budgets.
 
 The image cost follows the provider's published formula for the image actually sent
-(protocol-reference section 6), chosen by model name; text is ~4 characters a token.
+(docs/protocol.md §7.5), chosen by model name; text is ~4 characters a token.
 Estimates only need to be close: the limiter reconciles each one with the usage the
 server reports, so errors never accumulate.
 """

@@ -1,4 +1,4 @@
-"""The Anthropic Messages adapter: request shape and event folding (protocol-reference 3, 7-9).
+"""The Anthropic Messages adapter: request shape and event folding (docs/protocol.md §3, §8-§10).
 
 Streams are real bytes fed through pipeline.sse.SSEDecoder exactly as the worker feeds
 them, so framing and folding are tested together; one test talks to the simulator's
@@ -25,7 +25,7 @@ from pipeline.wire.sse import SSEDecoder
 
 SAMPLES = Path(__file__).resolve().parents[2] / "data" / "sample"
 
-# protocol-reference 3.2, byte for byte (ping with a space inside its JSON included).
+# docs/protocol.md §3.2, byte for byte (ping with a space inside its JSON included).
 REF_32 = b"""event: message_start
 data: {"type":"message_start","message":{"id":"msg_01CapA","type":"message","role":"assistant","content":[],"model":"claude-sonnet-4-5","stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":1612,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":1}}}
 

@@ -1,7 +1,7 @@
 """Specification of pipeline/errors.py: what each failure signal means for the run.
 
-The classification table is protocol-reference section 5.4 (and the conformance cases
-C28-C35, C40 of section 9). Every test feeds one (status, headers, body) the way a real
+The classification table is docs/protocol.md §6 (and the conformance cases
+C28-C35, C40 of §10). Every test feeds one (status, headers, body) the way a real
 server or gateway sends it and checks the consequence class, the ``error_class`` and
 the details the worker relies on (``retry_after``, ``http_status``, a readable message).
 Headers are given lower-cased, as ``Transport`` hands them over.

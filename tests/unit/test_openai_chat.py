@@ -1,4 +1,4 @@
-"""Folding chat.completion.chunk events into one completion (protocol-reference 2, 7, 9)."""
+"""Folding chat.completion.chunk events into one completion (docs/protocol.md §2, §8, §10)."""
 
 from __future__ import annotations
 

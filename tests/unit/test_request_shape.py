@@ -5,7 +5,7 @@ ImageSource(...), <pacing>, RetryPolicy(...)), where the pacing object is a
 ``ratelimit.Limiter`` since commit 8ecded0 and was a bare ``PauseGate`` before);
 aioresponses intercepts the POST, so the test sees the exact URL, headers and JSON
 body, and answers with a canned response. The request must follow
-protocol-reference 2.1. Sleeps are injected: no test waits on the wall clock.
+docs/protocol.md §2.1. Sleeps are injected: no test waits on the wall clock.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 One generation per caption (a replayed answer restarts the fold, never concatenates),
 wrongly typed fields (coerced where the meaning is clear, ``bad_response`` where not),
-and text that is always valid UTF-8 (docs/protocol.md, "Values from outside").
+and text that is always valid UTF-8 (docs/protocol.md §11).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Conformance cases C01..C40 (protocol-reference section 9) against the real client.
+"""Conformance cases C01..C40 (docs/protocol.md §10) against the real client.
 
 Each test runs ``pipeline.cli.main`` in-process against tests/fake_gateway.py over real
 TCP and asserts the Parquet row it wrote. The Anthropic-native cases (C36-C38) and the
@@ -238,7 +238,7 @@ def test_c15_reasoning_is_dropped_and_nonzero_index_folded(caption):
 @pytest.mark.parametrize("scenario,quirk", [("C12", "duplicate_finish"),
                                             ("C15", "nonzero_index")])
 def test_quirks_are_recorded(caption, scenario, quirk):
-    """protocol-reference C12/C15: the anomaly is counted in the quirks column."""
+    """docs/protocol.md §10 C12/C15: the anomaly is counted in the quirks column."""
     res = caption(one(scenario))
     assert res.code == 0, res.stderr
     r = res.row("r1")
@@ -268,7 +268,7 @@ def test_c17_non_standard_finish_reasons(caption, gateway, raw, norm, status, er
     else:
         assert not r["caption"]
         assert r["error"]
-    # normalized and raw finish reasons are kept, on error rows too (section 8, C17)
+    # normalized and raw finish reasons are kept, on error rows too (docs/protocol.md §9.2, §10 C17)
     assert (r["finish_reason"], r["finish_reason_raw"]) == (norm, raw)
 
 

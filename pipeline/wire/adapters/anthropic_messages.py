@@ -1,6 +1,6 @@
 """Anthropic Messages API (``/messages``) streaming: request body and event folding.
 
-Folding follows protocol-reference sections 3, 7 and 8: events are dispatched by their
+Folding follows docs/protocol.md §3, §8 and §9: events are dispatched by their
 SSE name (the JSON ``type`` when a gateway drops the name); only ``text_delta`` text
 reaches the caption (thinking and signatures stay out); usage is ``message_start``'s
 overlaid with each ``message_delta``'s non-null counts (cumulative, never summed);
@@ -41,7 +41,7 @@ _CACHE_FIELDS = ("cache_creation_input_tokens", "cache_read_input_tokens")
 
 def parse_usage(u: Any) -> Usage | None:
     """Anthropic usage → Usage. ``input_tokens`` counts only what follows the last cache
-    breakpoint, so the prompt is input + cache creation + cache read (reference 3.3)."""
+    breakpoint, so the prompt is input + cache creation + cache read (docs/protocol.md §3.3)."""
     if not isinstance(u, dict):
         return None
     parts = [as_count(u.get(k)) for k in ("input_tokens", *_CACHE_FIELDS)]
@@ -58,7 +58,7 @@ def _broken(message: str) -> Retryable:
 class MessagesStreamState:
     """Folds the named events of one Messages API stream.
 
-    One generation per caption (docs/protocol.md, "Restarted generations"): a second
+    One generation per caption (docs/protocol.md §12): a second
     ``message_start``, or a text block that starts again at an index already used,
     means a gateway replayed the answer into the same body. The text so far is
     dropped (``generation_restarted`` counted) and the fold goes on with the new one.
@@ -83,7 +83,7 @@ class MessagesStreamState:
 
     def on_event(self, event: Event, now: float) -> bool:
         name = event.event
-        if name == "raw":  # bare JSON in an SSE body: a gateway's error (reference 7.10)
+        if name == "raw":  # bare JSON in an SSE body: a gateway's error (docs/protocol.md §8.10)
             self._quirk("raw_json_line")
             doc = try_json(event.data)
             raise classify_stream_error(doc if isinstance(doc, dict)
@@ -165,7 +165,7 @@ class MessagesStreamState:
 
     def finish(self) -> Completion:
         if not self.stopped and not self.stop_reason:
-            # EOF before message_delta (reference C38): the partial text is not a caption.
+            # EOF before message_delta (docs/protocol.md §10 C38): the partial text is not a caption.
             raise _broken("stream ended without stop_reason or message_stop")
         # A stop_reason followed by a clean EOF is complete, as for OpenAI's missing [DONE].
         terminal = "message_stop" if self.stopped else "eof_after_finish"
@@ -238,7 +238,7 @@ class AnthropicMessages:
 
 def image_block(image: PreparedImage) -> dict[str, Any]:
     """A data: URI becomes a base64 source (payload without the prefix); a URL is
-    passed through for Anthropic to fetch (reference 3.1)."""
+    passed through for Anthropic to fetch (docs/protocol.md §3.1)."""
     url = image.url
     if url[:5].lower() == "data:":
         header, sep, payload = url[5:].partition(",")

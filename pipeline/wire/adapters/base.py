@@ -19,7 +19,7 @@ from ..sse import Event
 from ..tokens import image_tokens, text_tokens
 
 
-# protocol-reference section 8: one vocabulary for finish reasons, raw value kept beside it.
+# docs/protocol.md §9.2: one vocabulary for finish reasons, raw value kept beside it.
 _FINISH = {
     "stop": "stop", "end_turn": "stop", "stop_sequence": "stop",
     "length": "length", "max_tokens": "length", "model_context_window_exceeded": "length",
@@ -74,7 +74,7 @@ def normalize_finish(raw: str | None) -> str:
 # ---------------------------------------------------------------- values from the wire
 # Every adapter reads wire values through these, so a wrongly typed field is coerced
 # where its meaning is clear and fails the row as ``bad_response`` where it is not
-# (docs/protocol.md, "Values from outside").
+# (docs/protocol.md §11).
 
 _MAX_ID = 200  # ids and model names are short; a megabyte "id" is not kept whole
 

@@ -1,6 +1,6 @@
 """OpenAI-compatible ``/chat/completions`` streaming: request body and chunk folding.
 
-Folding follows protocol-reference sections 2 and 7: text of every choice index folds
+Folding follows docs/protocol.md §2 and §8: text of every choice index folds
 into one caption when one choice was asked for (gateways put it on index 1), the first
 non-empty finish reason wins (one-api sends ``""`` after the real one), the last
 non-null usage wins (never summed), reasoning text stays out, and errors inside the
@@ -47,7 +47,7 @@ def parse_usage(u: Any) -> Usage | None:
 class ChatStreamState:
     """Folds ``chat.completion.chunk`` events of one attempt.
 
-    One generation per caption (docs/protocol.md, "Restarted generations"): a gateway
+    One generation per caption (docs/protocol.md §12): a gateway
     that replays an attempt into the same body starts a second generation with a new
     role chunk (often under a new id). That chunk sets a mark; if text follows it,
     everything before the mark is dropped and ``generation_restarted`` counted, so the
@@ -146,7 +146,7 @@ class ChatStreamState:
                 self._restart()
             elif self._id_switch:
                 # Text under a new id without a new role chunk: not a fresh generation
-                # we could keep alone, and never one to concatenate (reference C25).
+                # we could keep alone, and never one to concatenate (docs/protocol.md §10 C25, §12).
                 raise Retryable("response id changed mid-stream (gateway replay)",
                                 "stream_broken", http_status=200)
             if self.first_content_at is None:
