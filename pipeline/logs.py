@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from PIL import Image
 from tqdm import tqdm
 
 from .redact import RedactingFilter
@@ -103,6 +105,9 @@ def setup_logging(verbose: int | bool, json_lines: bool, stream: TextIO | None =
     for h in root.handlers:
         h.addFilter(_REDACT)  # the same instance: a second call adds nothing
     logging.captureWarnings(True)
+    # Pillow warns of images above its pixel limit; the image stage refuses those with
+    # a row error of its own, so the warning (process-wide, per image) is noise.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class Say:

@@ -32,10 +32,11 @@ _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
               6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
               8: Image.Transpose.ROTATE_90}
-# Bigger than any camera. Checked here, from the header, before anything is decoded:
-# Pillow's own check warns through the (process-wide, not thread-safe) warnings module.
-MAX_PIXELS = 200_000_000
-Image.MAX_IMAGE_PIXELS = None
+# Bigger than any camera: Pillow's own limit (its default MAX_IMAGE_PIXELS, left as it
+# is: this module changes no global of Pillow's), which it checks on open, before
+# anything is decoded; above twice that it refuses, in between it only warns, and the
+# CLI silences that warning once for the process (logs.setup_logging).
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
 class ImageProblem(Exception):
@@ -93,6 +94,8 @@ def prepare(data: bytes, policy: ImagePolicy) -> Prepared:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as e:
         raise ImageProblem(_unreadable(data, e)) from None
+    except Image.DecompressionBombError as e:
+        raise ImageProblem(f"image too large to decode safely ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageProblem(f"corrupt {sniff_mime(data[:16]) or ''} image ({e})") from None
     with im:

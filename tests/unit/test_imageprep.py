@@ -580,3 +580,12 @@ def test_problems_are_image_problems_not_pillow_exceptions() -> None:
                  b"BM" + b"\x00" * 60):
         with pytest.raises(ImageProblem):
             prepare(data, DEFAULT)
+
+
+def test_importing_the_image_stage_changes_no_pillow_global() -> None:
+    import subprocess
+    import sys
+
+    code = ("from PIL import Image; before = Image.MAX_IMAGE_PIXELS; "
+            "import pipeline.images.prepare; assert Image.MAX_IMAGE_PIXELS == before")
+    subprocess.run([sys.executable, "-c", code], check=True)
