@@ -7,6 +7,9 @@ Once the first part is committed in OUT, a thread opens /dev/null until the proc
 has no descriptor left, holds them for $HOARD_SECONDS, then gives them back. The time
 the run noticed a failed write (its debug record "output failed") is written to
 MARKS.json, on the system-wide monotonic clock the test's gateway also uses.
+
+The soft descriptor limit is lowered to 512 first: on a machine whose limit is a million,
+opening every free descriptor would take longer than the run itself.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import sys
 import threading
 import time
@@ -21,6 +25,8 @@ from pathlib import Path
 
 marks_path, out = Path(sys.argv[1]), Path(sys.argv[2])
 marks: dict[str, float] = {}
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(_soft, 512), _hard))
 
 
 def hoard() -> None:
