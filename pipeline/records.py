@@ -26,7 +26,10 @@ def output_schema(extra_columns: list[str]) -> pa.Schema:
 
 @dataclass(frozen=True, slots=True)
 class ManifestRow:
-    """One manifest line. ``error`` is set when the line itself is unusable."""
+    """One manifest line (or record of another source). ``error`` is set when the
+    record itself is unusable. ``data`` holds an image embedded in the source (a
+    Parquet image struct, a WebDataset member): it is prepared like a file's bytes and
+    never written to OUT (``image`` names where it came from)."""
 
     id: str
     image: str
@@ -35,6 +38,7 @@ class ManifestRow:
     extra: dict[str, str | None]
     prompt_name: str = DEFAULT_PROMPT_NAME
     error: str | None = None
+    data: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def key(self) -> tuple[str, str]:

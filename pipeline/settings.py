@@ -53,7 +53,7 @@ class Secret:
 
 @dataclass(frozen=True)
 class Settings:
-    manifest: Path              # "-" (or /dev/stdin): standard input
+    manifest: Path | str        # "-" (or /dev/stdin): standard input; str: a URL or pattern
     out: Path
     base_url: str               # "" only for a dry run, which sends nothing
     api_key: Secret

@@ -20,7 +20,9 @@ from ..errors import PipelineError, RunFatal
 from ..logs import Say, setup_logging, wants_json
 from ..redact import add_secret
 from ..settings import DEFAULT_MODEL, DEFAULT_PROMPT, MAX_CONCURRENCY, Secret, Settings
-from ..sources.manifest_format import ManifestFormat, is_stdin, is_stream
+from ..sources.braces import has_braces
+from ..sources.location import is_url
+from ..sources.manifest_format import SOURCE_KINDS, ManifestFormat, is_stdin, is_stream
 from ..wire.adapters import ADAPTERS, get_adapter
 from ..wire.options import RequestOptions, load_response_format, parse_json_option
 
@@ -86,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "streaming OpenAI-compatible API; results go to a Parquet dataset.",
                 epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("manifest", type=Path, help="CSV with an 'image' column (path or http(s) URL); "
-                                  "'-' reads it from standard input")
+    a("manifest", type=manifest_arg,
+      help="what to caption: a CSV/TSV, JSONL or Parquet manifest, a folder of images, "
+           "WebDataset shards (x.tar, 'shards/{00000..00099}.tar'); local or a URL "
+           "(s3://, gs://, hf://, https://); '-' reads a CSV from standard input")
     a("--out", type=Path, help="output dataset directory (default out/<manifest stem>)")
     a("--base-url", help="API root such as https://host/v1 "
                          "(env CAPTION_BASE_URL, then OPENAI_BASE_URL)")
@@ -181,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tpm", type=float, help="tokens-per-minute budget (input + output)")
     a("--itpm", type=float, help="input-tokens-per-minute budget (Anthropic ITPM)")
     a("--otpm", type=float, help="output-tokens-per-minute budget (Anthropic OTPM)")
+    a("--format", choices=SOURCE_KINDS,
+      help="the input's kind (default: from its form: .jsonl, .parquet, .tar or a brace "
+           "pattern, a folder, else CSV)")
     a("--delimiter", metavar="CHAR",
       help="manifest field separator: ',', ';', tab ('tab' or '\\t') or '|' "
            "(default: detected from the header)")
@@ -216,7 +223,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     if ns.engine == "ray" and is_stream(ns.manifest):
         raise _config(f"--engine ray reads the manifest on a cluster node: save "
                       f"{ns.manifest} to a file and pass its path")
-    out = ns.out or Path("out") / ns.manifest.stem
+    out = ns.out or Path("out") / manifest_stem(ns.manifest)
     key_source = next((n for n in get_adapter(ns.api).key_env if os.environ.get(n)), None)
     key = os.environ[key_source] if key_source else ""
     add_secret(key)  # before anything can print, log or write it
@@ -247,7 +254,24 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
 
 
 def manifest_format(ns: argparse.Namespace) -> ManifestFormat:
-    return ManifestFormat.parse(ns.delimiter, ns.image_column, ns.id_column)
+    return ManifestFormat.parse(ns.delimiter, ns.image_column, ns.id_column,
+                                getattr(ns, "format", None))
+
+
+def manifest_arg(text: str) -> Path | str:
+    """A URL (or a brace pattern) stays text: a Path would fold ``s3://`` to ``s3:/``."""
+    return text if is_url(text) or has_braces(text) else Path(text)
+
+
+def manifest_stem(manifest: Path | str) -> str:
+    """The default OUT's name: the manifest's stem, a folder's name, a pattern's stem
+    with its braces left out."""
+    name = str(manifest).rstrip("/").rsplit("/", 1)[-1]
+    name = name.split("{", 1)[0].rstrip("_-.") or "shards"
+    for ext in (".tar.gz", ".tgz", ".tar", ".jsonl", ".ndjson", ".parquet", ".csv", ".tsv"):
+        if name.lower().endswith(ext):
+            return name[:-len(ext)] or "manifest"
+    return Path(name).stem or "manifest"
 
 
 def named_prompts(values: list[str]) -> tuple[tuple[str, str], ...]:

@@ -22,8 +22,7 @@ from ..errors import RowFailed
 from ..images.prepare import ImagePolicy
 from ..images.load import ImageSource, ReadLimits, default_executor
 from ..logs import json_line
-from ..sources.manifest import Manifest
-from ..sources.manifest_format import base_dir
+from ..sources.choose import open_source, source_base
 from ..sources.plan import Plan
 from ..run.progress import Counters
 from ..records import ManifestRow, PreparedImage
@@ -70,7 +69,7 @@ class _Table:
 async def dry_run(s: Settings, stream: TextIO | None = None) -> int:
     stream = stream or sys.stdout
     json_lines = s.log_format == "json"
-    manifest = Manifest(s.manifest, s.manifest_format)
+    manifest = open_source(s.manifest, s.manifest_format, s.max_file_bytes)
     # Read-only: a dry run may sit beside a running job, so it neither locks nor repairs.
     exists = s.out.exists()
     scan = await asyncio.to_thread(Checkpoint(s.out).scan) if exists else None
@@ -81,7 +80,7 @@ async def dry_run(s: Settings, stream: TextIO | None = None) -> int:
     adapter = get_adapter(s.api)
     price = s.price
     executor = default_executor()
-    images = ImageSource(base_dir(s.manifest), ImagePolicy(s.max_edge, s.max_image_bytes),
+    images = ImageSource(source_base(s.manifest, s.manifest_format), ImagePolicy(s.max_edge, s.max_image_bytes),
                          executor, limits=ReadLimits(s.max_file_bytes, s.image_timeout))
     counters = Counters()
     plan = Plan(manifest, done, s.named_prompts, s.limit, counters.plan)

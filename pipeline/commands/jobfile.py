@@ -231,8 +231,8 @@ def _values(path: Path, key: JobKey, value: Any) -> list[str]:
         hint = f"did you mean {close[0]!r}?" if close else f"one of {', '.join(key.choices)}"
         raise _bad(path, f"{key.where} = {value!r}: {hint}")
     text = str(value)
-    if key.name in _PATH_VALUED and text not in _NOT_A_PATH:
-        text = str(path.parent / text)
+    if key.name in _PATH_VALUED and text not in _NOT_A_PATH and "://" not in text:
+        text = str(path.parent / text)  # a URL (s3://...) is where it says
     return [text] if key.flag is None else [key.flag, text]
 
 

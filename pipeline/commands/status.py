@@ -17,8 +17,9 @@ import pyarrow.parquet as pq
 
 from ..errors import TRANSIENT, RunFatal
 from ..keys import KeySet, key_hash
-from ..sources.manifest import Manifest
-from ..sources.manifest_format import ManifestFormat
+from ..sources.base import Source
+from ..sources.choose import open_source
+from ..sources.manifest_format import SOURCE_KINDS, ManifestFormat
 from ..store.outdir import QUARANTINE, RUNS, check_part, part_files
 
 
@@ -30,6 +31,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--delimiter", help="the manifest's separator (default: detected)")
     p.add_argument("--image-column", default="image", help="as for caption ('image')")
     p.add_argument("--id-column", default="id", help="as for caption ('id')")
+    p.add_argument("--format", choices=SOURCE_KINDS, help="as for caption (default: detected)")
     ns = p.parse_args(argv)
     if not ns.out.is_dir():
         print(f"error: {ns.out} is not a directory", file=sys.stderr)
@@ -47,8 +49,8 @@ def main(argv: list[str]) -> int:
         print(f"quarantined: {q}")
     if ns.manifest is not None:
         try:
-            fmt = ManifestFormat.parse(ns.delimiter, ns.image_column, ns.id_column)
-            pending, total = _pending(Manifest(ns.manifest, fmt), keys, names or {"default"})
+            fmt = ManifestFormat.parse(ns.delimiter, ns.image_column, ns.id_column, ns.format)
+            pending, total = _pending(open_source(ns.manifest, fmt), keys, names or {"default"})
         except RunFatal as e:
             print(f"error: {e.message}", file=sys.stderr)
             return 2
@@ -95,7 +97,7 @@ def _value_counts(t, column: str) -> tuple[list[str | None], list[int]]:  # type
     return vc.field("values").to_pylist(), vc.field("counts").to_pylist()
 
 
-def _pending(manifest: Manifest, keys: KeySet, names: set[str]) -> tuple[int, int]:
+def _pending(manifest: Source, keys: KeySet, names: set[str]) -> tuple[int, int]:
     pending = total = 0
     seen = KeySet()
     for row in manifest:

@@ -40,7 +40,8 @@ from ..records import ManifestRow, PreparedImage, ResultRow, output_schema
 from ..run.stack import build_worker
 from ..run.worker import Interrupted, Worker
 from ..settings import Secret, Settings
-from ..sources.manifest import Manifest, ManifestFormat
+from ..sources.choose import open_source
+from ..sources.manifest_format import ManifestFormat
 from ..sources.plan import NamedPrompt, Plan
 from ..store.sink import to_table
 from ..validate import RowConformer
@@ -60,8 +61,8 @@ def _chunk(kind: str, payload: bytes | None = None, info: str | None = None) -> 
 
 
 def plan_chunks(batch: Any, *, manifest: str, fmt: ManifestFormat,
-                prompts: tuple[NamedPrompt, ...],
-                limit: int | None, done: list[Any], chunk_rows: int) -> Iterator[pa.Table]:
+                prompts: tuple[NamedPrompt, ...], limit: int | None, done: list[Any],
+                chunk_rows: int, max_member: int | None = None) -> Iterator[pa.Table]:
     """A Ray Data generator UDF: the pending rows of the manifest, as chunks.
 
     The one planner (``sources.plan.Plan``), over the driver's set of done keys (the
@@ -75,7 +76,8 @@ def plan_chunks(batch: Any, *, manifest: str, fmt: ManifestFormat,
 
         done_keys = ray.get(done[0])
     duplicates: list[list[Any]] = []
-    plan = Plan(Manifest(Path(manifest), fmt), KeySet.from_sorted(done_keys), prompts, limit)
+    source = open_source(manifest if "://" in manifest else Path(manifest), fmt, max_member)
+    plan = Plan(source, KeySet.from_sorted(done_keys), prompts, limit)
     plan.log_duplicate = lambda row: (duplicates.append([row.line, row.id])
                                       if len(duplicates) < _MAX_LOGGED_DUPLICATES else None)
     try:

@@ -28,6 +28,7 @@ import json
 import logging
 import threading
 import warnings
+from pathlib import Path
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -65,7 +66,9 @@ class RayEngine:
             raise RunFatal(MISSING_RAY, "config", exit_code=2) from None
         s = session.settings
         # Paths as every node sees them: actors do not share the driver's working directory.
-        remote = replace(s, manifest=s.manifest.resolve(), out=s.out.resolve())
+        manifest = s.manifest if isinstance(s.manifest, str) and "://" in s.manifest \
+            else Path(s.manifest).resolve()
+        remote = replace(s, manifest=manifest, out=s.out.resolve())
         started = await asyncio.to_thread(_connect, s.ray_address)
         try:
             with _quiet_ray_data(), _data_context(), warnings.catch_warnings():
@@ -109,7 +112,8 @@ class RayEngine:
             plan_chunks, batch_size=1, batch_format="pyarrow", num_cpus=0,
             fn_kwargs={"manifest": str(s.manifest), "fmt": s.manifest_format,
                        "prompts": s.named_prompts, "limit": s.limit,
-                       "done": [ray.put(done)], "chunk_rows": chunk_rows},
+                       "done": [ray.put(done)], "chunk_rows": chunk_rows,
+                       "max_member": s.max_file_bytes},
             **place)
         pool, remote = _actor_pool(ActorPoolStrategy, n)
         return ds.map_batches(

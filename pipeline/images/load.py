@@ -6,6 +6,10 @@ while it decodes, resizes and encodes, so streams keep flowing while images are
 prepared. Without ``--fetch-urls`` a URL is passed through for the provider to fetch.
 Every local problem is a ``RowFailed`` with class ``bad_image``.
 
+Images embedded in the source (``ManifestRow.data``) are prepared from those bytes;
+remote references (``s3://``, ``gs://``, ``hf://``, or relative paths under a remote
+manifest) are read through fsspec with the same size cap and ``--image-timeout``.
+
 Reads are bounded in kind, size and time. Only a regular file is read: a FIFO would
 block the reading thread forever and ``/dev/zero`` never ends, so anything else is a
 ``bad_image`` row saying what it is. The size cap is checked on the name, then on the
@@ -30,6 +34,7 @@ from .pool import DaemonPool, JobTimeout, PoolExhausted
 from ..errors import RowFailed
 from .prepare import ImagePolicy, ImageProblem, Prepared, b64_len, prepare, sniff_mime
 from ..records import ManifestRow, PreparedImage
+from ..sources import location
 
 __all__ = ["ImageSource", "ReadLimits", "b64_len", "default_executor", "read_file",
            "sniff_mime"]
@@ -67,9 +72,10 @@ def _shared_pool() -> DaemonPool:
 class ImageSource:
     """Resolves a manifest row's ``image`` into a ``PreparedImage``."""
 
-    def __init__(self, base_dir: Path, policy: ImagePolicy, executor: DaemonPool | None = None,
-                 fetcher: Fetcher | None = None, limits: ReadLimits | None = None) -> None:
-        self.base_dir = base_dir
+    def __init__(self, base_dir: Path | str, policy: ImagePolicy,
+                 executor: DaemonPool | None = None, fetcher: Fetcher | None = None,
+                 limits: ReadLimits | None = None) -> None:
+        self.base_dir = base_dir  # a URL (str) when the manifest is remote
         self.policy = policy
         self.executor = executor
         self.fetcher = fetcher
@@ -77,6 +83,8 @@ class ImageSource:
 
     async def load(self, row: ManifestRow) -> PreparedImage:
         ref = row.image
+        if row.data is not None:  # embedded in the source (Parquet struct, tar member)
+            return await self._in_pool(ref, self._embedded, row.data, ref)
         if "\x00" in ref:  # no file system or URL parser takes it: the manifest cell is bad
             raise RowFailed(f"image reference contains a NUL byte: {ref!r}", "bad_input")
         if ref.lower().startswith(("http://", "https://")):
@@ -100,7 +108,13 @@ class ImageSource:
             raise RowFailed(f"image not read: {e} (--image-timeout {timeout:g} s; a hung "
                             f"file system?): {ref}", "bad_image") from None
 
-    def resolve(self, ref: str) -> Path:
+    def resolve(self, ref: str) -> Path | str:
+        """Where ``ref`` is: a local path, or a URL (a remote reference, or a relative one
+        under a remote manifest's folder)."""
+        if location.is_url(ref):
+            return ref
+        if isinstance(self.base_dir, str) and not ref.startswith("/"):
+            return location.join(self.base_dir, ref)
         p = Path(ref)
         try:
             p = p.expanduser()
@@ -110,7 +124,15 @@ class ImageSource:
 
     def _load_local(self, ref: str) -> PreparedImage:
         path = self.resolve(ref)
+        if isinstance(path, str):
+            return self._prepare(read_remote(path, self.limits.max_bytes), location.display(path))
         return self._prepare(read_file(path, self.limits.max_bytes), str(path))
+
+    def _embedded(self, data: bytes, where: str) -> PreparedImage:
+        if len(data) > self.limits.max_bytes:
+            raise RowFailed(f"embedded image too large: {len(data)} bytes > "
+                            f"{self.limits.max_bytes} (--max-file-bytes): {where}", "bad_image")
+        return self._prepare(data, where)
 
     def _prepare(self, data: bytes, where: str) -> PreparedImage:
         try:
@@ -120,6 +142,21 @@ class ImageSource:
         uri = f"data:{p.mime};base64," + base64.b64encode(p.data).decode("ascii")
         return PreparedImage(uri, p.mime, len(p.data), p.sent_width, p.sent_height,
                              p.width, p.height, p.sha256)
+
+
+def read_remote(url: str, max_bytes: int) -> bytes:
+    """A remote image's bytes (fsspec), at most ``max_bytes``; else ``RowFailed``.
+    The time is bounded by ``--image-timeout`` like a local read (the pool's job)."""
+    where = location.display(url)
+    try:
+        return location.read_capped(url, max_bytes)
+    except FileNotFoundError:
+        raise RowFailed(f"image file not found: {where}", "bad_image") from None
+    except ValueError as e:
+        raise RowFailed(f"image file too large: {e} (--max-file-bytes): {where}",
+                        "bad_image") from None
+    except OSError as e:
+        raise RowFailed(f"image file unreadable: {e}", "bad_image") from None
 
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),

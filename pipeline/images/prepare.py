@@ -8,6 +8,9 @@ only, 16-bit / CMYK / palette / bilevel converted, long edge cut to ``max_edge``
 then size stepped down until the base64 payload fits. Large JPEGs are decoded at
 reduced size by the DCT (``draft``), which is most of the speed.
 
+HEIC/HEIF and the TIFFs Pillow refuses or misreads are decoded by ``decoders``
+(pillow-heif, tifffile) and then treated like any other image.
+
 Nothing here does I/O or knows of asyncio or HTTP: bytes in, ``Prepared`` out, or
 an ``ImageProblem`` with a readable reason.
 """
@@ -21,12 +24,17 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from . import decoders
+
 __all__ = ["ImagePolicy", "Prepared", "ImageProblem", "prepare", "sniff_mime", "b64_len"]
 
 # Providers' common ground (docs/protocol.md §7.4): Claude, OpenAI and Gemini all take these.
 ACCEPTED = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 _MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp",
-         "TIFF": "image/tiff", "BMP": "image/bmp", "MPO": "image/jpeg"}
+         "TIFF": "image/tiff", "BMP": "image/bmp", "MPO": "image/jpeg", "HEIF": "image/heic",
+         "AVIF": "image/avif"}
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heis", b"hevc", b"hevx", b"heim", b"mif1",
+                          b"msf1", b"avif", b"avis"})
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
@@ -81,8 +89,8 @@ def sniff_mime(head: bytes) -> str | None:
         return "image/tiff"
     if head[:2] == b"BM":
         return "image/bmp"
-    if head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"):
-        return "image/heic" if b"hei" in head[8:12] else "image/avif"
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        return "image/avif" if head[8:12] in (b"avif", b"avis") else "image/heic"
     return None
 
 
@@ -90,9 +98,12 @@ def prepare(data: bytes, policy: ImagePolicy) -> Prepared:
     if not data:
         raise ImageProblem("empty file (0 bytes)")
     sha = hashlib.sha256(data).hexdigest()
+    decoders.register()
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as e:
+        if decoders.is_tiff(data):  # e.g. float samples: Pillow has no mode for them
+            return _via_tifffile(data, sha, policy)
         raise ImageProblem(_unreadable(data, e)) from None
     except Image.DecompressionBombError as e:
         raise ImageProblem(f"image too large to decode safely ({e})") from None
@@ -107,12 +118,36 @@ def prepare(data: bytes, policy: ImagePolicy) -> Prepared:
         if orientation in _ROTATED:
             w, h = h, w
         mime = _MIME.get(im.format or "", sniff_mime(data[:16]) or "")
+        if im.format == "TIFF" and decoders.pillow_misreads(im):
+            return _via_tifffile(data, sha, policy)
         if _fits(im, mime, orientation, w, h, data, policy):
             return Prepared(data, mime, w, h, w, h, sha, False)
         try:
             out, out_mime, sw, sh = _reencode(im, orientation, policy)
         except (OSError, ValueError, SyntaxError) as e:
+            if im.format == "TIFF":  # a compression or layout Pillow cannot decode
+                return _via_tifffile(data, sha, policy, f"{e}")
             raise ImageProblem(f"corrupt or truncated {mime} image ({e})") from None
+    return Prepared(out, out_mime, w, h, sw, sh, sha, True)
+
+
+def _via_tifffile(data: bytes, sha: str, policy: ImagePolicy, pillow_error: str = ""
+                  ) -> Prepared:
+    """A TIFF Pillow refuses or misreads (float, planar 16-bit, many samples), decoded
+    by tifffile into an 8-bit frame, then oriented, resized and encoded like any other."""
+    try:
+        decoded = decoders.tiff_frame(data, MAX_PIXELS, pillow_error)
+    except decoders.Undecodable as e:
+        raise ImageProblem(str(e)) from None
+    frame, orientation = decoded.frame, decoded.orientation
+    w, h = frame.size
+    if orientation in _ROTATED:
+        w, h = h, w
+    if orientation in _TRANSPOSE:
+        frame = frame.transpose(_TRANSPOSE[orientation])
+    frame.thumbnail((policy.max_edge, policy.max_edge), Image.Resampling.BICUBIC,
+                    reducing_gap=None)
+    out, out_mime, sw, sh = _encode_to_fit(frame, policy)
     return Prepared(out, out_mime, w, h, sw, sh, sha, True)
 
 

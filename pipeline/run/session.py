@@ -37,7 +37,8 @@ from ..errors import RunFatal, output_error
 from ..images.dedupe import ImageIndex
 from ..records import ResultRow, now_utc
 from ..settings import Settings
-from ..sources.manifest import Manifest
+from ..sources.base import Source
+from ..sources.choose import open_source
 from ..sources.plan import Plan
 from ..store.dataset import Opened, close_dataset, open_dataset
 from ..store.journal import SYNC_SECONDS, Journal
@@ -173,7 +174,8 @@ class RunSession:
             return await self._execute()
 
     async def _execute(self) -> RunResult:
-        manifest = Manifest(self.s.manifest, self.s.manifest_format)
+        manifest = await asyncio.to_thread(open_source, self.s.manifest, self.s.manifest_format,
+                                           self.s.max_file_bytes)
         for p in self.s.named_prompts:
             check_template(p.template, manifest)
         if self.engine.name == "local":  # each request holds a descriptor here
@@ -207,12 +209,14 @@ class RunSession:
                                     self.opened.schema, resume.rows_retried > 0)
         return self._result()
 
-    async def _estimate(self, manifest: Manifest) -> int | None:
+    async def _estimate(self, manifest: Source) -> int | None:
         """Rows this run will caption, for the progress bar (None: a stream, unknown)."""
         if manifest.one_shot:  # standard input cannot be read twice: the total stays open
             return None
-        lines = await asyncio.to_thread(count_lines, self.s.manifest)
-        rows = (lines - 1) * len(self.s.named_prompts)  # one row per image and prompt
+        records = await asyncio.to_thread(manifest.estimate)
+        if records is None:  # a folder or shards: counted as they are read
+            return None
+        rows = records * len(self.s.named_prompts)  # one row per image and prompt
         estimate = max(0, rows - len(self.opened.resume.done))
         if self.s.limit is not None:
             estimate = min(estimate, self.s.limit)
@@ -377,7 +381,7 @@ def conclude(s: Settings, run_id: str, started_at: str, progress: Progress,
     return RunResult(code, c, summary, note)
 
 
-def check_template(prompt: str, manifest: Manifest) -> None:
+def check_template(prompt: str, manifest: Source) -> None:
     """A ``--prompt`` template may only name columns the manifest has: say so up front."""
     known = set(manifest.columns) | {"id", "image"} | set(manifest.extra_columns)
     for name in template_fields(prompt):

@@ -19,7 +19,7 @@ from ..images.download import ImageFetcher
 from ..images.prepare import ImagePolicy
 from ..images.load import ImageSource, ReadLimits
 from ..keys import ImageRefs
-from ..sources.manifest_format import base_dir
+from ..sources.choose import source_base
 from ..pacing.limiter import Budgets, Limiter
 from ..pacing.retry import RetryPolicy
 from ..settings import Settings
@@ -43,7 +43,7 @@ async def build_worker(stack: contextlib.AsyncExitStack, s: Settings, *, concurr
     if s.fetch_urls:
         fetcher = await stack.enter_async_context(
             ImageFetcher(policy, s.max_download_bytes, s.download_timeout))
-    images = ImageSource(base_dir(s.manifest), ImagePolicy(s.max_edge, s.max_image_bytes),
+    images = ImageSource(source_base(s.manifest, s.manifest_format), ImagePolicy(s.max_edge, s.max_image_bytes),
                          executor, fetcher, ReadLimits(s.max_file_bytes, s.image_timeout))
     price = s.price
     return Worker(s, adapter, transport, images, Limiter(budgets, concurrency), policy,

@@ -19,11 +19,13 @@ import sys
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from ..errors import RunFatal
-from .manifest_format import ManifestFormat, column_problem, is_stdin, is_stream, sniff_delimiter
 from ..records import BASE_NAMES, ManifestRow
+from . import location
+from .base import Wanted, count_lines
+from .manifest_format import ManifestFormat, column_problem, is_stdin, is_stream, sniff_delimiter
 
 __all__ = ["Manifest", "ManifestFormat", "derive_id"]
 
@@ -39,8 +41,8 @@ def derive_id(image: str) -> str:
     return "img-" + hashlib.sha1(image.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
-def _fatal(path: Path, problem: str) -> RunFatal:
-    return RunFatal(f"manifest {path}: {problem}", "manifest", exit_code=2)
+def _fatal(path: Path | str, problem: str) -> RunFatal:
+    return RunFatal(f"manifest {location.display(path)}: {problem}", "manifest", exit_code=2)
 
 
 class _BadLine(Exception):
@@ -54,10 +56,13 @@ class Manifest:
     handle the header was read from and can be iterated once.
     """
 
-    def __init__(self, path: Path, fmt: ManifestFormat | None = None) -> None:
+    kind = "csv"
+    block_rows = 4096
+
+    def __init__(self, path: Path | str, fmt: ManifestFormat | None = None) -> None:
         self.path = path
         self.fmt = fmt or ManifestFormat()
-        self._one_shot = is_stream(path)
+        self._one_shot = not location.is_url(path) and is_stream(path)
         self._stream = _open_stream(path) if self._one_shot else None
         try:
             self.columns = self._read_header()
@@ -84,6 +89,13 @@ class Manifest:
         if self._stream is not None:
             self._stream.close()
 
+    def estimate(self) -> int | None:
+        """Records, for the progress bar (lines less the header); None for a stream."""
+        if self._one_shot:
+            return None
+        lines = count_lines(self.path)
+        return None if lines is None else max(0, lines - 1)
+
     def _extra_names(self) -> list[tuple[str, str]]:
         # A manifest column named like an output column must not overwrite it, so it is
         # renamed; the new name must not land on another manifest column either, or one
@@ -106,16 +118,16 @@ class Manifest:
         if self._stream is not None:
             return self._parse_header(self._stream)
         try:
-            with self.path.open("rb") as f:
+            with location.open_binary(self.path) as f:
                 return self._parse_header(f)
         except FileNotFoundError:
             raise _fatal(self.path, "file not found") from None
         except IsADirectoryError:
             raise _fatal(self.path, "is a directory, not a CSV file") from None
         except OSError as e:
-            raise _fatal(self.path, f"cannot be read ({e.strerror})") from None
+            raise _fatal(self.path, f"cannot be read ({e.strerror or e})") from None
 
-    def _parse_header(self, f: BinaryIO) -> list[str]:
+    def _parse_header(self, f: IO[bytes]) -> list[str]:
         first = f.readline(_MAX_LINE_BYTES)
         if not first.strip():
             raise _fatal(self.path, "is empty (expected a CSV header with an 'image' column)")
@@ -143,6 +155,10 @@ class Manifest:
             raise _fatal(self.path, f"line 1: duplicate column names {dup}")
         return cols
 
+    def rows(self, wanted: Wanted | None = None) -> Iterator[ManifestRow]:
+        """The rows; ``wanted`` is not needed: a CSV row costs the same either way."""
+        return iter(self)
+
     def __iter__(self) -> Iterator[ManifestRow]:
         if self._one_shot:
             f, self._stream = self._stream, None  # one pass: a stream cannot be reread
@@ -150,7 +166,7 @@ class Manifest:
                 raise RuntimeError(f"manifest {self.path}: a stream can be read only once")
             rows = self._rows(_numbered_lines(f, start=1))  # the header was line 1
         else:
-            f = self.path.open("rb")
+            f = location.open_binary(self.path)
             lines = _numbered_lines(f)
             next(lines, None)  # the header, validated at construction
             rows = self._rows(lines)
@@ -259,7 +275,7 @@ def _open_stream(path: Path) -> BinaryIO:
         raise _fatal(path, f"standard input cannot be read ({e})") from None
 
 
-def _numbered_lines(f: BinaryIO, start: int = 0) -> Iterator[Line]:
+def _numbered_lines(f: IO[bytes], start: int = 0) -> Iterator[Line]:
     """Physical lines, numbered from ``start`` + 1; an over-long line is cut (``_decode``
     rejects it)."""
     lineno = start
@@ -320,7 +336,9 @@ def _split(text: str, delimiter: str = ",") -> list[str] | None:
 def image_ref_problem(image: str) -> str | None:
     if not image:
         return "empty image cell"
-    if "://" in image[:16] and not image.lower().startswith(_SCHEMES_OK):
-        scheme = image.split("://", 1)[0]
-        return f"unsupported URL scheme {scheme!r} (only http:// and https:// are fetched)"
+    scheme = location.scheme(image[:40])
+    if scheme is not None and not image.lower().startswith(_SCHEMES_OK) \
+            and scheme not in location.IMAGE_SCHEMES:
+        return (f"unsupported URL scheme {scheme!r} (http(s)://, and through fsspec "
+                f"{', '.join(s + '://' for s in sorted(location.IMAGE_SCHEMES))})")
     return None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import RunFatal
 
-__all__ = ["DELIMITERS", "ManifestFormat", "base_dir", "column_problem", "is_stdin",
+__all__ = ["DELIMITERS", "SOURCE_KINDS", "ManifestFormat", "base_dir", "column_problem", "is_stdin",
            "is_stream", "sniff_delimiter"]
 
 DELIMITERS = (",", ";", "\t", "|")
@@ -37,16 +37,22 @@ def _bad(message: str) -> RunFatal:
     return RunFatal(message, "config", exit_code=2)
 
 
+SOURCE_KINDS = ("csv", "tsv", "jsonl", "parquet", "folder", "webdataset")
+
+
 @dataclass(frozen=True)
 class ManifestFormat:
     delimiter: str | None = None  # None: detected from the header line
     image_column: str = "image"
     id_column: str = "id"
+    kind: str | None = None       # --format; None: from the input's form (sources.choose)
 
     @classmethod
-    def parse(cls, delimiter: str | None, image_column: str, id_column: str
-              ) -> ManifestFormat:
+    def parse(cls, delimiter: str | None, image_column: str, id_column: str,
+              kind: str | None = None) -> ManifestFormat:
         """From the command line's words; a value that cannot work is exit 2, one line."""
+        if kind is not None and kind not in SOURCE_KINDS:
+            raise _bad(f"--format must be one of {', '.join(SOURCE_KINDS)}, got {kind!r}")
         if delimiter is not None:
             delimiter = _DELIMITER_WORDS.get(delimiter.lower(), delimiter)
             if len(delimiter) != 1 or delimiter in "\"\r\n":
@@ -58,7 +64,7 @@ class ManifestFormat:
         if image_column == id_column:
             raise _bad(f"--image-column and --id-column both name {image_column!r}; the id "
                        "column must be another one (or leave --id-column out)")
-        return cls(delimiter, image_column, id_column)
+        return cls(delimiter, image_column, id_column, kind)
 
 
 def is_stdin(path: Path | str) -> bool:

@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import RunFatal
-from ..keys import ImageRefs, KeySet, hash_strings, key_hashes
+from ..keys import ImageRefs, KeySet, hash_strings, key_hash, key_hashes
 from ..records import DEFAULT_PROMPT_NAME, ManifestRow
 from ..wire.options import render_prompt
-from .manifest import Manifest
+from . import location
+from .base import Source
 
 __all__ = ["NamedPrompt", "Plan", "PlanCounts", "row_values", "variants"]
 
@@ -62,7 +63,7 @@ def row_values(row: ManifestRow) -> dict[str, Any]:
 
 
 class Plan:
-    def __init__(self, manifest: Manifest, done: KeySet, prompts: tuple[NamedPrompt, ...],
+    def __init__(self, manifest: Source, done: KeySet, prompts: tuple[NamedPrompt, ...],
                  limit: int | None, counts: PlanCounts | None = None,
                  images: ImageRefs | None = None, out: Path | None = None) -> None:
         self.manifest = manifest
@@ -74,12 +75,23 @@ class Plan:
         self.counts = counts if counts is not None else PlanCounts()
         self._matched = KeySet()  # ids whose first line agreed with OUT's image
         self.log_duplicate = lambda row: None
-        # A stream gives its rows as they come: a block would wait for 4096 of them.
-        self.block = 1 if getattr(manifest, "one_shot", False) else _BLOCK
+        # A stream gives its rows as they come: a block would wait for 4096 of them. A
+        # source whose rows hold images says how many may wait at once (block_rows).
+        self.block = 1 if getattr(manifest, "one_shot", False) else \
+            min(_BLOCK, getattr(manifest, "block_rows", _BLOCK))
+
+    @property
+    def threaded(self) -> bool:
+        """Read in a thread of its own: a stream, a remote input, or a source whose
+        reads are heavy (Parquet batches, shards, a folder walk); a local CSV or JSON
+        lines file is read on the loop, between groups."""
+        m = self.manifest
+        return self.block == 1 or location.is_remote(getattr(m, "path", "")) or \
+            getattr(m, "kind", "csv") not in ("csv", "jsonl")
 
     async def groups(self) -> AsyncIterator[list[ManifestRow]]:
         """The groups of ``__iter__``, without blocking the event loop on a stream."""
-        if self.block != 1:
+        if not self.threaded:
             for group in self:
                 yield group
             return
@@ -102,7 +114,8 @@ class Plan:
         """Groups of pending rows; an empty group after each block of done rows, so a
         caller that awaits between groups is never blocked for a whole scan."""
         seen = KeySet()  # ids of rows with something pending: done rows need no memory
-        rows = iter(self.manifest)
+        rows = self.manifest.rows(self.wanted) if hasattr(self.manifest, "rows") \
+            else iter(self.manifest)
         counts = self.counts
         while block := list(islice(rows, self.block)):
             if self.images is not None:
@@ -131,6 +144,11 @@ class Plan:
                 if self.limit is not None and counts.pending >= self.limit:
                     return
             yield []
+
+    def wanted(self, rid: str) -> bool:
+        """Whether ``rid`` still has a key to caption: a source reads a finished
+        record's id only, not its image (a shard's members, a Parquet group's bytes)."""
+        return any(key_hash(rid, p.name) not in self.done for p in self.prompts)
 
     def _check_images(self, block: list[ManifestRow]) -> None:
         """A known id with another image: this is not the manifest OUT was made from.

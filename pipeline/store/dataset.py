@@ -21,8 +21,9 @@ import pyarrow as pa
 from . import record as dataset_record
 from .checkpoint import Checkpoint, ResumeState
 from ..errors import output_error
-from ..sources.manifest import Manifest
-from ..sources.manifest_format import base_dir
+from ..sources import location
+from ..sources.base import Source
+from ..sources.choose import source_base
 from .outdir import quarantine, union_schema, unify
 from ..records import output_schema
 from ..settings import Settings
@@ -40,7 +41,7 @@ class Opened:
     record: dict[str, Any]       # _dataset.json as this run leaves it
 
 
-def wanted_settings(s: Settings, manifest: Manifest) -> dict[str, dict[str, Any]]:
+def wanted_settings(s: Settings, manifest: Source) -> dict[str, dict[str, Any]]:
     """What decides a caption, per prompt name of this run (for ``_dataset.json``)."""
     image = {"max_edge": s.max_edge, "max_image_bytes": s.max_image_bytes,
              "fetch_urls": s.fetch_urls}
@@ -49,14 +50,20 @@ def wanted_settings(s: Settings, manifest: Manifest) -> dict[str, dict[str, Any]
             for p in s.named_prompts}
 
 
-def _manifest_identity(s: Settings, manifest: Manifest) -> dict[str, Any]:
-    path = "-" if manifest.one_shot and str(s.manifest) in ("-", "/dev/stdin") \
-        else str(Path(s.manifest).resolve())
-    return {"path": path, "base_dir": str(base_dir(s.manifest).resolve()),
-            "columns": list(manifest.columns)}
+def _manifest_identity(s: Settings, manifest: Source) -> dict[str, Any]:
+    base = source_base(s.manifest, s.manifest_format)
+    if location.is_url(s.manifest):
+        path = location.display(s.manifest)
+    elif manifest.one_shot and str(s.manifest) in ("-", "/dev/stdin"):
+        path = "-"
+    else:
+        path = str(Path(s.manifest).resolve())
+    return {"path": path, "kind": manifest.kind,
+            "base_dir": location.display(base) if isinstance(base, str)
+            else str(base.resolve()), "columns": list(manifest.columns)}
 
 
-def open_dataset(s: Settings, manifest: Manifest, run_id: str) -> Opened:
+def open_dataset(s: Settings, manifest: Source, run_id: str) -> Opened:
     """Everything OUT needs before the first request (blocking: call from a thread)."""
     out = s.out
     base = output_schema(manifest.extra_columns)

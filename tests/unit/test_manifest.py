@@ -177,7 +177,7 @@ def test_empty_image_cell_is_an_error_row(tmp_path: Path) -> None:
 @pytest.mark.parametrize("ref, scheme", [
     ("ftp://example.com/a.png", "ftp"),
     ("file:///etc/passwd", "file"),
-    ("s3://bucket/key.png", "s3"),
+    ("gopher://bucket/key.png", "gopher"),  # s3://, gs://, hf:// are read (sources/location)
 ])
 def test_unsupported_url_scheme_is_an_error_row(tmp_path: Path, ref: str, scheme: str) -> None:
     (r,) = rows(tmp_path, f"image\n{ref}\n")
