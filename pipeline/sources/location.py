@@ -13,6 +13,7 @@ through, or downloaded with ``--fetch-urls``). A manifest or shard may be an htt
 
 from __future__ import annotations
 
+import io
 import os
 import posixpath
 import re
@@ -95,7 +96,10 @@ def open_binary(ref: str | Path, block_size: int = BLOCK) -> IO[bytes]:
         return open(_local(ref), "rb")  # noqa: SIM115 - the caller closes it
     fs, path = url_fs(str(ref))
     try:
-        return fs.open(path, "rb", block_size=block_size)
+        # A standard buffered reader over fsspec's file: readline(limit) for the line
+        # readers (fsspec's own takes no limit), seek for tarfile and Parquet.
+        return io.BufferedReader(fs.open(path, "rb", block_size=block_size),
+                                 buffer_size=min(block_size, 1 << 20))
     except FileNotFoundError:
         raise FileNotFoundError(2, "No such file or directory", display(ref)) from None
     except Exception as e:  # botocore, aiohttp, ...: one readable reason

@@ -9,6 +9,8 @@ built" for the packages):
 * ``run`` never imports ``engines`` or ``commands``; ``engines`` never ``commands``;
 * on the client side only ``wire/transport.py`` and ``images/download.py`` import
   aiohttp;
+* only ``sources/location.py`` imports fsspec (every remote read goes through it), and
+  only ``images/decoders.py`` imports the extra decoders (pillow-heif, tifffile);
 * the simulator imports nothing of the client, and the client nothing of the simulator
   (only the entry points that start it: ``cli.py`` and ``commands/demo.py``);
 * there are no import cycles.
@@ -27,6 +29,8 @@ TOP = {"records", "errors", "settings", "validate", "redact", "logs", "keys", "_
 ORCHESTRATION = {"run", "engines", "commands", "cli", "__main__"}
 AIOHTTP_CLIENT = {"wire/transport.py", "images/download.py"}
 STARTS_SIMULATOR = {"cli.py", "commands/demo.py"}
+ONLY_IMPORTED_BY = {"fsspec": {"sources/location.py"}, "s3fs": {"sources/location.py"},
+                    "pillow_heif": {"images/decoders.py"}, "tifffile": {"images/decoders.py"}}
 
 
 def module_name(path: Path) -> str:
@@ -111,6 +115,13 @@ def test_only_the_transport_and_the_downloader_import_aiohttp_on_the_client_side
              if layer(m) != "simulator" and any(i.split(".")[0] == "aiohttp"
                                                 for i in imports(path))}
     assert users <= AIOHTTP_CLIENT, sorted(users - AIOHTTP_CLIENT)
+
+
+@pytest.mark.parametrize("package", sorted(ONLY_IMPORTED_BY))
+def test_remote_storage_and_extra_decoders_have_one_importer_each(package: str) -> None:
+    users = {rel(module_name(p)) for p in PKG.rglob("*.py")
+             if any(i.split(".")[0] == package for i in imports(p))}
+    assert users <= ONLY_IMPORTED_BY[package], sorted(users - ONLY_IMPORTED_BY[package])
 
 
 def test_there_are_no_import_cycles() -> None:
