@@ -11,7 +11,7 @@ JOB ?=
 ARGS ?=
 
 .PHONY: help setup demo caption test test-ray bench bench-ratelimit bench-images bench-crash clean bench-ray \
-	bench-export docs-screenshot
+	bench-export bench-sources docs-screenshot
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-10s %s\n", $$1, $$2}'
@@ -66,6 +66,9 @@ docs-screenshot: $(STAMP) ## regenerate docs/gallery.png from a real demo run (n
 
 bench-export: $(STAMP) ## export 1M rows to JSONL and sidecars vs a pandas script (rows/s, peak RSS)
 	$(BIN)/python tests/bench/bench_export.py
+
+bench-sources: $(STAMP) ## read 1M-row CSV/JSONL/Parquet manifests and 100 shards: rows/s, peak RSS
+	$(BIN)/python tests/bench/bench_sources.py
 
 clean: ## remove demo output
 	rm -rf out data/sample/out
