@@ -260,9 +260,11 @@ class _FileRows:
 
 
 def _open(file: str) -> pq.ParquetFile:
-    if location.is_remote(file):
-        return pq.ParquetFile(location.open_binary(file, block_size=8 << 20))
-    return pq.ParquetFile(file)
+    # buffer_size: column chunks are read as streams of 1 MiB, not whole into memory
+    # (a Hugging Face row group of images is ~100 MiB); no pre-buffering for the same reason.
+    source: Any = location.open_binary(file, block_size=8 << 20) \
+        if location.is_remote(file) else file
+    return pq.ParquetFile(source, buffer_size=1 << 20, pre_buffer=False)
 
 
 def _short(e: BaseException) -> str:

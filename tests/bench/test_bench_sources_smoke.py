@@ -17,8 +17,8 @@ def test_sources_table(capsys: pytest.CaptureFixture[str]) -> None:
                                "--members", "40"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "| source | rows | rows/s | vs CSV | peak RSS MB | RSS large / small |" in out
+    assert "| source | rows | read rows/s | vs CSV | read peak RSS MB | large / small |" in out
     for row in ("| csv | 3,000 |", "| jsonl | 3,000 |", "| parquet | 3,000 |",
                 "| webdataset | 80 |"):
         assert row in out
-    assert "memory: largest / smallest peak RSS at most" in out
+    assert "memory while reading: largest / smallest peak RSS at most" in out
