@@ -308,13 +308,6 @@ def caption(argv: Sequence[str]) -> int:
     from ..engines import get_engine  # imported late: `--help` stays fast
     from ..run.session import RunSession
 
-    # Streamed Parquet manifests and the sink's batches are many short-lived Arrow
-    # buffers; Arrow's default allocator (mimalloc) keeps their freed pages (a 1 M-row
-    # Parquet manifest: peak RSS 1.48x that of 1 000 rows; with the system allocator
-    # 1.15x, as for export). It only changes where Arrow's buffers come from.
-    import pyarrow as pa
-
-    pa.set_memory_pool(pa.system_memory_pool())
     try:
         settings = settings_from_args(ns)
         if settings.dry_run:

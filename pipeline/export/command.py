@@ -38,14 +38,16 @@ from .hfparquet import HfParquetWriter
 from .imagefolder import ImageFolderWriter
 from .images import PLACE_MODES, Resolver
 from .reader import Committed, Selection, open_committed
+from .shards import WebDatasetWriter
 from .sidecar import SidecarWriter
 from .tabular import CsvWriter, JsonlWriter
 
 __all__ = ["WRITERS", "build_parser", "spec_from_args", "run", "main"]
 
-# One entry per format; a new format (e.g. webdataset) is one module and one line here.
+# One entry per format; a new format is one module and one line here.
 WRITERS: dict[str, type[Writer]] = {w.name: w for w in (
-    SidecarWriter, ImageFolderWriter, HfParquetWriter, JsonlWriter, CsvWriter)}
+    SidecarWriter, ImageFolderWriter, HfParquetWriter, WebDatasetWriter, JsonlWriter,
+    CsvWriter)}
 _SIDECAR_ONLY = ("beside_images", "policy", "extension", "all_captions")
 _EXTENSION = re.compile(r"\.[A-Za-z0-9_-]{1,16}")
 
@@ -64,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("out", type=Path, metavar="OUT", help="the caption run's output dataset directory")
     a("--to", type=Path, metavar="DEST",
-      help="destination: a directory (sidecar, hf-imagefolder, hf-parquet) or a file "
-           "(jsonl, csv)")
+      help="destination: a directory (sidecar, hf-imagefolder, hf-parquet, webdataset) or "
+           "a file (jsonl, csv)")
     a("--format", required=True, choices=list(WRITERS), help="what to write")
     a("--include-errors", action="store_true",
       help="export keys whose best row is an error too (with status, error, error_class)")
@@ -129,8 +131,9 @@ def spec_from_args(ns: argparse.Namespace) -> Spec:
     columns = tuple(c.strip() for c in (ns.columns or "").split(",") if c.strip())
     if ns.columns is not None and not columns:
         raise ExportError("--columns wants column names, e.g. id,caption")
-    if fmt == "sidecar" and columns:
-        raise ExportError("--columns is not for --format sidecar (it writes captions only)")
+    if fmt in ("sidecar", "webdataset") and columns:
+        raise ExportError(f"--columns is not for --format {fmt} (it writes captions and "
+                          "its own members)")
     return Spec(out=ns.out, dest=ns.to, format=fmt, include_errors=ns.include_errors,
                 prompt_names=tuple(dict.fromkeys(ns.prompt_name)), columns=columns,
                 trigger=ns.trigger.strip() if ns.trigger else None, force=ns.force,
@@ -179,7 +182,8 @@ def run(spec: Spec, stop: Stop | None = None) -> Summary:
     with open_committed(spec.out) as c:
         sel = c.select(spec.include_errors, spec.prompt_names or None)
         order = prompt_order(c, spec, sel)
-        columns = [] if cls is SidecarWriter else choose_columns(c, spec, cls)
+        columns = [] if cls in (SidecarWriter, WebDatasetWriter) \
+            else choose_columns(c, spec, cls)
         if spec.dest is not None:
             check_dest(spec.dest, spec.out, spec.force, cls.dest_is_file)
         resolver = Resolver(spec.base_dir or c.base_dir, str(spec.out / "_dataset.json"))

@@ -55,13 +55,13 @@ def parquet_files(path: Path | str) -> list[str]:
             raise fatal(path, f"cannot be listed ({type(e).__name__}: {e})") from None
         proto = location.scheme(text)
         return [f"{proto}://{p}" for p in found[:MAX_FILES]]
-    p = Path(text)
+    p = Path(text).absolute()  # OUT records where a row came from, wherever it is read
     if not p.exists():
         raise fatal(path, "not found")
     if p.is_dir():
         return [str(f) for f in sorted(p.rglob("*.parquet"))
                 if not any(part.startswith((".", "_")) for part in f.relative_to(p).parts)]
-    return [text]
+    return [str(p)]
 
 
 def _kind(t: pa.DataType) -> str:

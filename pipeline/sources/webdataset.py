@@ -14,16 +14,17 @@
   a member over ``--max-file-bytes``, a truncated member or archive (the rest of that
   shard cannot be read: one error row says so), a shard that cannot be opened.
 * Resume: a finished key's members are not read (``wanted``); an uncompressed shard is
-  then walked header by header (tarfile seeks past the data), so a finished shard costs
-  its headers, not its images. Memory: one sample's members at a time.
+  then walked header by header (``tarstream`` seeks past the data), so a finished shard
+  costs its headers, not its images. Memory: one sample's members at a time.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
+import os
 import posixpath
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import IO, Any
 from ..records import ManifestRow
 from . import location
 from .base import SOURCE_FILE, SOURCE_MEMBER, Wanted, carried, fatal, text_value
+from . import tarstream
 from .braces import BraceError, expand, has_braces
 from .folder import EXISTING_CAPTION
 from .manifest_format import ManifestFormat
@@ -42,6 +44,7 @@ log = logging.getLogger("pipeline")
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "tif", "tiff", "bmp", "heic",
                     "heif", "avif", "img", "image")
+_RANK = {ext: i for i, ext in enumerate(IMAGE_EXTENSIONS)}
 SCAN_SAMPLES = 100
 MAX_JSON, MAX_TEXT = 1 << 20, 64 * 1024
 MAX_MEMBER = 256 << 20  # --max-file-bytes's default; the run passes its own
@@ -58,9 +61,10 @@ def shard_list(path: Path | str) -> list[str]:
     text = str(path)
     if has_braces(text):
         try:
-            return expand(text)
+            names = expand(text)
         except BraceError as e:
             raise fatal(path, str(e)) from None
+        return names if location.is_url(text) else [os.path.abspath(n) for n in names]
     if location.is_remote(text):
         fs, inner = location.url_fs(text)
         try:
@@ -71,11 +75,11 @@ def shard_list(path: Path | str) -> list[str]:
         except Exception as e:
             raise fatal(path, f"cannot be listed ({type(e).__name__}: {e})") from None
         return [text]
-    p = Path(text)
+    p = Path(text).absolute()  # OUT records where a row came from, wherever it is read
     if p.is_dir():
         return [str(f) for f in sorted(p.iterdir())
                 if f.name.endswith((".tar", ".tar.gz", ".tgz")) and not f.name.startswith(".")]
-    return [text]
+    return [str(p)]
 
 
 @dataclass
@@ -129,7 +133,7 @@ class WebDatasetSource:
                     break
         except FileNotFoundError:
             raise fatal(shard, "shard not found") from None
-        except (OSError, tarfile.TarError) as e:
+        except (OSError, tarstream.TarError) as e:
             log.warning("shard %s: cannot be read for its .json fields (%s)",
                         location.display(shard), e)
         return list(names)
@@ -144,7 +148,7 @@ class WebDatasetSource:
             try:
                 for sample in _Shard(shard, want, self.max_member):
                     yield self._row(name, sample)
-            except (OSError, tarfile.TarError) as e:  # could not be opened at all
+            except (OSError, tarstream.TarError) as e:  # could not be opened at all
                 yield self._unreadable(name, e)
 
     def _row(self, shard: str, s: _Sample) -> ManifestRow:
@@ -169,7 +173,7 @@ class WebDatasetSource:
 
 
 class _Shard:
-    """The samples of one shard, read member by member."""
+    """The samples of one shard, read member by member (``tarstream``)."""
 
     def __init__(self, shard: str, wanted: Wanted, max_member: int,
                  only_json: bool = False) -> None:
@@ -178,25 +182,25 @@ class _Shard:
         self.name = location.display(shard)
 
     def __iter__(self) -> Iterator[_Sample]:
-        compressed = self.shard.endswith((".gz", ".tgz"))
-        with location.open_binary(self.shard) as f:
-            tf = _open_tar(f, compressed)
-            with tf:
-                yield from self._samples(tf)
+        with location.open_binary(self.shard) as raw:
+            if self.shard.endswith((".gz", ".tgz")):
+                with gzip.GzipFile(fileobj=raw) as f:
+                    yield from self._samples(f)
+            else:
+                yield from self._samples(raw)
 
-    def _samples(self, tf: tarfile.TarFile) -> Iterator[_Sample]:
+    def _samples(self, f: IO[bytes]) -> Iterator[_Sample]:
         current: _Sample | None = None
         index = 0
+        found = tarstream.members(f)
         while True:
             try:
-                m = tf.next()
-            except (tarfile.TarError, OSError, EOFError) as e:
+                m = next(found, None)
+            except (tarstream.TarError, OSError, EOFError) as e:
                 yield self._broken(current, index, f"archive truncated or corrupt ({e})")
                 return
             if m is None:
                 break
-            if not m.isfile():
-                continue
             key, ext = sample_key(m.name)
             if current is None or key != current.key:
                 if current is not None:
@@ -205,8 +209,8 @@ class _Shard:
                 current = _Sample(key, index, self.wanted(key))
             current.members.append(posixpath.basename(m.name))
             try:
-                self._member(tf, m, ext, current)
-            except (tarfile.TarError, OSError, EOFError) as e:
+                self._member(f, m, ext, current)
+            except (tarstream.TarError, OSError, EOFError) as e:
                 yield self._broken(current, index, f"member {m.name!r} truncated or "
                                                    f"unreadable ({e})")
                 return
@@ -221,14 +225,14 @@ class _Shard:
                     "shard cannot be read"
         return s
 
-    def _member(self, tf: tarfile.TarFile, m: tarfile.TarInfo, ext: str, s: _Sample) -> None:
+    def _member(self, f: IO[bytes], m: tarstream.Member, ext: str, s: _Sample) -> None:
         if ext == "json":
             if m.size > MAX_JSON:
                 s.problem = s.problem or f"{self.name} sample {s.index}: {m.name!r} is " \
                                          f"larger than {MAX_JSON} bytes"
                 return
             try:
-                meta = json.loads(_read(tf, m))
+                meta = json.loads(_read(f, m))
             except ValueError as e:
                 if s.wanted and not self.only_json:
                     s.problem = f"{self.name} sample {s.index} ({s.key!r}): {m.name!r} " \
@@ -240,10 +244,9 @@ class _Shard:
             return
         if ext == "txt":
             if s.wanted and m.size <= MAX_TEXT:
-                raw = _read(tf, m)
-                s.text = raw.decode("utf-8", "replace").strip() or None
+                s.text = _read(f, m).decode("utf-8", "replace").strip() or None
             return
-        rank = IMAGE_EXTENSIONS.index(ext) if ext in IMAGE_EXTENSIONS else None
+        rank = _RANK.get(ext)
         if rank is None or rank >= s.rank:
             return
         s.rank = rank
@@ -255,20 +258,8 @@ class _Shard:
             s.problem = f"{self.name} sample {s.index} ({s.key!r}): {m.name!r} is " \
                         f"{m.size} bytes > {self.max_member} (--max-file-bytes)"
         else:
-            s.image = (name, _read(tf, m))
+            s.image = (name, _read(f, m))
 
 
-def _open_tar(f: IO[bytes], compressed: bool) -> tarfile.TarFile:
-    # An uncompressed shard is opened seekable ("r:"): tarfile skips unread members by
-    # seeking; a compressed one can only be streamed ("r|gz").
-    return tarfile.open(fileobj=f, mode="r|gz" if compressed else "r:")
-
-
-def _read(tf: tarfile.TarFile, m: tarfile.TarInfo) -> bytes:
-    handle = tf.extractfile(m)
-    if handle is None:
-        return b""
-    data = handle.read()
-    if len(data) != m.size:
-        raise tarfile.ReadError(f"{len(data)} of {m.size} bytes")
-    return data
+def _read(f: IO[bytes], m: tarstream.Member) -> bytes:
+    return tarstream.read(f, m)

@@ -48,8 +48,6 @@ from pipeline.keys import KeySet
 from pipeline.sources.choose import open_source
 from pipeline.sources.plan import NamedPrompt, Plan
 import pipeline.sources.jsonl, pipeline.sources.parquet, pipeline.sources.webdataset
-import pyarrow as pa
-pa.set_memory_pool(pa.system_memory_pool())  # as the caption command sets it
 t0 = time.perf_counter()
 source = open_source(sys.argv[1])
 if sys.argv[2] == "source":  # the source alone: every row, images read (all pending)
