@@ -32,11 +32,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not args or args[0] in ("-h", "--help"):
         print("usage: python -m pipeline {caption,run,status,report,export,simulate,demo} ...\n"
-              "  caption MANIFEST [options]   caption a manifest (see caption --help)\n"
+              "  caption INPUT [options]      caption a manifest, folder or shards "
+              "(caption --help)\n"
               "  run JOB.toml [options]       run a job file; options override it\n"
               "  status OUT [--manifest M]    done / failed / pending and the last runs\n"
               "  report OUT [--html PAGE]     write OUT/_report.html, a review gallery\n"
-              "  export OUT --to D --format F  captions for trainers (sidecar, hf-*, jsonl, csv)\n"
+              "  export OUT --to D --format F  captions for trainers (sidecar, hf-*,\n"
+              "                               webdataset, jsonl, csv)\n"
               "  simulate [--port P]          serve the local gateway simulator\n"
               "  demo                         caption data/sample with the simulator",
               file=sys.stdout if args else sys.stderr)
