@@ -112,8 +112,12 @@ class KeySet:
 
     def _merge(self) -> None:
         if self._recent:
+            # The recent adds are all new (``add`` checked), so they are sorted and
+            # inserted: one new array of the final size, not union1d's concatenation
+            # and sorted copy (3x the set's size at the peak, and a full sort each time).
             new = np.fromiter(self._recent, dtype=np.int64, count=len(self._recent))
-            self._sorted = np.union1d(self._sorted, new)
+            new.sort()
+            self._sorted = np.insert(self._sorted, np.searchsorted(self._sorted, new), new)
             self._recent.clear()
 
 
