@@ -5,7 +5,7 @@
 | a brace pattern (``{00000..00099}``), ``*.tar``, ``*.tar.gz``, ``*.tgz`` | webdataset |
 | ``*.jsonl``, ``*.ndjson`` | jsonl |
 | ``*.parquet``, ``*.pq`` | parquet |
-| a folder (local or remote) | folder (``--format parquet`` / ``webdataset`` for a folder of those) |
+| a folder (local or remote) | folder (``--format parquet`` / ``webdataset``: a folder of those) |
 | ``*.tsv`` | csv, tab-separated |
 | anything else, standard input | csv |
 """

@@ -8,7 +8,7 @@
   in the row (never written to OUT). The ``.json`` member's top-level fields become
   columns (the fields of the first samples of the first shard, as for JSON lines) and
   ``.txt`` becomes ``existing_caption``.
-* ``id`` = the key, ``image`` = ``<shard>/<member>``, ``line`` = the sample's 1-based
+* ``id`` = the key, ``image`` = ``<shard file name>/<member>``, ``line`` = the sample's 1-based
   position in its shard, ``source_file`` = the shard, ``source_member`` = the member.
 * Broken records are error rows naming the shard and position: a key without an image,
   a member over ``--max-file-bytes``, a truncated member or archive (the rest of that
@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..records import ManifestRow
-from . import location
+from . import location, tarstream
 from .base import SOURCE_FILE, SOURCE_MEMBER, Wanted, carried, fatal, text_value
-from . import tarstream
 from .braces import BraceError, expand, has_braces
 from .folder import EXISTING_CAPTION
 from .manifest_format import ManifestFormat
@@ -156,7 +155,9 @@ class WebDatasetSource:
         extra: dict[str, str | None] = {n: text_value(s.meta.get(c)) for c, n in self._extras}
         extra.update({SOURCE_FILE: shard, SOURCE_MEMBER: member or None,
                       EXISTING_CAPTION: s.text})
-        image = f"{shard}/{member}" if member else shard
+        # The shard's file name, not its path: moving the shards must not make the ids
+        # OUT holds look like ids of other images (source_file says where they are).
+        image = f"{posixpath.basename(shard)}/{member}" if member else posixpath.basename(shard)
         error = s.problem
         if error is None and s.image is None:
             error = f"{shard} sample {s.index} ({s.key!r}): no image member (found " \
