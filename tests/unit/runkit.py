@@ -90,12 +90,16 @@ async def keep_all(session: RunSession) -> None:
         session.keep(ok(row))
 
 
+def session(s: Settings, script: Script | Engine) -> RunSession:
+    """A session of ``s`` (a script is run as a ``FakeEngine``)."""
+    return RunSession(s, script if hasattr(script, "run") else FakeEngine(script))
+
+
 async def run(s: Settings, script: Script | Engine, seconds: float = 10) -> RunResult:
-    """One run (a script is run as a ``FakeEngine``); a run that would wait forever
-    fails the test after ``seconds`` instead of hanging it."""
-    engine = script if hasattr(script, "run") else FakeEngine(script)
+    """One whole run; one that would wait forever fails the test after ``seconds``
+    instead of hanging it."""
     async with asyncio.timeout(seconds):
-        return await RunSession(s, engine).execute()
+        return await session(s, script).execute()
 
 
 def rows_in(out: Path) -> dict[str, str]:
@@ -133,14 +137,14 @@ AUTH_FAILED = (401, {"content-type": "application/json"},
 
 
 class Wire:
-    """A ``Channel`` that answers by image URL: ``answers[rid]`` is (status, headers,
-    chunks), an ok stream by default. An id in ``held`` waits, headers sent, until
-    ``release(rid)``. ``opened`` counts requests; ``in_flight`` waits for a count."""
+    """A ``Channel`` that answers by manifest id (from the image URL): ``answers[rid]``
+    is (status, headers, chunks), an ok stream by default. ``hold(rid)``: that row's
+    body waits, headers sent, until ``release(rid)``. ``sent`` lists the requests in
+    order; ``in_flight(n)`` waits until n were opened."""
 
-    def __init__(self, answers: dict[str, Any] | None = None,
-                 held: set[str] = frozenset()) -> None:  # type: ignore[assignment]
-        self.answers = answers or {}
-        self.gates = {rid: asyncio.Event() for rid in held}
+    def __init__(self) -> None:
+        self.answers: dict[str, tuple[int, dict[str, str], list[bytes]]] = {}
+        self.gates: dict[str, asyncio.Event] = {}
         self.sent: list[str] = []
         self.closed_early: list[str] = []  # requests the client gave up mid-body
         self._changed = asyncio.Condition()
@@ -150,6 +154,10 @@ class Wire:
 
     async def __aexit__(self, *exc: object) -> None:
         return None
+
+    def hold(self, *ids: str) -> None:
+        for rid in ids:
+            self.gates[rid] = asyncio.Event()
 
     def release(self, rid: str) -> None:
         self.gates[rid].set()
