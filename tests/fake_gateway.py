@@ -267,17 +267,22 @@ class Ctx:
         self.rec.t_end = time.monotonic()
         return resp
 
-    async def stall(self, seconds: float = 30.0) -> None:
-        """Send nothing for ``seconds`` (ends early if the client hangs up or the
-        server stops)."""
+    async def stall(self, seconds: float = 30.0) -> bool:
+        """Send nothing for ``seconds`` (outcome ``stalled`` meanwhile). True, with
+        outcome ``client_gone``, when the client hung up first; False when the time
+        ran out or the server stops."""
         self.rec.outcome = "stalled"
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and not self.gw._stopping:
-            t = self.request.transport
-            if t is None or t.is_closing():
-                break
-            await asyncio.sleep(0.02)
-        self.rec.t_end = time.monotonic()
+        try:
+            while time.monotonic() < deadline and not self.gw._stopping:
+                t = self.request.transport
+                if t is None or t.is_closing():
+                    self.rec.outcome = "client_gone"
+                    return True
+                await asyncio.sleep(0.02)
+            return False
+        finally:
+            self.rec.t_end = time.monotonic()
 
     async def sse_response(self, body: bytes | list[bytes | float], *, chunk_size: int = 0,
                            pause: float = 0.0, end: str = "eof",
@@ -295,7 +300,8 @@ class Ctx:
         if end == "reset":
             return await self.cut(resp, rst=True)
         if end == "stall":
-            await self.stall(float(self.query.get("stall", 30)))
+            if await self.stall(float(self.query.get("stall", 30))):
+                return resp
             return await self.cut(resp)
         raise ValueError(end)
 
