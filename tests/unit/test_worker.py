@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ from pipeline.wire.adapters.openai_chat import OpenAIChat
 from pipeline.errors import Retryable, RunFatal
 from pipeline.images.load import ImageSource
 from pipeline.pacing.limiter import Budgets, Limiter
-from pipeline.records import ApiRequest, ManifestRow
+from pipeline.records import ManifestRow
 from pipeline.pacing.retry import RetryPolicy
 from pipeline.settings import Secret, Settings
 from pipeline.wire.channel import ScriptedTransport
