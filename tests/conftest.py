@@ -1,6 +1,6 @@
 """Shared fixtures for the black-box tests: the fake gateway and a CLI runner.
 
-``gateway`` starts tests/fake_gateway.py on 127.0.0.1 in a background thread;
+``gateway`` starts the fake gateway (tests/fake_gateway/) on 127.0.0.1 in a background thread;
 ``caption`` runs ``pipeline.cli.main`` in-process against it and reads the output back.
 """
 

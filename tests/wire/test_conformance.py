@@ -1,6 +1,6 @@
 """Conformance cases C01..C40 (docs/protocol.md §10) against the real client.
 
-Each test runs ``pipeline.cli.main`` in-process against tests/fake_gateway.py over real
+Each test runs ``pipeline.cli.main`` in-process against tests/fake_gateway/ over real
 TCP and asserts the Parquet row it wrote. The Anthropic-native cases (C36-C38) and the
 n = 2 case (C16) are not covered here.
 """

@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from fake_gateway import img
-from loopback import AppServer
+from fake_gateway import Exchange, LoopbackServer, img
 
 from pipeline.wire.endpoint import LIMIT
 
@@ -27,7 +26,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _not_implemented(server: AppServer, request: web.Request) -> web.StreamResponse:
+async def _not_implemented(ex: Exchange) -> web.StreamResponse:
     return web.Response(status=501, text="<html><h1>501 Not Implemented</h1></html>",
                         content_type="text/html")
 
@@ -36,7 +35,7 @@ async def _not_implemented(server: AppServer, request: web.Request) -> web.Strea
                                   "missing-v1"])
 def test_a_wrong_endpoint_exits_3_at_once_naming_the_url(caption: Any, gateway: Any,
                                                          case: str) -> None:
-    with AppServer(_not_implemented) as plain:
+    with LoopbackServer(_not_implemented) as plain:
         url, word = {
             "nothing-listening": (f"http://127.0.0.1:{_free_port()}/v1", "refused"),
             "https-on-http": (gateway.base_url.replace("http://", "https://"), "TLS"),
