@@ -10,7 +10,6 @@ import csv
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,7 +91,6 @@ class Result:
     out: Path
     stdout: str
     stderr: str
-    seconds: float
 
     @property
     def ids(self) -> list[str]:
@@ -132,11 +130,9 @@ class Caption:
             argv += ["--base-url", self.gw.base_url if base_url == "gw" else base_url]
         argv += ["--retries", str(retries), "--concurrency", str(concurrency), *FAST, *args]
         self.capfd.readouterr()
-        t0 = time.monotonic()
         code = main(argv)
-        seconds = time.monotonic() - t0
         cap = self.capfd.readouterr()
-        return Result(code, read_out(self.out), self.out, cap.out, cap.err, seconds)
+        return Result(code, read_out(self.out), self.out, cap.out, cap.err)
 
 
 @pytest.fixture
