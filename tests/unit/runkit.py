@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+import pytest
 
+from pipeline.errors import RunFatal
 from pipeline.records import (
     ApiRequest,
     Completion,
@@ -29,7 +33,7 @@ from pipeline.records import (
     error_row,
     ok_row,
 )
-from pipeline.run.session import Engine, RunResult, RunSession
+from pipeline.run.session import Engine, RunResult, RunSession, Stop
 from pipeline.settings import Secret, Settings
 from pipeline.wire.channel import Head, read_capped
 
@@ -100,6 +104,40 @@ async def run(s: Settings, script: Script | Engine, seconds: float = 10) -> RunR
     instead of hanging it."""
     async with asyncio.timeout(seconds):
         return await session(s, script).execute()
+
+
+# --------------------------------------------------------------------------- stops
+
+BUDGET_NOTE = "cost budget reached: spent $0.0100, $0.0000 in flight, of --max-cost $0.0100"
+
+
+def auth_failed() -> RunFatal:
+    return RunFatal("authentication failed (HTTP 401): Incorrect API key provided", "auth")
+
+
+async def deliver(session: RunSession, sig: signal.Signals = signal.SIGTERM) -> None:
+    """Send ``sig`` to this process for real; return once the session has seen it."""
+    seen = session.cancel_now if session.halting else session.stopped
+    os.kill(os.getpid(), sig)
+    try:
+        async with asyncio.timeout(5):
+            await seen.wait()
+    except TimeoutError:
+        pytest.fail(f"the session did not act on {sig.name}")
+
+
+async def stop(session: RunSession, why: Stop) -> None:
+    """Stop the run the way an engine meets ``why``: a real signal, the budget
+    (``halt``), a wrong key (``halt`` with the fatal error)."""
+    if why is Stop.SIGNAL:
+        await deliver(session)
+    elif why is Stop.BUDGET:
+        session.halt(Stop.BUDGET, note=BUDGET_NOTE)
+    else:
+        session.halt(Stop.FATAL, auth_failed())
+
+
+# --------------------------------------------------------------------------- OUT
 
 
 def rows_in(out: Path) -> dict[str, str]:

@@ -13,11 +13,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from runkit import ok
 
 from pipeline.images import dedupe as dedupe_module
 from pipeline.images.dedupe import Dedupe, ImageIndex, dedup_key
 from pipeline.records import ManifestRow, Original, ResultRow, error_row
-from runkit import ok
 
 KEY = dedup_key("ab" * 32, "Caption it.", None, "m")
 
