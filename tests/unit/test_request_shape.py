@@ -24,7 +24,6 @@ from yarl import URL
 
 from pipeline.images.prepare import ImagePolicy
 from pipeline.wire.adapters import get_adapter
-from pipeline.errors import RunFatal
 from pipeline.images.load import ImageSource
 from pipeline.pacing import limiter as ratelimit
 from pipeline.records import ManifestRow
@@ -270,17 +269,6 @@ async def test_streamed_answer_becomes_an_ok_row(ok_request: dict[str, Any]) -> 
     assert r.caption == "A horse in a field."
     assert r.attempts == 1 and r.http_status == 200
     assert (r.prompt_tokens, r.completion_tokens) == (120, 6)
-
-
-async def test_401_raises_run_fatal_after_one_request(tmp_path: Path,
-                                                      mocked: aioresponses) -> None:
-    body = json.dumps({"error": {"message": "Incorrect API key provided", "type":
-                                 "invalid_request_error", "code": "invalid_api_key"}}).encode()
-    with pytest.raises(RunFatal) as info:
-        await process(tmp_path, mocked, status=401, body=body, content_type="application/json")
-    assert info.value.error_class == "auth"
-    assert len(calls(mocked)) == 1
-    assert KEY not in info.value.message
 
 
 async def test_400_returns_an_error_row_with_one_attempt(tmp_path: Path,

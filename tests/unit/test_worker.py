@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ from pipeline.wire.adapters.openai_chat import OpenAIChat
 from pipeline.errors import Retryable, RunFatal
 from pipeline.images.load import ImageSource
 from pipeline.pacing.limiter import Budgets, Limiter
-from pipeline.records import ApiRequest, ManifestRow
+from pipeline.records import ManifestRow
 from pipeline.pacing.retry import RetryPolicy
 from pipeline.settings import Secret, Settings
 from pipeline.wire.channel import ScriptedTransport
@@ -32,6 +30,9 @@ def text(t: str) -> dict[str, Any]:
 
 
 STOP = {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+
+
+KEY = "sk-worker-test-key"
 
 
 class Clock:
@@ -51,7 +52,7 @@ def make(script: list[Any], tmp_path: Path, retries: int = 3) -> tuple[Worker, S
                                                                       Clock, Limiter]:
     clock = Clock()
     settings = Settings(manifest=tmp_path / "m.csv", out=tmp_path / "out",
-                        base_url="http://127.0.0.1:1/v1", api_key=Secret("k"))
+                        base_url="http://127.0.0.1:1/v1", api_key=Secret(KEY))
     transport = ScriptedTransport(script)
     gate = Limiter(Budgets(), 4, clock=clock, sleep=clock.sleep)
     policy = RetryPolicy(retries=retries, base=1.0, cap=8.0, rand=lambda: 0.5)
@@ -99,10 +100,17 @@ async def test_a_permanent_error_is_not_retried(tmp_path: Path) -> None:
     assert len(t.sent) == 1
 
 
-async def test_auth_failure_raises_run_fatal_instead_of_a_row(tmp_path: Path) -> None:
-    w, _, _, _ = make([(401, {}, [b'{"error":{"message":"bad key"}}'])], tmp_path)
-    with pytest.raises(RunFatal):
+async def test_a_401_raises_run_fatal_after_one_request_instead_of_a_row(
+        tmp_path: Path) -> None:
+    """The seam's half of "a wrong key is fatal"; the wire's half is
+    tests/wire/test_conformance.py::test_c35_auth_and_model_errors_stop_the_run_with_one_line."""
+    w, t, _, _ = make([(401, {}, [b'{"error":{"message":"Incorrect API key provided",'
+                                  b'"code":"invalid_api_key"}}'])], tmp_path)
+    with pytest.raises(RunFatal) as info:
         await w.process(ROW)
+    assert info.value.error_class == "auth" and len(t.sent) == 1
+    assert "Incorrect API key provided" in info.value.message
+    assert KEY not in info.value.message
 
 
 async def test_manifest_row_error_becomes_a_bad_input_row_without_a_request(
