@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ANTHROPIC", "CLOSE", "DIALECTS", "OPENAI", "STALL", "AnthropicDialect", "ApiError",
     "Choice", "Dialect", "Frame", "Job", "OpenAIDialect", "Plan", "compact_json",
-    "fault_error", "rate_limit_error",
+    "fault_error", "rate_limit_error", "retry_after_header",
 ]  # fmt: skip
 
 _DONE = b"data: [DONE]\n\n"
@@ -50,40 +50,61 @@ class ApiError(Exception):
 
     def __init__(
         self, status: int, message: str, openai_type: str, anthropic_type: str,
-        code: str | None = None, param: str | None = None, retry_after: float | None = None,
+        code: str | None = None, param: str | None = None,
+        retry_after: float | str | None = None,
     ) -> None:  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.openai_type, self.anthropic_type = openai_type, anthropic_type
-        self.retry_after = retry_after
+        self.retry_after = retry_after  # seconds, or a literal header value (`--retry-after`)
 
 
-def fault_error(fault: str) -> ApiError:
-    if fault == "429":
-        message = "Rate limit reached for requests (simulated fault). Please try again in 1s."
+def _advice(seconds: float, advise: bool) -> str:
+    """OpenAI's free-text hint, which clients read when no header says how long."""
+    return f" Please try again in {retry_after_text(seconds)}s." if advise else ""
+
+
+def fault_error(fault: str, advise: bool = True) -> ApiError:
+    """An injected fault; `advise=False` leaves out every hint of how long to wait."""
+    wait = 1.0 if advise else None
+    if fault in ("429", "storm"):
+        what = "simulated fault" if fault == "429" else "simulated 429 storm"
+        message = f"Rate limit reached for requests ({what}).{_advice(1.0, advise)}"
         code = "rate_limit_exceeded"
-        return ApiError(429, message, "requests", "rate_limit_error", code, retry_after=1.0)
+        return ApiError(429, message, "requests", "rate_limit_error", code, retry_after=wait)
     if fault == "503":
         message = "The server is overloaded or not ready yet."
-        return ApiError(503, message, "server_error", "api_error", retry_after=1.0)
+        return ApiError(503, message, "server_error", "api_error", retry_after=wait)
     if fault == "529":
         return ApiError(529, "Overloaded", "overloaded_error", "overloaded_error")
     message = "The server had an error while processing your request. Sorry about that!"
     return ApiError(500, message, "server_error", "api_error")
 
 
-def rate_limit_error(refusal: Refusal, model: str) -> ApiError:
+def rate_limit_error(refusal: Refusal, model: str, advise: bool = True) -> ApiError:
+    """The 429 for a refusal; `advise=False` leaves out Retry-After and the hint."""
+    wait = refusal.retry_after if advise else None
+    if refusal.kind == "concurrency":
+        message = "Number of concurrent requests has exceeded your rate limit."
+        return ApiError(429, message, "requests", "rate_limit_error", "rate_limit_exceeded",
+                        retry_after=wait)  # fmt: skip
     unit = "requests per min (RPM)" if refusal.kind == "requests" else "tokens per min (TPM)"
     counts = f"Limit {refusal.limit}, Requested {refusal.requested}."
     if refusal.retry_after is None:  # a correct client never retries this (reference 5.2)
         message = f"Request too large for {model} on {unit}: {counts}"
         return ApiError(429, message, "tokens", "rate_limit_error", "rate_limit_exceeded")
-    wait = retry_after_text(refusal.retry_after)
-    message = f"Rate limit reached for {unit} on {model}: {counts} Please try again in {wait}s."
+    hint = _advice(refusal.retry_after, advise)
+    message = f"Rate limit reached for {unit} on {model}: {counts}{hint}"
     return ApiError(
-        429, message, refusal.kind, "rate_limit_error", "rate_limit_exceeded",
-        retry_after=refusal.retry_after,
+        429, message, refusal.kind, "rate_limit_error", "rate_limit_exceeded", retry_after=wait,
     )  # fmt: skip
+
+
+def retry_after_header(value: float | str, whole_seconds: bool = False) -> str:
+    """A literal value goes out as given; seconds as the dialect writes them."""
+    if isinstance(value, str):
+        return value
+    return str(max(1, math.ceil(value))) if whole_seconds else retry_after_text(value)
 
 
 @dataclass(frozen=True)
@@ -198,7 +219,7 @@ class OpenAIDialect:
         detail |= {"param": err.param, "code": err.code}
         headers = {self.request_id_header: request_id}
         if err.retry_after is not None:
-            headers["Retry-After"] = retry_after_text(err.retry_after)
+            headers["Retry-After"] = retry_after_header(err.retry_after)
         return web.json_response({"error": detail}, status=err.status, headers=headers)
 
     def plan(self, job: Job, choices: tuple[Choice, ...]) -> Plan:
@@ -238,7 +259,7 @@ class OpenAIDialect:
         headers = {}
         for kind, bucket in limits.buckets.items():
             headers[f"x-ratelimit-limit-{kind}"] = str(bucket.limit)
-            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket.level())))
+            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket.remaining())))
             headers[f"x-ratelimit-reset-{kind}"] = go_duration(bucket.reset_seconds())
         return headers
 
@@ -288,7 +309,7 @@ class AnthropicDialect:
         detail = {"type": err.anthropic_type, "message": err.message}
         headers = {self.request_id_header: request_id}
         if err.retry_after is not None:  # Anthropic sends whole seconds
-            headers["retry-after"] = str(max(1, math.ceil(err.retry_after)))
+            headers["retry-after"] = retry_after_header(err.retry_after, whole_seconds=True)
         if err.status == 400:
             headers["x-should-retry"] = "false"
         body = {"type": "error", "error": detail, "request_id": request_id}
@@ -341,7 +362,7 @@ class AnthropicDialect:
             reset = now + timedelta(seconds=math.ceil(bucket.reset_seconds()))
             prefix = f"anthropic-ratelimit-{kind}"
             headers[f"{prefix}-limit"] = str(bucket.limit)
-            headers[f"{prefix}-remaining"] = str(max(0, math.floor(bucket.level())))
+            headers[f"{prefix}-remaining"] = str(max(0, math.floor(bucket.remaining())))
             headers[f"{prefix}-reset"] = reset.strftime("%Y-%m-%dT%H:%M:%SZ")
         return headers
 
