@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -123,7 +124,10 @@ class AdaptiveConcurrency:
         self._last_cut = -1e9
         self._resume_at = float(maximum)  # where a slow start after a pause ends
         self.capped = False  # a refusal came with the window full
-        self._gentle = 32.0  # then growing by one takes this many round trips (doubling)
+        self._restarted = False  # slow start again after a pause (not the first one)
+        self.cut = False  # the last refusal cut the window: it took the excess away
+        self._cap_at = 0  # what it was last cut to
+        self._gentle = 64.0  # then growing by one takes this many round trips (doubling)
         self._waiters: list[asyncio.Future[None]] = []
 
     async def acquire(self) -> None:
@@ -157,6 +161,7 @@ class AdaptiveConcurrency:
         if self.slow_start:  # +1 per success: doubles every round trip
             self.limit = min(self._resume_at, self.limit + 1.0)
             self.slow_start = self.limit < self._resume_at
+            self._restarted = self._restarted and self.slow_start
         elif self.limit < self.maximum:
             # After a refusal at a full window, probe for one more place only gently,
             # and ever more rarely: every probe that finds the cap again costs a 429.
@@ -173,22 +178,29 @@ class AdaptiveConcurrency:
 
     def on_refused(self, in_flight: int) -> None:
         """A 429 for a request sent with ``in_flight`` in flight (itself included). If
-        that filled the window, the server may count what is in flight: one fewer.
-        The window at the end of slow start is such a case too: it only ever grew."""
-        if self.slow_start or in_flight >= int(self.limit):
+        that filled the window, the server may count what is in flight: one fewer (and
+        ``cut`` says so). The window at the end of slow start is such a case too: it
+        only ever grew. A refusal again at a window already cut to is the rate's."""
+        self.cut = False
+        if self._restarted:
+            return  # ramping again after a pause: the pause goes on, not a new cap
+        # Refused again at (or below) a window already cut to: not the window's fault.
+        if self.slow_start or (in_flight >= int(self.limit) and in_flight > self._cap_at):
             if self.capped:  # the cap was found again: probe for it half as often
                 self._gentle = min(1024.0, 2 * self._gentle)
             self.limit = float(max(1, min(self.limit, in_flight - 1)))
-            self.capped = True
+            self._cap_at = int(self.limit)
+            self.capped = self.cut = True
         self.on_signal()
 
     def restart(self) -> None:
         """After a pool-wide pause: one request first, then ramp back to where it was,
         so the end of a pause is not the whole pool firing at once."""
         if self.limit > 1:
-            self._resume_at = self.limit
+            # Paused again while ramping back: ramp back to where it was before that.
+            self._resume_at = max(self._resume_at, self.limit) if self._restarted else self.limit
             self.limit = 1.0
-            self.slow_start = True
+            self.slow_start = self._restarted = True
 
     def on_throttle(self) -> None:
         now = self._clock()
@@ -196,6 +208,10 @@ class AdaptiveConcurrency:
             self._last_cut = now
             self.slow_start = False
             self.limit = max(1.0, self.limit / 2)
+
+
+_EVIDENCE = 5  # accepted requests a measurement needs
+_OUTAGE = 2.0  # seconds with fewer accepted than that: an outage, not a rate
 
 
 class _Tally:
@@ -241,9 +257,10 @@ class AdaptiveRate:
     """
 
     def __init__(self, clock: Clock, cut: float = 0.9, backoff: float = 0.9,
-                 recover: float = 2.0, probe: float = 0.02) -> None:
+                 recover: float = 2.0, probe: float = 0.02, search: float = 20.0) -> None:
         self.clock = clock
         self.cut, self.backoff, self.recover, self.probe = cut, backoff, recover, probe
+        self.search = search  # seconds of sending beyond ``top`` to double it
         self.floor = 0.05  # requests per second: never slower than this
         self.bucket: TokenBucket | None = None  # the pacer, once the first cycle ended
         self.provisional: TokenBucket | None = None  # paces until then
@@ -254,6 +271,7 @@ class AdaptiveRate:
         self._since_exit: _Tally | None = None  # from the end of slow start
         self._episode: float | None = None  # when the current refusal episode began
         self._episode_rate = 0.0
+        self._guided = False  # the episode's refusals said how long to wait
         self._live = 0.0  # seconds of sending since the rate was last set
         self._t = clock()
 
@@ -261,7 +279,9 @@ class AdaptiveRate:
         """The rate after ``dt`` seconds of sending since it was last set."""
         if dt < self.recover:
             return self.top - (self.top - self._low) * (1 - dt / self.recover) ** 3
-        return self.top * (1 + self.probe * (dt - self.recover))
+        beyond = dt - self.recover
+        # Slowly at first; ever faster if no refusal comes (the limit was found too low).
+        return self.top * (1 + self.probe * beyond + (beyond / self.search) ** 3)
 
     def on_sent(self) -> None:
         if self._cycle.start is None:
@@ -270,8 +290,8 @@ class AdaptiveRate:
         if self._since_exit is not None:
             self._since_exit.sent += 1
 
-    def on_throttle(self, sent_at: float, streak: int = 1,
-                    ramp: float | None = None) -> TokenBucket | None:
+    def on_throttle(self, sent_at: float, streak: int = 1, ramp: float | None = None,
+                    guided: bool = False) -> TokenBucket | None:
         """A refusal; ``streak`` counts the episode's refusals so far, ``ramp`` is the
         slow start's rate if it ends with this refusal. Returns the provisional pacer
         when it makes one."""
@@ -281,6 +301,18 @@ class AdaptiveRate:
         if self._episode is None:
             self._episode = self.clock()
             self._episode_rate = self.bucket.rate if self.bucket is not None else (ramp or 0.0)
+            self._guided = guided
+        if guided:
+            return None  # the server's wait slows the pool; the cycle's end decides more
+        pacer = self.bucket or self.provisional
+        if pacer is not None and streak <= 2:
+            # Slower at once, and again at a second refusal in a row (the pool pauses
+            # only at a third): the cycle's end says how slow. Before the first cycle
+            # ended, the slow start's rate is all that is known, and refusals that go
+            # on say it is far too high: halve it.
+            share = self.cut if self.bucket is not None else 0.5
+            pacer.set_rate(max(self.floor, share * pacer.rate))
+            pacer.drain()
         if self.bucket is None and self.provisional is None and ramp:
             self._since_exit = _Tally(self.clock())
             self.provisional = TokenBucket(0.5 * ramp, self.clock, learned=True)
@@ -302,6 +334,10 @@ class AdaptiveRate:
         top = self._measure(now)
         if top is None:
             return None
+        if math.isnan(top):  # nothing to measure (an outage, or waits that do): afresh
+            self._previous, self._cycle, self._episode = _Tally(), _Tally(now), None
+            self._since_exit = None
+            return None
         self.top = max(self.floor, top)
         self._low = max(self.floor, self.cut * self.top)
         self._previous, self._cycle, self._episode = self._cycle, _Tally(now), None
@@ -313,17 +349,34 @@ class AdaptiveRate:
         return self.bucket
 
     def _measure(self, now: float) -> float | None:
-        """The rate deemed at the limit at the end of a cycle (None: not enough yet)."""
+        """The rate deemed at the limit at the end of a cycle: None when there is not
+        enough evidence yet, NaN when the cycle holds none (nothing was accepted)."""
         span = self._previous + self._cycle
-        if self._cycle.sent < 5 or now <= (span.start or now):
+        if now <= (span.start or now):
             return None
+        if self._guided and span.sent >= _EVIDENCE and span.refused <= 0.25 * span.sent:
+            # The server said how long to wait, the pool waited, and it seldom refused:
+            # its waits do the pacing (random refusals do not scale with the rate).
+            return math.nan
+        if span.sent - span.refused < _EVIDENCE:
+            # Barely anything accepted. For seconds: a storm of 429s, not a rate (a rate
+            # limiter lets its rate through); no rate is made up from it. Briefly: wait
+            # for more evidence.
+            outage = self.bucket is None and now - (span.start or now) >= _OUTAGE
+            return math.nan if outage else None
         top = span.accepted(now)
         after = self._since_exit
         if self.bucket is None and after is not None:  # the first cycle
-            if after.sent < 5:
+            if after.sent < _EVIDENCE:
                 return None
             if after.refused <= 0.1 * after.sent:  # a cap in flight: the ramp's rate
                 top = max(top, after.accepted(now), self.backoff * self._episode_rate)
-        elif self.bucket is not None and span.refused <= 0.1 * span.sent:
+        elif self.bucket is not None and (
+                (span.refused <= 0.1 * span.sent and top >= 0.5 * self._episode_rate)
+                or self._cycle.refused >= 2 * (self._cycle.sent - self._cycle.refused)):
+            # Hardly refused while sending near the pace (probing slowly from below), or
+            # this cycle was nothing but a wait (a window used up, or the server refusing
+            # everything for a while): the rate that led into it was a little too much.
+            # Far below the pace, pauses held the pool: what was accepted is the measure.
             top = max(top, self.backoff * self._episode_rate)
         return min(top, self._episode_rate) if self._episode_rate > 0 else top

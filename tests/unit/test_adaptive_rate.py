@@ -104,7 +104,6 @@ def test_a_cycle_ends_only_with_a_success_of_a_request_sent_after_the_refusal() 
 
 
 def test_a_cycle_is_measured_together_with_the_one_before() -> None:
-    # A cycle may hold only a wait (a window used up), the one before only a burst.
     c = Clock()
     a = AdaptiveRate(c)
     d = Driver(c, a)
@@ -112,12 +111,28 @@ def test_a_cycle_is_measured_together_with_the_one_before() -> None:
     d.refuse(ramp=20.0)
     d.ok(10, 0.1)        # first cycle over: 31 sent, 1 refused
     assert a.bucket is not None
-    a.bucket.set_rate(100.0)  # far above: the rate that started the episode is no cap
-    for _ in range(30):  # everything refused for 3 s ...
+    a.bucket.set_rate(100.0)  # far above what was accepted
+    c.now += 0.5
+    d.refuse()
+    d.ok(1, 0.1)         # the second cycle: one refusal, one answer
+    assert a.top == pytest.approx((30 + 1) / (c.now - 100.1))
+
+
+def test_a_cycle_that_was_only_a_wait_keeps_most_of_the_rate_that_led_into_it() -> None:
+    # A window used up until it turns, or the server refusing everything for a while.
+    c = Clock()
+    a = AdaptiveRate(c)
+    d = Driver(c, a)
+    d.ok(20, 0.1)
+    d.refuse(ramp=20.0)
+    d.ok(10, 0.1)
+    assert a.bucket is not None
+    a.bucket.set_rate(10.0)
+    for _ in range(30):  # refused for 3 s ...
         c.now += 0.1
         d.refuse()
     d.ok(1, 0.1)         # ... until it turns
-    assert a.top == pytest.approx((30 + 1) / (c.now - 100.1))
+    assert a.top == pytest.approx(0.9 * 10.0)  # of the rate that was refused
 
 
 def test_the_limit_is_never_above_the_rate_that_was_refused() -> None:
@@ -134,8 +149,8 @@ def test_the_limit_is_never_above_the_rate_that_was_refused() -> None:
     assert a.top <= 3.0 * 1.01
 
 
-def test_when_hardly_refused_the_limit_is_no_less_than_most_of_the_refused_rate() -> None:
-    # Probing slowly from below, the client's own rate limited what was accepted.
+def test_when_hardly_refused_near_the_pace_the_limit_is_most_of_the_refused_rate() -> None:
+    # Probing slowly from below: the client's own rate limited what was accepted.
     c = Clock()
     a = AdaptiveRate(c)
     d = Driver(c, a)
@@ -143,21 +158,52 @@ def test_when_hardly_refused_the_limit_is_no_less_than_most_of_the_refused_rate(
     d.refuse(ramp=20.0)
     d.ok(10, 0.1)
     assert a.bucket is not None
-    a.bucket.set_rate(12.0)
-    d.ok(100, 1 / 6)  # half the rate: the pool had few rows left, say
-    d.refuse()        # the episode starts at 12/s ...
+    d.ok(60, 1 / 12)   # accepted at about the pace
+    rate = a.bucket.rate
+    d.refuse()          # the episode starts at that pace ...
     d.ok(5, 1 / 12)
-    assert a.top >= 0.9 * 12.0 * 0.99  # ... not the ~6/s that was accepted
+    assert a.top == pytest.approx(0.9 * rate)  # ... not what the span's average says
 
 
-def test_the_rate_climbs_back_within_recover_then_probes_slowly() -> None:
+def test_far_below_the_pace_what_was_accepted_is_the_measure() -> None:
+    # Pauses (the server's Retry-After, say) held the pool well below its pace.
     c = Clock()
-    a = AdaptiveRate(c, cut=0.9, recover=2.0, probe=0.02)
+    a = AdaptiveRate(c)
+    d = Driver(c, a)
+    d.ok(20, 0.1)
+    d.refuse(ramp=20.0)
+    d.ok(10, 0.1)
+    assert a.bucket is not None
+    a.bucket.set_rate(100.0)
+    d.ok(40, 0.2)       # 5 a second accepted
+    d.refuse()
+    d.ok(1, 0.2)
+    assert a.top < 10.0
+
+
+def test_guided_refusals_that_stay_rare_leave_the_rate_to_the_servers_waits() -> None:
+    # Random 429s with Retry-After do not scale with the rate: no pace is made of them.
+    c = Clock()
+    a = AdaptiveRate(c)
+    d = Driver(c, a)
+    for _ in range(5):
+        d.ok(9, 0.1)
+        a.on_sent()
+        a.on_throttle(c.now, 1, None, guided=True)
+        c.now += 1.0  # the server's wait
+    d.ok(1, 0.1)
+    assert a.bucket is None and a.provisional is None
+
+
+def test_the_rate_climbs_back_within_recover_then_probes_slowly_then_faster() -> None:
+    c = Clock()
+    a = AdaptiveRate(c, cut=0.9, recover=2.0, probe=0.02, search=20.0)
     a.top, a._low = 10.0, 9.0
     assert a.rate_at(0.0) == pytest.approx(9.0)
     assert a.rate_at(1.0) == pytest.approx(10 - 1 * 0.125)  # fast at first (a cubic)
     assert a.rate_at(2.0) == pytest.approx(10.0)
-    assert a.rate_at(7.0) == pytest.approx(10.0 * 1.1)  # +2 % a second beyond
+    assert a.rate_at(7.0) == pytest.approx(10.0 * (1 + 0.1 + 0.25 ** 3))  # ~2 % a second
+    assert a.rate_at(22.0) == pytest.approx(10.0 * (1 + 0.4 + 1))  # not refused: faster
 
 
 def test_only_time_spent_sending_moves_the_rate() -> None:
@@ -215,6 +261,9 @@ async def test_a_first_unguided_refusal_is_answered_by_the_pace_not_a_pool_pause
     lim.refused(1.0, guided=False)
     assert lim.gate.remaining == 0.0  # the pace was cut instead
     lim.streak = 2
+    lim.refused(1.0, guided=False)
+    assert lim.gate.remaining == 0.0  # a second one: the pace is cut again
+    lim.streak = 3
     lim.refused(1.0, guided=False)
     assert lim.gate.remaining == 1.0  # refusals go on: a window used up, everyone waits
     lim.refused(3.0, guided=True)
