@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -54,6 +55,7 @@ class PipelineError(Exception):
         self.finish_reason_raw: str | None = None  # a clean stream that still failed the row
         self.usage: Any = None
         self.latency: float | None = None  # of the attempt that raised, when it got that far
+        self.sent_at: float | None = None  # when that attempt was let through the limiter
 
 
 class Retryable(PipelineError):
@@ -223,6 +225,8 @@ def parse_duration(value: str, now: float | None = None) -> float | None:
         num = float(v)
     except ValueError:
         num = None
+    if num is not None and not math.isfinite(num):
+        return None  # "inf", "nan": no duration at all
     if num is not None:
         if num >= 1e12:
             return max(0.0, num / 1000 - now)
@@ -247,9 +251,11 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     ms = headers.get("retry-after-ms")
     if ms:
         try:
-            return max(0.0, float(ms) / 1000)
+            value = float(ms) / 1000
         except ValueError:
-            pass
+            value = math.nan
+        if math.isfinite(value):
+            return max(0.0, value)
     ra = headers.get("retry-after")
     if ra:
         return parse_duration(ra, now)

@@ -105,6 +105,7 @@ class Limiter:
         self.streak = 0  # refusals since the last success, each burst counted once
         self._refused_at = -math.inf  # when the streak last grew
         self._streak_since = -math.inf  # when it began
+        self._paused_at = -math.inf  # when the pool was last paused
         self.waiting: Waiting | None = None
         self._announced: Waiting | None = None
 
@@ -127,6 +128,7 @@ class Limiter:
                     if not held:
                         await self.slots.acquire()
                         held = True
+                        continue  # that may have taken a while: the gate again
                     # The input scale is learned meanwhile: charge the latest one.
                     permit.cost_in = round(est_in * self.input_scale)
                     costs = self._costs(permit)
@@ -175,7 +177,11 @@ class Limiter:
         if self.gate.remaining > 0:
             self._set_waiting("the pause after HTTP 429 (Retry-After or backoff)",
                               self.gate.remaining)
-        await self.gate.wait()
+            await self.gate.wait()
+            # A pacer refilled its credit meanwhile: after a pause it starts empty.
+            for bucket in self.buckets.values():
+                if bucket.learned:
+                    bucket.drain()
 
     async def _nap(self, seconds: float) -> None:
         """Sleep, but wake early when a response brings a new reading or a refund."""
@@ -206,17 +212,22 @@ class Limiter:
         return w.describe(self.clock())
 
     def pause(self, seconds: float) -> None:
-        """Hold every worker for ``seconds``; without a pace to release them gently,
-        the pool then starts again from one request in flight."""
+        """Hold every worker for ``seconds``; then one request goes first and the window
+        ramps back to where it was, so the end of a pause is not the pool at once (a
+        pacer would let its credit through, and every one of those may be refused).
+        Not when the refusal was the window's own and a pace holds the pool: cutting
+        the window took the excess away."""
         self.gate.pause(seconds)
-        if not self.buckets:
+        if not (self.slots.cut and self.buckets):
             self.slots.restart()
+            self._paused_at = self.clock()
 
     def refused(self, seconds: float, guided: bool) -> None:
         """The pool's part of a 429: pause everyone when the server said how long, when
         nothing paces the pool yet, or when refusals go on (a window that is used up
-        until it turns); a first unguided refusal is answered by the rate cut alone."""
-        if guided or self.streak > 1 or not self.buckets:
+        until it turns); the first two unguided refusals in a row are answered by
+        cutting the pace alone (a pause, and the ramp after it, cost far more)."""
+        if guided or self.streak > 2 or not self.buckets:
             self.pause(seconds)
 
     def observe(self, headers: Mapping[str, str], permit: Permit | None = None,
@@ -252,11 +263,13 @@ class Limiter:
                 self.buckets[name].credit(cost)
 
     def finish(self, permit: Permit, outcome: str, prompt_tokens: int | None = None,
-               completion_tokens: int | None = None) -> None:
+               completion_tokens: int | None = None, retry_after: float | None = None
+               ) -> None:
         """Release the place in flight and reconcile the token buckets with what happened.
 
         ``outcome``: "ok", "throttled" (429) or "overloaded" (529): the request was
-        not served, or "error" (served, but no usable usage).
+        not served, or "error" (served, but no usable usage). ``retry_after``: what a
+        refusal said about waiting (a positive, finite one is guidance).
         """
         self.slots.release()
         refund = {"tpm": 0.0, "itpm": 0.0, "otpm": 0.0}
@@ -267,7 +280,8 @@ class Limiter:
                     self._streak_since = self.clock()
                 self.streak += 1
                 self._refused_at = self.clock()
-            self._on_throttle(outcome, permit.sent_at, permit.in_flight)
+            guided = retry_after is not None and 0 < retry_after < math.inf
+            self._on_throttle(outcome, permit.sent_at, permit.in_flight, guided)
             refund = {"tpm": permit.cost_in + permit.cost_out, "itpm": permit.cost_in,
                       "otpm": permit.cost_out}
         elif prompt_tokens is not None and completion_tokens is not None:
@@ -290,7 +304,8 @@ class Limiter:
         if outcome == "ok":
             if permit.sent_at >= self._streak_since:  # news: sent since the streak began
                 self.streak = 0
-            self.slots.on_success()
+            if permit.sent_at >= self._paused_at or not self.slots.slow_start:
+                self.slots.on_success()  # the ramp after a pause counts only its own
             if self._adapts():
                 bucket = self.adaptive.on_success(permit.sent_at)
                 if bucket is not None:
@@ -310,17 +325,22 @@ class Limiter:
         else:
             self.ramp.set_rate(rate)
 
-    def _on_throttle(self, outcome: str, sent_at: float, in_flight: int) -> None:
+    def _on_throttle(self, outcome: str, sent_at: float, in_flight: int,
+                     guided: bool = False) -> None:
         """A 429 means "too fast": adapt the rate unless a budget or headers set it.
         An overload (529) means "too busy": halve the requests in flight."""
         ramp, self.ramp = self.ramp, None  # a limit signal: slow start is over
         if outcome == "overloaded":
             self.slots.on_throttle()
             return
+        ramping = self.slots.slow_start
         self.slots.on_refused(in_flight)
+        if self.slots.cut and not ramping:
+            return  # the window's own excess (a cap in flight), not the rate's
         if self._adapts():
             bucket = self.adaptive.on_throttle(sent_at, self.streak,
-                                               ramp.rate if ramp is not None else None)
+                                               ramp.rate if ramp is not None else None,
+                                               guided)
             if bucket is not None:
                 self.buckets["rpm"] = bucket
 

@@ -135,6 +135,7 @@ class Run:
             stack, s, concurrency=s.concurrency, budgets=Budgets(s.rpm, s.tpm, s.itpm, s.otpm),
             max_cost=s.max_cost, executor=default_executor(), lookup_done=lookup,
             should_stop=lambda: self.halting)
+        self.progress.waiting = self.worker.limiter.describe_wait  # long waits are shown
         return self.worker
 
     async def _run_pool(self, manifest: Manifest, done: KeySet, worker: Worker,
@@ -174,7 +175,11 @@ class Run:
                 for t in self.workers:
                     if t not in self.worker.in_request:
                         t.cancel()
-                await asyncio.wait([workers], timeout=self.s.grace)
+                # A budget stop lets the requests it reserved cost for finish (each is
+                # one attempt, bounded by the read timeout); a signal gives the grace.
+                await asyncio.wait([workers],
+                                   timeout=None if self.budget_stop and not self.stopping
+                                   else self.s.grace)
             for t in self.workers:
                 t.cancel()
         stop.cancel()

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .adapters.base import Adapter, normalize_finish
@@ -23,7 +23,7 @@ from .errors import PipelineError, Retryable, RowFailed, RunFatal, classify_http
 from .images import ImageSource
 from .options import render_prompt
 from .plan import row_values
-from .ratelimit import Limiter
+from .ratelimit import Limiter, Permit
 from .records import (
     ApiRequest,
     Completion,
@@ -41,8 +41,10 @@ from .transport import Head, Transport
 
 log = logging.getLogger("pipeline")
 
-# How a retryable failure feeds the limiter: "slow down" versus "server busy".
+# How a retryable failure feeds the limiter: "slow down" versus "server busy". Both are
+# the rate limit: they never use up --retries (bounded by --max-rate-wait instead).
 _OUTCOME = {"rate_limit": "throttled", "overloaded": "overloaded"}
+_RATE_LIMITED = frozenset(_OUTCOME)
 
 
 def _no_constant(name: str) -> Any:
@@ -51,6 +53,18 @@ def _no_constant(name: str) -> Any:
 
 class Interrupted(Exception):
     """The run is stopping: leave the row unwritten (pending) instead of retrying it."""
+
+
+@dataclass
+class _Tries:
+    """One row's attempts so far, to decide on the next."""
+
+    sent: int = 0          # attempts sent (the ``attempts`` column)
+    failures: int = 0      # failures that count against --retries
+    refusals: int = 0      # 429/529 refusals: bounded by --max-rate-wait instead
+    rate_waited: float = 0.0  # seconds from those refusals to the next attempts
+    refused_at: float | None = None
+    waited: float | None = None  # the last server-directed wait (``retry_after_s``)
 
 
 class Worker:
@@ -117,50 +131,83 @@ class Worker:
                 self.dedupe.resolve(key, result)
 
     async def _with_retries(self, row: ManifestRow, req: ApiRequest) -> dict[str, Any]:
-        attempts = 0
-        waited: float | None = None
+        """Attempts until one succeeds, the retries run out, or the row has waited
+        ``--max-rate-wait`` in total for the rate limit (429/529 never use up retries)."""
+        tries = _Tries()
         while True:
-            attempts += 1
+            tries.sent += 1
             start = self.clock()
             try:
-                return await self._attempt_row(row, req, attempts, waited)
+                return await self._attempt_row(row, req, tries.sent, tries.waited)
             except Retryable as e:
-                if not self.policy.may_retry(attempts):
-                    return self._failed(row, e, attempts, start, waited,
-                                        suffix=f" (gave up after {attempts} attempts)")
+                delay, why = self._next_wait(e, tries)
+                if delay is None:
+                    return self._failed(row, e, tries.sent, start, tries.waited, suffix=why)
                 if self.should_stop():
                     raise Interrupted from e
-                delay = self.policy.next_delay(attempts, e.retry_after)
-                if e.retry_after is not None:
-                    waited = delay
-                if e.error_class == "rate_limit":
-                    self.limiter.gate.pause(delay)  # one 429 slows the whole pool
-                else:
-                    await self.sleep(delay)
+                await self.sleep(delay)
             except RowFailed as e:
-                return self._failed(row, e, attempts, start, waited)
+                return self._failed(row, e, tries.sent, start, tries.waited)
+
+    def _next_wait(self, e: Retryable, t: _Tries) -> tuple[float | None, str]:
+        """Seconds until the row's next attempt, or None and why it gives up."""
+        if t.refused_at is not None and e.sent_at is not None:
+            t.rate_waited += max(0.0, e.sent_at - t.refused_at)
+        t.refused_at = None
+        guided = self.policy.server_wait(e.retry_after) is not None
+        if e.error_class in _RATE_LIMITED:
+            t.refusals += 1
+            delay = self.policy.rate_delay(t.refusals, e.retry_after)
+            bound = self.policy.max_rate_wait
+            if t.rate_waited + delay > bound:
+                return None, (f" (gave up after {t.refusals} refusals and {t.rate_waited:.0f} s "
+                              f"waiting for the rate limit; --max-rate-wait {bound:g})")
+            t.refused_at = self.clock()
+            if e.error_class == "rate_limit":  # a 429 slows the whole pool
+                pool = self.policy.pool_delay(self.limiter.streak, e.retry_after)
+                self.limiter.refused(pool, guided)
+        else:
+            t.failures += 1
+            if not self.policy.may_retry(t.failures):
+                return None, f" (gave up after {t.sent} attempts)"
+            delay = self.policy.next_delay(t.failures, e.retry_after)
+        if guided:
+            t.waited = delay
+        return delay, ""
 
     async def _attempt_row(self, row: ManifestRow, req: ApiRequest, attempts: int,
                            waited: float | None) -> dict[str, Any]:
-        """One attempt under the cost budget and the limiter: the ok row, or it raises."""
-        reserved = self.budget.reserve(req.est_input_tokens, req.est_output_tokens) \
-            if self.budget else 0.0  # BudgetReached propagates: the run stops taking rows
+        """One attempt under the limiter and the cost budget: the ok row, or it raises.
+
+        Cost is reserved only once the rate permit is granted: a row waiting for the
+        limiter holds no reservation, so a budget stop never has to cancel a row that
+        the budget already paid for."""
+        if self.budget is not None:
+            self.budget.check(req.est_input_tokens, req.est_output_tokens)
         permit = await self.limiter.acquire(req.est_input_tokens, req.est_output_tokens)
+        try:  # BudgetReached propagates: the run stops taking rows
+            reserved = self.budget.reserve(req.est_input_tokens, req.est_output_tokens) \
+                if self.budget else 0.0
+        except BaseException:
+            self.limiter.cancel(permit)
+            raise
         start = self.clock()
-        outcome, usage = "error", None
+        outcome, usage, retry_after = "error", None, None
         try:
-            completion, head, ttft = await self._attempt(req, start)
+            completion, head, ttft = await self._attempt(req, start, permit)
             usage = completion.usage
             structured = self._structured(completion)
             outcome = "ok"
         except PipelineError as e:
             usage, outcome = e.usage, _OUTCOME.get(e.error_class, "error")
+            retry_after = e.retry_after
             e.latency = self.clock() - start
+            e.sent_at = permit.sent_at
             raise
         finally:
             cost = self._settle(reserved, usage)
             self.limiter.finish(permit, outcome, usage and usage.prompt_tokens,
-                                usage and usage.completion_tokens)
+                                usage and usage.completion_tokens, retry_after)
         return ok_row(row, completion, attempts=attempts, latency_s=self.clock() - start,
                       ttft_s=ttft, request_id=head.request_id, http_status=head.status,
                       retry_after_s=waited, cost_usd=cost, **structured)
@@ -203,19 +250,19 @@ class Worker:
                                                          e.usage.completion_tokens)
         return out
 
-    async def _attempt(self, req: ApiRequest, start: float
+    async def _attempt(self, req: ApiRequest, start: float, permit: Permit
                        ) -> tuple[Completion, Head, float | None]:
         task = asyncio.current_task()
         self.in_request.add(task)
         try:
-            return await self._exchange(req, start)
+            return await self._exchange(req, start, permit)
         finally:
             self.in_request.discard(task)
 
-    async def _exchange(self, req: ApiRequest, start: float
+    async def _exchange(self, req: ApiRequest, start: float, permit: Permit
                         ) -> tuple[Completion, Head, float | None]:
         async with self.transport.open(req) as (head, chunks):
-            self.limiter.observe(head.headers)
+            self.limiter.observe(head.headers, permit, refused=head.status == 429)
             try:
                 if not 200 <= head.status < 300:
                     body = await self.transport.read_body(chunks)
