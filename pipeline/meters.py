@@ -19,12 +19,12 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
+_GENTLE = 64.0  # round trips of a found cap in flight before probing for one more place
 PACE_SHARE = 0.98   # of a known limit: room for one request's cost and timing jitter
 _CREDIT_SECONDS = 0.05  # burst beyond one unit: absorbs a late timer, not a window's quota
 
@@ -127,7 +127,7 @@ class AdaptiveConcurrency:
         self._restarted = False  # slow start again after a pause (not the first one)
         self.cut = False  # the last refusal cut the window: it took the excess away
         self._cap_at = 0  # what it was last cut to
-        self._gentle = 64.0  # then growing by one takes this many round trips (doubling)
+        self._gentle = _GENTLE  # then growing by one takes this many round trips
         self._waiters: list[asyncio.Future[None]] = []
 
     async def acquire(self) -> None:
@@ -176,18 +176,22 @@ class AdaptiveConcurrency:
             self._resume_at = float(self.maximum)
         self._wake()
 
-    def on_refused(self, in_flight: int) -> None:
+    def on_refused(self, in_flight: int, costly: bool = False) -> None:
         """A 429 for a request sent with ``in_flight`` in flight (itself included). If
         that filled the window, the server may count what is in flight: one fewer (and
         ``cut`` says so). The window at the end of slow start is such a case too: it
-        only ever grew. A refusal again at a window already cut to is the rate's."""
+        only ever grew. A refusal again at a window already cut to is the rate's.
+        ``costly``: the refusal asked the pool to wait; probing for the cap then costs a
+        pause each time, so it is done four times as rarely."""
         self.cut = False
         if self._restarted:
             return  # ramping again after a pause: the pause goes on, not a new cap
         # Refused again at (or below) a window already cut to: not the window's fault.
         if self.slow_start or (in_flight >= int(self.limit) and in_flight > self._cap_at):
             if self.capped:  # the cap was found again: probe for it half as often
-                self._gentle = min(1024.0, 2 * self._gentle)
+                self._gentle = min(4096.0, 2 * self._gentle)
+            if costly:
+                self._gentle = max(self._gentle, 4 * _GENTLE)
             self.limit = float(max(1, min(self.limit, in_flight - 1)))
             self._cap_at = int(self.limit)
             self.capped = self.cut = True

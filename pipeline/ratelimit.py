@@ -163,7 +163,10 @@ class Limiter:
         for name, bucket in self.buckets.items():
             w = bucket.wait_time(costs[name])
             if w > wait:
-                source = "pace learned from the server" if bucket.learned else "budget"
+                source = ("rate found from 429s" if bucket in (self.adaptive.bucket,
+                                                              self.adaptive.provisional)
+                          else "pace the server's headers set" if bucket.learned
+                          else "budget")
                 wait, why = w, f"the {name} {source}"
         for name, c in self.ceilings.items():
             w = c.wait(costs[name])
@@ -205,9 +208,10 @@ class Limiter:
             log.warning("%s", self.waiting.describe(self.clock()))
 
     def describe_wait(self) -> str | None:
-        """What the run waits for and until when, while it waits; else None."""
+        """What the run waits for and until when, while it waits a second or more (the
+        gaps of an even pace are no wait); else None."""
         w = self.waiting
-        if w is None or w.until <= self.clock():
+        if w is None or w.until - self.clock() < 1.0:
             return None
         return w.describe(self.clock())
 
@@ -334,7 +338,7 @@ class Limiter:
             self.slots.on_throttle()
             return
         ramping = self.slots.slow_start
-        self.slots.on_refused(in_flight)
+        self.slots.on_refused(in_flight, costly=guided)
         if self.slots.cut and not ramping:
             return  # the window's own excess (a cap in flight), not the rate's
         if self._adapts():

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from pipeline.sim_errors import fault_error
 from pipeline.sim_wire import (
     CLOSE,
     STALL,
@@ -31,7 +32,6 @@ from pipeline.sim_wire import (
     Job,
     Plan,
     compact_json,
-    fault_error,
 )
 
 __all__ = ["STALL_SECONDS", "Exchange", "complete", "stream"]

@@ -8,6 +8,7 @@ The rest lives next to it:
 
 - `pipeline.sim_wire`: the OpenAI and Anthropic dialects (request fields, stream events
   and bodies, error bodies, rate-limit headers; protocol-reference 2.3, 3.2, 5.2, 5.3);
+- `pipeline.sim_errors`: the error answers (faults, 429s, `--retry-after`);
 - `pipeline.sim_limits`: the limiter kinds (token bucket, sliding log, fixed window,
   cap in flight) and their time texts;
 - `pipeline.sim_delivery`: pacing a stream and the faults that cut or stall an answer;
@@ -24,7 +25,6 @@ import asyncio
 import json
 import math
 import random
-import re
 import secrets
 import sys
 import time
@@ -37,17 +37,8 @@ from aiohttp import web
 from pipeline.sim_captions import BadRequest, caption_for, split_tokens
 from pipeline.sim_delivery import Exchange, complete, stream
 from pipeline.sim_limits import LIMITER_KINDS, RateLimits, Refusal, TokenBucket, go_duration
-from pipeline.sim_wire import (
-    ANTHROPIC,
-    DIALECTS,
-    OPENAI,
-    ApiError,
-    Choice,
-    Dialect,
-    Job,
-    fault_error,
-    rate_limit_error,
-)
+from pipeline.sim_errors import ApiError, fault_error, rate_limit_error, with_retry_after
+from pipeline.sim_wire import ANTHROPIC, DIALECTS, OPENAI, Choice, Dialect, Job
 
 __all__ = [
     "CONFIG", "FAULT_MODES", "LIMITS", "STATS", "RateLimits", "SimConfig", "SimStats",
@@ -181,7 +172,7 @@ async def _handle(request: web.Request, dialect: Dialect) -> web.StreamResponse:
         if isinstance(ticket, Refusal):
             raise rate_limit_error(ticket, job.model)
     except ApiError as err:
-        return dialect.error(_with_retry_after(err, request.app[CONFIG]), request_id)
+        return dialect.error(with_retry_after(err, request.app[CONFIG]), request_id)
     try:
         return await _serve(request, dialect, job, fault, reserved)
     finally:  # also on cancellation, when the client hangs up mid-stream
@@ -196,18 +187,6 @@ def _in_storm(app: web.Application) -> bool:
     if not started:
         started.append(time.monotonic())
     return time.monotonic() - started[0] < seconds
-
-
-def _with_retry_after(err: ApiError, config: SimConfig) -> ApiError:
-    """Apply `--retry-after`: the limiter's own value, none at all, or a literal."""
-    if err.status not in (429, 503, 529) or config.retry_after == "auto":
-        return err
-    if err.status == 429 and err.openai_type == "tokens" and err.retry_after is None:
-        return err  # "request too large": no wait ever helps, so none is advertised
-    plain = re.sub(r" Please try again in [^ ]*s\.", "", err.message)  # the hint goes too
-    value = None if config.retry_after == "none" else config.retry_after
-    return ApiError(err.status, plain, err.openai_type, err.anthropic_type, err.code,
-                    err.param, retry_after=value)  # fmt: skip
 
 
 async def _parse(request: web.Request, dialect: Dialect, request_id: str) -> Job:
@@ -258,7 +237,7 @@ def _http_fault(dialect: Dialect, fault: str, request_id: str, config: SimConfig
     if fault == "502html":  # a CDN/proxy page, not JSON (reference 7, item 36)
         headers = {dialect.request_id_header: request_id}
         return web.Response(status=502, text=_HTML_502, content_type="text/html", headers=headers)
-    return dialect.error(_with_retry_after(fault_error(fault), config), request_id)
+    return dialect.error(with_retry_after(fault_error(fault), config), request_id)
 
 
 def _choices(job: Job, seed: int) -> tuple[Choice, ...]:

@@ -457,3 +457,15 @@ async def test_finish_releases_the_place_in_flight() -> None:
 def test_permit_defaults() -> None:
     p = Permit(10, 20, 12)
     assert p.sent_at == 0.0 and p.in_flight == 0 and p.marks == {}
+
+
+def test_a_cap_found_by_refusals_that_ask_to_wait_is_probed_four_times_as_rarely() -> None:
+    t = FakeTime(start=0.0)
+    c = AdaptiveConcurrency(16, t.clock)
+    c.slow_start, c.limit = False, 5.0
+    c.on_refused(in_flight=5, costly=True)  # a 429 with Retry-After: each probe, a pause
+    successes = 0
+    while c.limit < 5.0:
+        c.on_success()
+        successes += 1
+    assert 4 * 256 <= successes <= 5 * 256

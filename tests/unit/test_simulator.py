@@ -618,7 +618,8 @@ def test_simulator_imports_no_client_module() -> None:
     # each other, aiohttp, Pillow and the standard library, and nothing of the client.
     files = [ROOT / "pipeline" / "simulator.py", *sorted((ROOT / "pipeline").glob("sim_*.py"))]
     names = {path.name for path in files}
-    assert {"sim_captions.py", "sim_delivery.py", "sim_limits.py", "sim_wire.py"} <= names
+    assert {"sim_captions.py", "sim_delivery.py", "sim_errors.py", "sim_limits.py",
+            "sim_wire.py"} <= names
     allowed = {"aiohttp", "PIL"} | {f"pipeline.{path.stem}" for path in files}
     for path in files:
         for module in imported_modules(path):
