@@ -63,6 +63,7 @@ class Permit:
     estimate_in: int  # the raw estimate, to learn the scale from
     sent_at: float = 0.0
     in_flight: int = 0  # requests in flight when it was sent, itself included
+    admitted: bool = False  # the server took it (a 2xx head came back)
     marks: dict[str, float] = field(default_factory=dict)  # header ceilings' counters
 
 
@@ -308,13 +309,24 @@ class Limiter:
         if outcome == "ok":
             if permit.sent_at >= self._streak_since:  # news: sent since the streak began
                 self.streak = 0
-            if permit.sent_at >= self._paused_at or not self.slots.slow_start:
-                self.slots.on_success()  # the ramp after a pause counts only its own
+            self._grow(permit)
             if self._adapts():
                 bucket = self.adaptive.on_success(permit.sent_at)
                 if bucket is not None:
                     self.buckets["rpm"] = bucket
             self._ramp_on(self.clock() - permit.sent_at)
+
+    def admitted(self, permit: Permit) -> None:
+        """The server took the request (its head came back 2xx): the window may grow
+        now, not only when a long stream ends, so slow start is a round trip per step."""
+        self._grow(permit)
+
+    def _grow(self, permit: Permit) -> None:
+        if permit.admitted:
+            return
+        permit.admitted = True
+        if permit.sent_at >= self._paused_at or not self.slots.slow_start:
+            self.slots.on_success()  # the ramp after a pause counts only its own
 
     def _ramp_on(self, rtt: float) -> None:
         """In slow start with nothing else to pace by, spread each round trip's sends

@@ -263,6 +263,8 @@ class Worker:
                         ) -> tuple[Completion, Head, float | None]:
         async with self.transport.open(req) as (head, chunks):
             self.limiter.observe(head.headers, permit, refused=head.status == 429)
+            if 200 <= head.status < 300:
+                self.limiter.admitted(permit)
             try:
                 if not 200 <= head.status < 300:
                     body = await self.transport.read_body(chunks)
