@@ -312,4 +312,4 @@ async def test_500_then_success_is_retried_with_the_same_body(tmp_path: Path,
     assert (r.status, r.attempts) == ("ok", 2)
     assert len(calls(mocked)) == 2
     assert calls(mocked)[0].kwargs["data"] == calls(mocked)[1].kwargs["data"]
-    assert h.sleeps == [0.5]  # backoff base 1.0 x injected rand 0.5, no wall-clock wait
+    assert h.sleeps == [0.75]  # step 1 within [0.5, 1] x base 1.0, rand 0.5; no wall clock
