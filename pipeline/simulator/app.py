@@ -42,7 +42,7 @@ from .wire import ANTHROPIC, DIALECTS, OPENAI, Choice, Dialect, Job
 
 __all__ = [
     "CONFIG", "FAULT_MODES", "LIMITS", "STATS", "RateLimits", "SimConfig", "SimStats",
-    "TokenBucket", "build_app", "go_duration", "main", "start",
+    "TokenBucket", "build_app", "go_duration", "start",
 ]  # fmt: skip
 
 FAULT_MODES = (
@@ -322,14 +322,3 @@ async def start(
         await runner.cleanup()
         raise
     return runner, runner.addresses[0][1]
-
-
-# ---------------------------------------------------------------- command line
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline simulate ...`: serve until SIGINT/SIGTERM (simulator.cli)."""
-    from .cli import main as cli_main  # late: cli builds on this module
-
-    return cli_main(argv)
-

@@ -30,6 +30,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from pipeline.simulator import app as simulator
+from pipeline.simulator import cli as simulator_cli
 from pipeline.simulator.captions import claude_image_tokens, split_tokens
 from pipeline.simulator.app import STATS, SimConfig, SimStats, go_duration, start
 
@@ -610,7 +611,7 @@ def test_split_tokens_pieces_rejoin_to_the_text() -> None:
 def test_cli_bad_flags_exit_2_with_one_line(
     argv: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert simulator.main(argv) == 2
+    assert simulator_cli.main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
 
