@@ -12,9 +12,9 @@ import signal
 import sys
 from typing import Any
 
-from .limits import LIMITER_KINDS
 from .app import FAULT_MODES, INVALID_KEY, SimConfig, start
 from .help import triggers_help
+from .limits import LIMITER_KINDS
 
 
 class _UsageError(Exception):
