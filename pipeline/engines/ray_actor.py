@@ -160,7 +160,7 @@ class CaptionActor:
                                         daemon=True)
         self._thread.start()
         self._stack = contextlib.AsyncExitStack()
-        self.worker = self._run(self._build())
+        self.worker: Worker = self._run(self._build())
 
     def _run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
@@ -209,7 +209,7 @@ class CaptionActor:
             if not row.error:  # one preparation for all prompts of a manifest row
                 image = prepared.get((row.line, row.id))
                 if image is None:
-                    image = asyncio.ensure_future(self.worker.images.load(row))
+                    image = self.worker.prepare(row)
                     prepared[(row.line, row.id)] = image
             tasks.append(asyncio.create_task(self._one(row, image)))
         self.tasks.update(tasks)

@@ -40,7 +40,7 @@ from ..settings import Settings
 from ..sources.base import Source
 from ..sources.choose import open_source
 from ..sources.plan import Plan
-from ..store.dataset import Opened, close_dataset, open_dataset
+from ..store.dataset import close_dataset, open_dataset
 from ..store.journal import SYNC_SECONDS, Journal
 from ..store.sink import Batch, ParquetSink, write_run_report
 from ..wire.options import template_fields
