@@ -80,8 +80,9 @@ async def dry_run(s: Settings, stream: TextIO | None = None) -> int:
     adapter = get_adapter(s.api)
     price = s.price
     executor = default_executor()
-    images = ImageSource(source_base(s.manifest, s.manifest_format), ImagePolicy(s.max_edge, s.max_image_bytes),
-                         executor, limits=ReadLimits(s.max_file_bytes, s.image_timeout))
+    images = ImageSource(source_base(s.manifest, s.manifest_format),
+                         ImagePolicy(s.max_edge, s.max_image_bytes), executor,
+                         limits=ReadLimits(s.max_file_bytes, s.image_timeout))
     counters = Counters()
     plan = Plan(manifest, done, s.named_prompts, s.limit, counters.plan)
     table = _Table(stream, json_lines)

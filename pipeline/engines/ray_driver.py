@@ -28,9 +28,9 @@ import json
 import logging
 import threading
 import warnings
-from pathlib import Path
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from ..errors import PipelineError, RunFatal

@@ -131,10 +131,10 @@ class WebDatasetWriter(Writer):
         for info, data in members:
             ext = sample_key(info.name)[1]
             if ext == "json":
-                meta = _meta(data)
-                if meta is None:  # not a JSON object: kept as it is, under another name
+                found = _meta(data)
+                if found is None:  # not a JSON object: kept as it is, under another name
                     _add(out, f"{key}.source.json", data, info)
-                    meta = {}
+                meta = found or {}
             elif ext != "txt":
                 _add(out, info.name, data, info)  # the image and the rest, byte for byte
         first = True

@@ -113,7 +113,8 @@ def _channels_last(arr: np.ndarray, axes: str) -> np.ndarray:
     arr, kept = arr[index], "".join(a for a in axes if a in "YXS")
     order = [kept.index(a) for a in "YXS" if a in kept]
     arr = np.transpose(arr, order)
-    return arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr
+    out: np.ndarray = arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr
+    return out
 
 
 def _to_frame(arr: np.ndarray, extra: tuple[int, ...], photometric: int) -> Image.Image:
@@ -147,7 +148,8 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
         return (arr >> shift).astype(np.uint8)
     if np.issubdtype(arr.dtype, np.signedinteger):
         top = float(np.iinfo(arr.dtype).max)
-        return (np.clip(arr, 0, None).astype(np.float64) * (255.0 / top)).astype(np.uint8)
+        scaled: np.ndarray = np.clip(arr, 0, None).astype(np.float64) * (255.0 / top)
+        return scaled.astype(np.uint8)
     data = arr.astype(np.float64)
     finite = np.isfinite(data)
     if not finite.any():

@@ -85,9 +85,10 @@ def url_fs(ref: str) -> tuple[Any, str]:
         raise RemoteError(f"{display(ref)}: remote inputs need fsspec "
                           "(pip install fsspec s3fs)") from None
     try:
-        return fsspec.core.url_to_fs(ref)
+        fs, path = fsspec.core.url_to_fs(ref)
     except (ImportError, ValueError) as e:  # an unknown scheme, a missing s3fs/gcsfs
         raise RemoteError(f"{display(ref)}: {_reason(e)}") from None
+    return fs, str(path)
 
 
 def open_binary(ref: str | Path, block_size: int = BLOCK) -> IO[bytes]:

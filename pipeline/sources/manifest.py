@@ -19,7 +19,7 @@ import sys
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO
 
 from ..errors import RunFatal
 from ..records import BASE_NAMES, ManifestRow
@@ -63,7 +63,8 @@ class Manifest:
         self.path = path
         self.fmt = fmt or ManifestFormat()
         self._one_shot = not location.is_url(path) and is_stream(path)
-        self._stream = _open_stream(path) if self._one_shot else None
+        self._stream: IO[bytes] | None = _open_stream(Path(str(path))) if self._one_shot \
+            else None
         try:
             self.columns = self._read_header()
         except BaseException:
@@ -255,7 +256,7 @@ def _lenient_fields(text: str, delimiter: str) -> list[str]:
         return []
 
 
-def _open_stream(path: Path) -> BinaryIO:
+def _open_stream(path: Path) -> IO[bytes]:
     """One handle for input that can be read once; standard input is duplicated, so
     closing the manifest leaves fd 0 to the process."""
     if not is_stdin(path):

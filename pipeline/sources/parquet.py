@@ -245,8 +245,11 @@ class _FileRows:
                 error = f"{self.name} row {line}: the image is null"
             elif raw is None and kind == "struct" and embedded:
                 error = image_ref_problem(image)  # a struct with a path only: a reference
-            elif embedded:
+            elif embedded and isinstance(raw, bytes | bytearray | memoryview):
                 data = bytes(raw)
+            elif embedded:
+                error = f"{self.name} row {line}: the image is a {type(raw).__name__}, " \
+                        "not bytes"
         if error and error.startswith("empty image cell"):
             error = f"{self.name} row {line}: empty image cell"
         rid = rid or (derive_id(image) if image else f"row-{line}")

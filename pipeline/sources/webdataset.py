@@ -28,7 +28,7 @@ import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from ..records import ManifestRow
 from . import location, tarstream
@@ -186,7 +186,7 @@ class _Shard:
         with location.open_binary(self.shard) as raw:
             if self.shard.endswith((".gz", ".tgz")):
                 with gzip.GzipFile(fileobj=raw) as f:
-                    yield from self._samples(f)
+                    yield from self._samples(cast(IO[bytes], f))
             else:
                 yield from self._samples(raw)
 
