@@ -53,6 +53,11 @@ class CostBudget:
         self.spent = spent
         self.reserved = 0.0
 
+    def affords(self, est_in: int, est_out: int) -> bool:
+        """Whether ``reserve`` would accept this estimate now (nothing is reserved)."""
+        est = self.price.cost(est_in, est_out)
+        return self.max_cost is None or self.spent + self.reserved + est <= self.max_cost
+
     def reserve(self, est_in: int, est_out: int) -> float:
         est = self.price.cost(est_in, est_out)
         if self.max_cost is not None and self.spent + self.reserved + est > self.max_cost:

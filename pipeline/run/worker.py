@@ -51,6 +51,8 @@ from ..wire.channel import Channel, Head
 
 log = logging.getLogger("pipeline")
 
+# A reasoning_exhausted answer is sent once more with this many times max_tokens.
+REASONING_RETRY_FACTOR = 4
 # How a retryable failure feeds the limiter: "slow down" versus "server busy".
 _OUTCOME = {"rate_limit": "throttled", "overloaded": "overloaded"}
 
@@ -92,7 +94,8 @@ class Worker:
         self.image_refs = image_refs  # what OUT holds per id: another image is a conflict
         # Fail fast on a wrong URL (pipeline/endpoint.py); a fresh watch for a worker
         # built without one (tests) still applies the rule.
-        self.endpoint = endpoint or EndpointWatch(settings.endpoint, adapter.path,
+        self.endpoint = endpoint or EndpointWatch(settings.endpoint,
+                                                  adapter.path.replace("{model}", settings.model),
                                                   settings.key_source)
         self.in_request: set[asyncio.Task[Any] | None] = set()  # tasks with a request open
 
@@ -135,7 +138,7 @@ class Worker:
         try:
             try:
                 req = self.adapter.build_request(row, image, self.settings.request_spec)
-                result = await self._with_retries(row, req)
+                result = await self._with_retries(row, req, self._thinking_room(row, image))
             except (RunFatal, Interrupted, BudgetReached):
                 raise
             except Exception as e:  # a bug or an unforeseen input: one row, not the batch
@@ -148,7 +151,24 @@ class Worker:
             if key is not None and self.dedupe is not None:
                 self.dedupe.resolve(key, result)
 
-    async def _with_retries(self, row: ManifestRow, req: ApiRequest) -> ResultRow:
+    def _thinking_room(self, row: ManifestRow, image: PreparedImage
+                       ) -> Callable[[], ApiRequest | None]:
+        """The one retry of a ``reasoning_exhausted`` answer: the same request with
+        ``REASONING_RETRY_FACTOR`` × ``max_tokens``, if the cost budget can still hold
+        it (else None: the row is an error row, the run goes on)."""
+        def bigger() -> ApiRequest | None:
+            spec = self.settings.request_spec
+            spec = replace(spec, max_tokens=spec.max_tokens * REASONING_RETRY_FACTOR)
+            req = self.adapter.build_request(row, image, spec)
+            if self.budget is not None and not self.budget.affords(req.est_input_tokens,
+                                                                   req.est_output_tokens):
+                return None
+            return req
+        return bigger
+
+    async def _with_retries(self, row: ManifestRow, req: ApiRequest,
+                            more_room: Callable[[], ApiRequest | None] | None = None
+                            ) -> ResultRow:
         attempts = 0
         waited: float | None = None
         while True:
@@ -182,6 +202,13 @@ class Worker:
                 if self.endpoint.probing(e):
                     await self.sleep(self.policy.next_delay(attempts))
                     continue
+                if e.error_class == "reasoning_exhausted" and more_room is not None:
+                    bigger, more_room = more_room(), None  # once per row
+                    if bigger is not None:
+                        log.debug("row %s: the model reasoned until max_tokens; once more "
+                                  "with max_tokens %d", row.id, bigger.est_output_tokens)
+                        req = bigger
+                        continue
                 return self._failed(row, e, attempts, start, waited)
 
     async def _attempt_row(self, row: ManifestRow, req: ApiRequest, attempts: int,
@@ -223,7 +250,8 @@ class Worker:
 
     def _structured(self, completion: Completion) -> dict[str, Any]:
         """With a response format, the caption must parse as JSON (else: try again)."""
-        if self.settings.options.response_format is None:
+        options = self.settings.options
+        if options.response_format is None and options.tool_schema is None:
             return {}
         try:
             doc = json.loads(completion.text, parse_constant=_no_constant)
@@ -246,7 +274,8 @@ class Worker:
         if e.usage is not None:  # tokens were spent even though the row failed
             columns.update(prompt_tokens=e.usage.prompt_tokens,
                            completion_tokens=e.usage.completion_tokens,
-                           total_tokens=e.usage.total_tokens, usage_source="reported")
+                           total_tokens=e.usage.total_tokens,
+                           reasoning_tokens=e.usage.reasoning_tokens, usage_source="reported")
             if self.budget is not None:
                 columns["cost_usd"] = self.budget.price.cost(e.usage.prompt_tokens,
                                                              e.usage.completion_tokens)
