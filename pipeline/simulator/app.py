@@ -33,16 +33,17 @@ from typing import Any
 
 from aiohttp import web
 
-from .captions import BadRequest, caption_for, split_tokens
+from .captions import BadRequest
 from .delivery import Exchange, complete, stream
+from .anthropic import ANTHROPIC
+from .answers import choices_for
+from .gemini import GeminiDialect
 from .help import triggers_help
 from .limits import RateLimits, TokenBucket, go_duration
+from .responses import RESPONSES
 from .wire import (
-    ANTHROPIC,
-    DIALECTS,
     OPENAI,
     ApiError,
-    Choice,
     Dialect,
     Job,
     fault_error,
@@ -82,6 +83,7 @@ class SimConfig:
     window: float = 60.0  # the limits are per `window` seconds
     rate_limit_headers: bool = True  # send x-ratelimit-* headers
     max_tokens_default: int = 300
+    split_bytes: int = 0  # write every event in pieces of N bytes (awkward splits); 0: whole
 
     def __post_init__(self) -> None:
         problems = _config_problems(self)
@@ -100,6 +102,7 @@ def _config_problems(c: SimConfig) -> list[str]:
         "tpm must be >= 1": c.tpm is None or c.tpm >= 1,
         "window must be a finite number > 0": math.isfinite(c.window) and c.window > 0,
         "max_tokens_default must be >= 1": c.max_tokens_default >= 1,
+        "split_bytes must be >= 0": c.split_bytes >= 0,
     }
     return [message for message, ok in checks.items() if not ok]
 
@@ -131,6 +134,9 @@ STATS = web.AppKey("STATS", SimStats)
 LIMITS = web.AppKey("LIMITS", RateLimits)
 FAULTS = web.AppKey("FAULTS", random.Random)
 CLOSING = web.AppKey("CLOSING", asyncio.Event)
+DIALECT = web.RequestKey("DIALECT", object)  # a dialect made for one request (Gemini)
+DIALECTS: dict[str, Dialect] = {"/v1/chat/completions": OPENAI, "/v1/messages": ANTHROPIC,
+                                "/v1/responses": RESPONSES}
 
 
 def _draw_fault(app: web.Application) -> str | None:
@@ -180,7 +186,8 @@ async def _serve(
     """Answer an admitted request; always reconcile the token bucket with actual use."""
     app, stats, prompt_used = request.app, request.app[STATS], 0
     config = app[CONFIG]
-    exchange = Exchange(request, dialect, job, fault, config.tokens_per_second, app[CLOSING])
+    exchange = Exchange(request, dialect, job, fault, config.tokens_per_second, app[CLOSING],
+                        split_bytes=config.split_bytes)
     stats.accepted_at.append(time.monotonic())
     stats.in_flight += 1
     stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
@@ -189,7 +196,7 @@ async def _serve(
             stats.faults[fault] += 1
         if fault in _HTTP_FAULTS:
             return _http_fault(dialect, fault, job.request_id)
-        choices = _choices(job, config.seed)
+        choices = choices_for(job, config.seed)
         prompt_used = job.prompt.tokens
         await asyncio.sleep(config.latency)
         return await (stream if job.stream else complete)(exchange, choices)
@@ -207,18 +214,6 @@ def _http_fault(dialect: Dialect, fault: str, request_id: str) -> web.Response:
     return dialect.error(fault_error(fault), request_id)
 
 
-def _choices(job: Job, seed: int) -> tuple[Choice, ...]:
-    out = []
-    for index in range(job.n):
-        text = caption_for(job.prompt, seed, index)
-        if job.json_mode:
-            text = json.dumps({"caption": text})
-        pieces = split_tokens(text)
-        finish = "length" if len(pieces) > job.max_tokens else "stop"
-        out.append(Choice(index, tuple(pieces[: job.max_tokens]), finish))
-    return tuple(out)
-
-
 # ---------------------------------------------------------------- the application
 
 
@@ -228,6 +223,21 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def _messages(request: web.Request) -> web.StreamResponse:
     return await _handle(request, ANTHROPIC)
+
+
+async def _responses(request: web.Request) -> web.StreamResponse:
+    return await _handle(request, RESPONSES)
+
+
+async def _gemini(request: web.Request) -> web.StreamResponse:
+    """``/v1beta/models/{model}:{method}``: the dialect is made per request, as the
+    model and the method (streamed or not) are in the path."""
+    model, _, method = request.match_info["call"].rpartition(":")
+    if method not in ("streamGenerateContent", "generateContent") or not model:
+        raise web.HTTPNotFound()
+    dialect = GeminiDialect(model, method == "streamGenerateContent")
+    request[DIALECT] = dialect
+    return await _handle(request, dialect)
 
 
 async def _models(request: web.Request) -> web.Response:
@@ -242,6 +252,7 @@ async def _health(request: web.Request) -> web.Response:
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
     """Rate-limit headers on every API answer (429s included), and status counters."""
     dialect = DIALECTS.get(request.path) if request.method == "POST" else None
+    dialect = request.get(DIALECT, dialect)
     if dialect is None:
         return
     app = request.app
@@ -263,6 +274,8 @@ def build_app(config: SimConfig) -> web.Application:
     app[FAULTS], app[CLOSING] = random.Random(config.seed), asyncio.Event()
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/messages", _messages)
+    app.router.add_post("/v1/responses", _responses)
+    app.router.add_post("/v1beta/models/{call}", _gemini)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
     app.on_response_prepare.append(_on_prepare)
@@ -325,6 +338,8 @@ def _arg_parser() -> _Parser:
     add("--rpm", type=int, default=None, help="requests per window (token bucket)")
     add("--tpm", type=int, default=None, help="tokens per window (token bucket)")
     add("--window", type=float, default=d.window, help="rate-limit window in seconds")
+    add("--split-bytes", type=int, default=0,
+        help="write every stream event in pieces of N bytes (0: whole events)")
     add("--no-rate-limit-headers", dest="rate_limit_headers", action="store_false",
         help="omit the x-ratelimit-* / anthropic-ratelimit-* headers")  # fmt: skip
     return parser
@@ -337,6 +352,7 @@ def _config_from(args: argparse.Namespace) -> SimConfig:
         latency=args.latency, tokens_per_second=args.tokens_per_second,
         fail_rate=args.fail_rate, fail_modes=args.fail_modes, seed=args.seed, rpm=args.rpm,
         tpm=args.tpm, window=args.window, rate_limit_headers=args.rate_limit_headers,
+        split_bytes=args.split_bytes,
     )  # fmt: skip
 
 
