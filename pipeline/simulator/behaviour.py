@@ -34,6 +34,14 @@ THOUGHTS = {"none": 0, "minimal": 16, "low": 48, "medium": 96, "high": 192}
 _THOUGHT = "Looking at the image first: its colours, its light, then its subject. "
 
 
+def effort_for_budget(budget: int) -> str:
+    """The effort a thinking budget stands for: a larger budget, more reasoning."""
+    for effort, ceiling in (("none", 0), ("minimal", 512), ("low", 2048), ("medium", 8192)):
+        if budget <= ceiling:
+            return effort
+    return "high"
+
+
 def thinks(model: str) -> bool:
     return "think" in model.lower()
 
@@ -42,6 +50,8 @@ def with_traits(job: Job, effort: str | None, tool: bool,
                 budget: int | None = None) -> Job:
     """``job`` with the traits its request asks for. ``budget`` caps the reasoning where
     the protocol sets one (Anthropic ``budget_tokens``, Gemini ``thinkingBudget``)."""
+    if effort is None and budget is not None:
+        effort = effort_for_budget(budget)
     thoughts = THOUGHTS.get(effort or "medium", THOUGHTS["medium"]) if thinks(job.model) else 0
     if budget is not None:
         thoughts = min(thoughts, max(0, budget))
