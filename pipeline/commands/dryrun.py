@@ -11,11 +11,13 @@ estimate, the way the run's dedupe would leave it out of the bill.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from collections import OrderedDict
 from typing import Any, TextIO
 
 from ..wire.adapters import get_adapter
+from ..wire.tokens import thinking_tokens
 from ..store.checkpoint import Checkpoint, KeySet
 from ..images.dedupe import RECENT_MAX, ImageIndex, dedup_key
 from ..errors import RowFailed
@@ -29,6 +31,7 @@ from ..run.progress import Counters
 from ..records import ManifestRow, PreparedImage
 from ..settings import Settings
 
+log = logging.getLogger("pipeline")
 _COLUMNS = ("id", "prompt_name", "image", "sent", "est_input_tokens", "max_output_tokens",
             "est_cost_usd")
 
@@ -70,6 +73,7 @@ class _Table:
 async def dry_run(s: Settings, stream: TextIO | None = None) -> int:
     stream = stream or sys.stdout
     json_lines = s.log_format == "json"
+    _warn_thinking(s)
     manifest = Manifest(s.manifest, s.manifest_format)
     # Read-only: a dry run may sit beside a running job, so it neither locks nor repairs.
     exists = s.out.exists()
@@ -117,6 +121,18 @@ async def dry_run(s: Settings, stream: TextIO | None = None) -> int:
     _totals(plan.pending, bad, copied, counters.skipped_done, total_in, total_out,
             total_cost if price else None, json_lines)
     return 0
+
+
+def _warn_thinking(s: Settings) -> None:
+    """A thinking model spends max_tokens on reasoning first: below what it is known to
+    think, rows end as reasoning_exhausted (billed) instead of captions."""
+    effort = s.options.reasoning_effort
+    thinks = thinking_tokens(s.model, effort)
+    if s.max_tokens < thinks:
+        log.warning("--max-tokens %d is below the ~%d tokens %s is known to spend "
+                    "thinking (effort %s): expect reasoning_exhausted rows; raise "
+                    "--max-tokens or lower --reasoning-effort", s.max_tokens, thinks,
+                    s.model, effort or "default")
 
 
 def _sent(image: PreparedImage) -> str:

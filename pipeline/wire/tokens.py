@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["image_tokens", "text_tokens", "UNKNOWN_IMAGE_SIZE"]
+__all__ = ["image_tokens", "text_tokens", "thinking_tokens", "UNKNOWN_IMAGE_SIZE"]
 
 # URLs are passed through unseen; assume a typical photo after provider downscaling.
 UNKNOWN_IMAGE_SIZE = (1092, 1092)
@@ -65,3 +65,20 @@ def image_tokens(model: str, size: tuple[int, int] | None, detail: str | None = 
 
 def text_tokens(*texts: str | None) -> int:
     return sum(math.ceil(len(t) / 4) + 4 for t in texts if t)
+
+
+# Reasoning tokens a thinking model typically spends on one image caption, by effort
+# (docs/protocol.md §14.3): orders of magnitude for the dry run's warning, not a bill.
+_THINKING = {"none": 0, "minimal": 128, "low": 512, "medium": 2048, "high": 8192}
+_THINKERS = ("gpt-5", "o1", "o3", "o4", "gemini-2.5", "gemini-3", "think", "reasoner", "qwq")
+
+
+def thinking_tokens(model: str, effort: str | None) -> int:
+    """What ``model`` is known to spend thinking at ``effort`` (0: not a known thinking
+    model, or thinking off). A Claude model thinks only when an effort is asked."""
+    m = model.lower()
+    if "claude" in m:
+        return _THINKING.get(effort, 0) if effort else 0
+    if "gpt-5-chat" in m or not any(k in m for k in _THINKERS):
+        return 0
+    return _THINKING[effort or "medium"]
