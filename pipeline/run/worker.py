@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
-from ..wire.adapters.base import Adapter, StreamState, normalize_finish
+from ..wire.adapters.base import Adapter, StreamState, normalize_finish, structured_columns
 from ..pacing.cost import BudgetReached, CostBudget
 from ..images.dedupe import Dedupe, dedup_key
 from ..errors import (
@@ -55,10 +55,6 @@ log = logging.getLogger("pipeline")
 REASONING_RETRY_FACTOR = 4
 # How a retryable failure feeds the limiter: "slow down" versus "server busy".
 _OUTCOME = {"rate_limit": "throttled", "overloaded": "overloaded"}
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # Python accepts NaN/Infinity; JSON does not
 
 
 def _utf8_quirk(c: Completion, decoder: SSEDecoder) -> Completion:
@@ -227,7 +223,7 @@ class Worker:
         try:
             completion, head, ttft = await self._attempt(req, start)
             usage = completion.usage
-            structured = self._structured(completion)
+            structured = structured_columns(completion.text, self.settings.options)
             outcome = "ok"
         except PipelineError as e:
             usage, outcome = e.usage, _OUTCOME.get(e.error_class, "error")
@@ -247,18 +243,6 @@ class Worker:
         tokens_in = usage.prompt_tokens if usage else None
         tokens_out = usage.completion_tokens if usage else None
         return self.budget.settle(reserved, tokens_in, tokens_out)
-
-    def _structured(self, completion: Completion) -> dict[str, Any]:
-        """With a response format, the caption must parse as JSON (else: try again)."""
-        options = self.settings.options
-        if options.response_format is None and options.tool_schema is None:
-            return {}
-        try:
-            doc = json.loads(completion.text, parse_constant=_no_constant)
-        except ValueError as e:
-            raise Retryable(f"the caption is not valid JSON ({e}): {completion.text[:80]!r}",
-                            "invalid_json", http_status=200) from None
-        return {"caption_json": json.dumps(doc, ensure_ascii=False), "json_valid": True}
 
     def _failed(self, row: ManifestRow, e: PipelineError, attempts: int, start: float,
                 waited: float | None, suffix: str = "") -> ResultRow:
