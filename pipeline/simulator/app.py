@@ -33,10 +33,10 @@ from typing import Any
 
 from aiohttp import web
 
+from .answers import choices_for
+from .anthropic import ANTHROPIC
 from .captions import BadRequest
 from .delivery import Exchange, complete, stream
-from .anthropic import ANTHROPIC
-from .answers import choices_for
 from .gemini import GeminiDialect
 from .help import triggers_help
 from .limits import RateLimits, TokenBucket, go_duration

@@ -25,8 +25,19 @@ from aiohttp import web
 from .behaviour import TOOL_NAME, with_traits
 from .captions import BadRequest, ImageInfo, Prompt, decode_data_uri, inspect_image, url_image
 from .limits import RateLimits
-from .wire import OPENAI, ApiError, Choice, Frame, Job, Plan, bearer, flag, model_of, \
-    positive_int, sse_frame
+from .wire import (
+    OPENAI,
+    ApiError,
+    Choice,
+    Frame,
+    Job,
+    Plan,
+    bearer,
+    flag,
+    model_of,
+    positive_int,
+    sse_frame,
+)
 
 if TYPE_CHECKING:
     from .app import SimConfig

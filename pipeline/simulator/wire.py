@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
+from .behaviour import TOOL_NAME, with_traits
 from .captions import (
     BadRequest,
     Prompt,
     parse_openai_messages,
 )
-from .behaviour import TOOL_NAME, with_traits
 from .limits import RateLimits, Refusal, go_duration, retry_after_text
 
 if TYPE_CHECKING:

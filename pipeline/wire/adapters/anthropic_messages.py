@@ -11,13 +11,13 @@ with the OpenAI adapter (``finish_completion``).
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ...errors import Retryable, RowFailed, RunFatal, bad_response, classify_stream_error
 from ...records import ApiRequest, Completion, ManifestRow, PreparedImage, Usage
-from ..sse import Event
 from ...validate import as_count
+from ..options import TOOL_NAME
+from ..sse import Event
 from .base import (
     Extras,
     RequestSpec,
@@ -34,7 +34,6 @@ from .base import (
     unavailable,
     usage_counts,
 )
-from ..options import TOOL_NAME
 
 if TYPE_CHECKING:
     from ..options import RequestOptions

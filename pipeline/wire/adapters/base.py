@@ -18,7 +18,6 @@ from ..options import TOOL_NAME, RequestOptions
 from ..sse import Event
 from ..tokens import image_tokens, text_tokens
 
-
 # docs/protocol.md §9.2: one vocabulary for finish reasons, raw value kept beside it.
 # Every protocol's reasons by name: chat completions, Messages, Responses (its status or
 # incomplete reason, §14.2), Gemini (upper case, §15.3).

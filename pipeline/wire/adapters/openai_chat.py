@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import PipelineError, Retryable, bad_response, classify_stream_error
 from ...records import ApiRequest, Completion, ManifestRow, PreparedImage, Usage
+from ..options import TOOL_NAME
 from ..sse import Event
 from .base import (
     Extras,
@@ -31,7 +32,6 @@ from .base import (
     unavailable,
     usage_counts,
 )
-from ..options import TOOL_NAME
 
 if TYPE_CHECKING:
     from ..options import RequestOptions
