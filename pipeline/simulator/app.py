@@ -1,16 +1,19 @@
-"""Local OpenAI/Anthropic-compatible gateway SIMULATOR (no model runs) for demo, tests, benchmarks.
+"""Local gateway SIMULATOR (no model runs) for demo, tests and benchmarks, in four dialects.
 
 Owns the application: the routes (`POST /v1/chat/completions`, `POST /v1/messages`,
-`GET /v1/models`, `GET /health`), the scenario (`SimConfig`), the request flow shared
-by both protocols (auth, parsing, admission against the rate limits, injected faults,
-token accounting), counters for benchmarks (`app[STATS]`), `start`/`build_app` and a
-small CLI. The rest lives next to it:
+`POST /v1/responses`, `POST /v1beta/models/{model}:streamGenerateContent` and
+`:generateContent`, `GET /v1/models`, `GET /health`), the scenario (`SimConfig`), the
+request flow shared by every protocol (auth, parsing, admission against the rate
+limits, injected faults, token accounting), counters for benchmarks (`app[STATS]`),
+`start`/`build_app` and a small CLI. The rest lives next to it:
 
-- `pipeline.sim_wire`: the OpenAI and Anthropic dialects (request fields, stream events
-  and bodies, error bodies, rate-limit headers; docs/protocol.md §2.3, §3.2, §5.2, §5.3);
-- `pipeline.sim_limits`: the continuously refilled token buckets and their time texts;
-- `pipeline.sim_delivery`: pacing a stream and the faults that cut or stall an answer;
-- `pipeline.sim_captions`: what the simulated model "says" and what a prompt costs.
+- `wire`: the shared framing and the OpenAI chat dialect; `anthropic`, `responses`,
+  `gemini`: the other dialects (docs/protocol.md §2.3, §3.2, §14.2, §15.2);
+- `answers` and `behaviour`: what the simulated model answers (captions, reasoning,
+  tool calls, refusals) whatever the dialect;
+- `limits`: the continuously refilled token buckets and their time texts;
+- `delivery`: pacing a stream (and `--split-bytes`) and the faults that cut or stall it;
+- `captions`: what the simulated model "says" and what a prompt costs.
 
 It deliberately imports nothing from the client (pipeline.sse, pipeline.adapters, ...):
 a client bug must not be mirrored by the server it is tested against.

@@ -1,15 +1,16 @@
-"""The two wire dialects of the local gateway SIMULATOR: OpenAI Chat Completions and Anthropic.
+"""The shared framing of the local gateway SIMULATOR's dialects, and OpenAI Chat Completions.
 
-Owns everything that differs between the protocols: reading a request body into a
-`Job` (field checks, per-protocol defaults), framing a streamed answer as
-`chat.completion.chunk` events or named Messages events (docs/protocol.md §2.3, §3.2)
-and the equivalent non-streamed body, the stream endings the faults use, error bodies
-and their retry headers (`ApiError`, simulated faults, 429s from the rate limits) and the
-`x-ratelimit-*` / `anthropic-ratelimit-*` headers (docs/protocol.md §5.2, §5.3).
+Owns what every dialect uses: a parsed request (`Job`), what the model answers
+(`Choice`), the frames of a stream (`Frame`, `Plan`), the `Dialect` protocol, error
+answers (`ApiError`, simulated faults, 429s from the rate limits) and the request-field
+readers; and the chat dialect itself: `chat.completion.chunk` events ending in
+`data: [DONE]` and the equivalent non-streamed body (docs/protocol.md §2.3), its error
+bodies and the `x-ratelimit-*` headers (§5.2). The other dialects are modules of their
+own (`anthropic`, `responses`, `gemini`).
 
 It deliberately imports nothing from the client (pipeline.sse, pipeline.adapters, ...):
 a client bug must not be mirrored by the server it is tested against.
-The request flow that uses a `Dialect` lives in `pipeline.simulator`.
+The request flow that uses a `Dialect` lives in `pipeline.simulator.app`.
 """
 
 from __future__ import annotations
