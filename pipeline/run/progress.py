@@ -23,10 +23,9 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from ..logs import json_line
 from ..records import ResultRow
 from ..sources.plan import PlanCounts
-
-from ..logs import json_line
 
 _MAX_REASONS = 50
 _RESERVOIR = 10_000  # latency samples kept: percentiles stay exact-ish in flat memory
@@ -56,7 +55,9 @@ class Reservoir:
         vals = sorted(self.values)
         if not vals:
             return {"p50": None, "p95": None, "p99": None}
-        pick = lambda q: round(vals[min(len(vals) - 1, int(q * len(vals)))], 4)  # noqa: E731
+        def pick(q: float) -> float:
+            return round(vals[min(len(vals) - 1, int(q * len(vals)))], 4)
+
         return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99)}
 
 
@@ -162,13 +163,15 @@ class Progress:
         self.interval = interval
         self.total: int | None = None
         self.rates = RateWindow(clock)
+        # What the run is waiting for, if anything (the limiter's describe_wait).
+        self.waiting: Callable[[], str | None] = lambda: None
         self.bar: tqdm[Any] | None = None
         if show_bar:
             self.bar = tqdm(total=None, unit="img", file=stream, ncols=terminal_size(stream)[0],
                             smoothing=0.1, mininterval=bar_interval)
             # tqdm asks this before every frame: the width follows a resized terminal,
             # and a terminal that reports 0 columns still gets a bar.
-            self.bar.dynamic_ncols = terminal_size
+            self.bar.dynamic_ncols = terminal_size  # type: ignore[assignment]  # tqdm accepts a callable
 
     def set_total(self, total: int) -> None:
         self.total = total
@@ -184,7 +187,9 @@ class Progress:
             rpm, tpm = self.rates.per_minute()
             self.bar.set_postfix({"ok": self.c.ok, "failed": self.c.failed,
                                   "tok": self.c.tokens_in + self.c.tokens_out,
-                                  "rpm": f"{rpm:.0f}", "tpm": f"{tpm:.0f}"}, refresh=False)
+                                  "rpm": f"{rpm:.0f}", "tpm": f"{tpm:.0f}",
+                                  **({"wait": w} if (w := self.waiting()) else {})},
+                                 refresh=False)
             self.bar.update(1)
 
     async def status_lines(self) -> None:
@@ -207,14 +212,17 @@ class Progress:
                 "requests_per_min": round(rpm, 1), "tokens_per_min": round(tpm, 1)}
 
     def status_line(self) -> str:
+        waiting = self.waiting()
         if self.json_lines:
-            return json_line("progress", **self.stats())
+            fields = self.stats() | ({"waiting": waiting} if waiting else {})
+            return json_line("progress", **fields)
         wall = max(self.clock() - self.started, 1e-9)
         total = f"/{self.total}" if self.total is not None else ""
         rpm, tpm = self.rates.per_minute()
         return (f"progress: {self.c.finished}{total} rows, ok={self.c.ok} "
                 f"failed={self.c.failed}, {self.c.finished / wall:.2f} img/s, "
-                f"{rpm:.0f} req/min, {tpm:.0f} tokens/min")
+                f"{rpm:.0f} req/min, {tpm:.0f} tokens/min"
+                + (f"; {waiting}" if waiting else ""))
 
     def close(self) -> None:
         if self.bar is not None:

@@ -9,32 +9,33 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
 
-from ..wire.adapters import get_adapter
-from ..pacing.cost import CostBudget
-from ..images.pool import DaemonPool
 from ..images.dedupe import Dedupe
 from ..images.download import ImageFetcher
-from ..images.prepare import ImagePolicy
 from ..images.load import ImageSource, ReadLimits
+from ..images.pool import DaemonPool
+from ..images.prepare import ImagePolicy
 from ..keys import ImageRefs
-from ..sources.manifest_format import base_dir
+from ..pacing.cost import CostBudget
 from ..pacing.limiter import Budgets, Limiter
 from ..pacing.retry import RetryPolicy
+from ..records import Original
 from ..settings import Settings
+from ..sources.manifest_format import base_dir
+from ..wire.adapters import get_adapter
 from ..wire.transport import Transport
 from .worker import Worker
 
 
 async def build_worker(stack: contextlib.AsyncExitStack, s: Settings, *, concurrency: int,
                        budgets: Budgets, max_cost: float | None, executor: DaemonPool,
-                       lookup_done: Callable[[str], dict[str, Any] | None] | None,
+                       lookup_done: Callable[[str], Original | None] | None,
                        should_stop: Callable[[], bool],
                        image_refs: ImageRefs | None = None) -> Worker:
     """Protocol, transport, image preparation, limits, cost budget and dedupe."""
     adapter = get_adapter(s.api)
-    policy = RetryPolicy(s.retries, s.backoff_base, s.backoff_max, s.max_retry_after)
+    policy = RetryPolicy(s.retries, s.backoff_base, s.backoff_max, s.max_retry_after,
+                         s.max_rate_wait)
     transport = await stack.enter_async_context(Transport(
         s.endpoint, adapter.auth_headers(s.api_key.reveal()), concurrency,
         s.connect_timeout, s.read_timeout))
@@ -46,7 +47,8 @@ async def build_worker(stack: contextlib.AsyncExitStack, s: Settings, *, concurr
     images = ImageSource(base_dir(s.manifest), ImagePolicy(s.max_edge, s.max_image_bytes),
                          executor, fetcher, ReadLimits(s.max_file_bytes, s.image_timeout))
     price = s.price
-    return Worker(s, adapter, transport, images, Limiter(budgets, concurrency), policy,
+    limiter = Limiter(budgets, concurrency, max_wait=s.max_retry_after)
+    return Worker(s, adapter, transport, images, limiter, policy,
                   should_stop=should_stop,
                   dedupe=Dedupe(lookup_done) if s.dedupe else None,
                   budget=CostBudget(price, max_cost) if price is not None else None,

@@ -24,9 +24,9 @@ from aiohttp import web
 
 from .behaviour import TOOL_NAME, with_traits
 from .captions import BadRequest, parse_anthropic_messages
+from .errors import ApiError, retry_after_header
 from .limits import RateLimits
 from .wire import (
-    ApiError,
     Choice,
     Frame,
     Job,
@@ -82,7 +82,7 @@ class AnthropicDialect:
         detail = {"type": err.anthropic_type, "message": err.message}
         headers = {self.request_id_header: request_id}
         if err.retry_after is not None:  # Anthropic sends whole seconds
-            headers["retry-after"] = str(max(1, math.ceil(err.retry_after)))
+            headers["retry-after"] = retry_after_header(err.retry_after, whole_seconds=True)
         if err.status == 400:
             headers["x-should-retry"] = "false"
         body = {"type": "error", "error": detail, "request_id": request_id}
@@ -153,7 +153,7 @@ class AnthropicDialect:
             reset = now + timedelta(seconds=math.ceil(bucket.reset_seconds()))
             prefix = f"anthropic-ratelimit-{kind}"
             headers[f"{prefix}-limit"] = str(bucket.limit)
-            headers[f"{prefix}-remaining"] = str(max(0, math.floor(bucket.level())))
+            headers[f"{prefix}-remaining"] = str(max(0, math.floor(bucket.remaining())))
             headers[f"{prefix}-reset"] = reset.strftime("%Y-%m-%dT%H:%M:%SZ")
         return headers
 

@@ -29,7 +29,8 @@ from aiohttp import web
 from .behaviour import TOOL_NAME, with_traits
 from .captions import BadRequest, ImageInfo, InvalidImage, Prompt, inspect_image, url_image
 from .limits import RateLimits
-from .wire import ApiError, Choice, Frame, Job, Plan, compact_json
+from .errors import ApiError
+from .wire import Choice, Frame, Job, Plan, compact_json
 
 if TYPE_CHECKING:
     from .app import SimConfig

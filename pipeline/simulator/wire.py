@@ -1,16 +1,16 @@
 """The shared framing of the local gateway SIMULATOR's dialects, and OpenAI Chat Completions.
 
 Owns what every dialect uses: a parsed request (`Job`), what the model answers
-(`Choice`), the frames of a stream (`Frame`, `Plan`), the `Dialect` protocol, error
-answers (`ApiError`, simulated faults, 429s from the rate limits) and the request-field
-readers; and the chat dialect itself: `chat.completion.chunk` events ending in
-`data: [DONE]` and the equivalent non-streamed body (docs/protocol.md §2.3), its error
-bodies and the `x-ratelimit-*` headers (§5.2). The other dialects are modules of their
-own (`anthropic`, `responses`, `gemini`).
+(`Choice`), the frames of a stream (`Frame`, `Plan`), the `Dialect` protocol and the
+request-field readers; and the chat dialect itself: `chat.completion.chunk` events
+ending in `data: [DONE]` and the equivalent non-streamed body (docs/protocol.md §2.3),
+its error bodies (the errors themselves: `simulator.errors`) and the `x-ratelimit-*`
+headers (§5.2). The other dialects are modules of their own (`anthropic`, `responses`,
+`gemini`).
 
 It deliberately imports nothing from the client (pipeline.sse, pipeline.adapters, ...):
 a client bug must not be mirrored by the server it is tested against.
-The request flow that uses a `Dialect` lives in `pipeline.simulator.app`.
+The request flow that uses a `Dialect` lives in `simulator.app`.
 """
 
 from __future__ import annotations
@@ -25,65 +25,24 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
-from .behaviour import TOOL_NAME, with_traits
 from .captions import (
     BadRequest,
     Prompt,
     parse_openai_messages,
 )
-from .limits import RateLimits, Refusal, go_duration, retry_after_text
+from .behaviour import TOOL_NAME, with_traits
+from .errors import ApiError, retry_after_header
+from .limits import RateLimits, go_duration
 
 if TYPE_CHECKING:
     from .app import SimConfig
 
 __all__ = [
-    "CLOSE", "OPENAI", "STALL", "ApiError", "Choice", "Dialect", "Frame", "Job",
-    "OpenAIDialect", "Plan", "bearer", "compact_json", "fault_error", "flag", "model_of",
-    "positive_int", "rate_limit_error", "sse_frame", "token_frame",
+    "CLOSE", "OPENAI", "STALL", "Choice", "Dialect", "Frame", "Job", "OpenAIDialect", "Plan",
+    "bearer", "compact_json", "flag", "model_of", "positive_int", "sse_frame", "token_frame",
 ]  # fmt: skip
 
 _DONE = b"data: [DONE]\n\n"
-
-
-class ApiError(Exception):
-    """An HTTP error answer, described once and rendered in either protocol's shape."""
-
-    def __init__(
-        self, status: int, message: str, openai_type: str, anthropic_type: str,
-        code: str | None = None, param: str | None = None, retry_after: float | None = None,
-    ) -> None:  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-        self.openai_type, self.anthropic_type = openai_type, anthropic_type
-        self.retry_after = retry_after
-
-
-def fault_error(fault: str) -> ApiError:
-    if fault == "429":
-        message = "Rate limit reached for requests (simulated fault). Please try again in 1s."
-        code = "rate_limit_exceeded"
-        return ApiError(429, message, "requests", "rate_limit_error", code, retry_after=1.0)
-    if fault == "503":
-        message = "The server is overloaded or not ready yet."
-        return ApiError(503, message, "server_error", "api_error", retry_after=1.0)
-    if fault == "529":
-        return ApiError(529, "Overloaded", "overloaded_error", "overloaded_error")
-    message = "The server had an error while processing your request. Sorry about that!"
-    return ApiError(500, message, "server_error", "api_error")
-
-
-def rate_limit_error(refusal: Refusal, model: str) -> ApiError:
-    unit = "requests per min (RPM)" if refusal.kind == "requests" else "tokens per min (TPM)"
-    counts = f"Limit {refusal.limit}, Requested {refusal.requested}."
-    if refusal.retry_after is None:  # a correct client never retries this (docs/protocol.md §5.2, §6.1)
-        message = f"Request too large for {model} on {unit}: {counts}"
-        return ApiError(429, message, "tokens", "rate_limit_error", "rate_limit_exceeded")
-    wait = retry_after_text(refusal.retry_after)
-    message = f"Rate limit reached for {unit} on {model}: {counts} Please try again in {wait}s."
-    return ApiError(
-        429, message, refusal.kind, "rate_limit_error", "rate_limit_exceeded",
-        retry_after=refusal.retry_after,
-    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -206,11 +165,11 @@ class OpenAIDialect:
                            bool(body.get("tools")))
 
     def error(self, err: ApiError, request_id: str) -> web.Response:
-        detail = {"message": err.message, "type": err.openai_type}
+        detail: dict[str, str | None] = {"message": err.message, "type": err.openai_type}
         detail |= {"param": err.param, "code": err.code}
         headers = {self.request_id_header: request_id}
         if err.retry_after is not None:
-            headers["Retry-After"] = retry_after_text(err.retry_after)
+            headers["Retry-After"] = retry_after_header(err.retry_after)
         return web.json_response({"error": detail}, status=err.status, headers=headers)
 
     def plan(self, job: Job, choices: tuple[Choice, ...]) -> Plan:
@@ -278,7 +237,7 @@ class OpenAIDialect:
         headers = {}
         for kind, bucket in limits.buckets.items():
             headers[f"x-ratelimit-limit-{kind}"] = str(bucket.limit)
-            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket.level())))
+            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket.remaining())))
             headers[f"x-ratelimit-reset-{kind}"] = go_duration(bucket.reset_seconds())
         return headers
 
@@ -336,4 +295,4 @@ def positive_int(body: dict[str, Any], name: str, high: int | None = None) -> in
     if not valid or (high is not None and value > high):
         bound = f" and <= {high}" if high else ""
         raise BadRequest(f"Invalid value for '{name}': expected an integer >= 1{bound}", name)
-    return value
+    return int(value)

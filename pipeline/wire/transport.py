@@ -22,9 +22,8 @@ Two things the library does not do the way a batch client needs:
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -183,7 +182,7 @@ class Transport:
         else:
             resp.close()
 
-    async def _chunks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    async def _chunks(self, resp: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
         with mapped(self._read_timeout):
             async for chunk in resp.content.iter_any():
                 yield chunk

@@ -270,7 +270,8 @@ async def test_no_larger_retry_when_the_cost_budget_cannot_hold_it(tmp_path: Pat
 
 # ---------------------------------------------------------------- the dry run's warning
 
-async def _dry(tmp_path: Path, caplog: pytest.LogCaptureFixture, **settings: Any) -> list[str]:
+async def _dry(tmp_path: Path, capsys: pytest.CaptureFixture[str], **settings: Any
+               ) -> list[str]:
     import io
 
     from pipeline.commands.dryrun import dry_run
@@ -279,17 +280,17 @@ async def _dry(tmp_path: Path, caplog: pytest.LogCaptureFixture, **settings: Any
     manifest.write_text("id,image\na,http://img.test/a.jpg\n")
     s = Settings(manifest=manifest, out=tmp_path / "out", base_url="", api_key=Secret(""),
                  dry_run=True, **settings)
-    with caplog.at_level("WARNING", logger="pipeline"):
-        await dry_run(s, io.StringIO())
-    return [r.getMessage() for r in caplog.records if "thinking" in r.getMessage()]
+    capsys.readouterr()
+    await dry_run(s, io.StringIO())
+    return [ln for ln in capsys.readouterr().err.splitlines() if "thinking" in ln]
 
 
 async def test_the_dry_run_warns_when_max_tokens_is_below_known_thinking(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    warned = await _dry(tmp_path, caplog, model="gpt-5-mini", max_tokens=300)
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    warned = await _dry(tmp_path, capsys, model="gpt-5-mini", max_tokens=300)
     assert len(warned) == 1 and "--max-tokens 300" in warned[0]
 
 
 async def test_the_dry_run_is_quiet_for_a_model_that_does_not_think(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    assert await _dry(tmp_path, caplog, model="gpt-4o", max_tokens=300) == []
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert await _dry(tmp_path, capsys, model="gpt-4o", max_tokens=300) == []

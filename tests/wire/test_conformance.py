@@ -15,8 +15,19 @@ import shutil
 
 import pytest
 from conftest import API_KEY, SAMPLES
-from fake_gateway import (C24_MESSAGE, C27_USAGE, C32_MESSAGE, C40_MESSAGE, MODEL, PARTIAL,
-                          RETRY_CAPTION, SCENARIOS, decode_data_uri, default_caption, img)
+from fake_gateway import (
+    C24_MESSAGE,
+    C27_USAGE,
+    C32_MESSAGE,
+    C40_MESSAGE,
+    MODEL,
+    PARTIAL,
+    RETRY_CAPTION,
+    SCENARIOS,
+    decode_data_uri,
+    default_caption,
+    img,
+)
 
 C01_CAPTION = "A quiet harbour at dusk."
 
@@ -401,8 +412,9 @@ def test_c28_retry_after_pauses_the_whole_pool(caption, gateway):
     gateway.on("pool", _c28_once_two_others_are_in_flight)
     limited = img("pool", ra=2)
     others = [img("slow", f"{i}.jpg", n=5, pace=0.1) for i in range(4)]  # ~0.8 s each
-    rows = [{"id": "limited", "image": limited}] + [
-        {"id": f"o{i}", "image": u} for i, u in enumerate(others)]
+    # Third: slow start sends o0 alone, then o1, then this one (docs/protocol.md §5.4).
+    rows = [{"id": f"o{i}", "image": u} for i, u in enumerate(others)]
+    rows.insert(2, {"id": "limited", "image": limited})
     res = caption(rows, concurrency=3)
     assert res.code == 0, res.stderr
     r = res.row("limited")

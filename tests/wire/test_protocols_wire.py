@@ -74,11 +74,13 @@ def test_the_same_manifest_gives_the_same_captions_through_every_protocol(
                                      ("gemini", "stream_error")])
 def test_an_error_event_mid_stream_is_retried_then_recorded(caption: Any, api: str,
                                                             cls: str) -> None:
+    # Anthropic's in-stream error is overloaded_error: a rate-limit signal, bounded by
+    # --max-rate-wait rather than --retries (README "Rate limits").
     for failing in _sim(fail_rate=1.0, fail_modes=("error_event",)):
-        res = run(caption, failing, api, rows=ROWS[:1], retries=1)
+        res = run(caption, failing, api, "--max-rate-wait", "0.2", rows=ROWS[:1], retries=1)
         row = res.row("camera")
-        assert (res.code, row["status"], row["error_class"], row["attempts"]) == (
-            1, "error", cls, 2)
+        assert (res.code, row["status"], row["error_class"]) == (1, "error", cls)
+        assert row["attempts"] == 2 if cls == "stream_error" else row["attempts"] >= 2
 
 
 def test_a_responses_sequence_gap_is_counted_and_the_caption_kept(caption: Any,

@@ -219,45 +219,20 @@ def finish_completion(text: str, raw_finish: str, model: str | None, rid: str | 
     if finish == "bad_tool_call":
         raise Retryable(f"the model's tool call was unusable ({raw_finish!r})",
                         "invalid_json", http_status=200)
-    failure = None
+    kept = {"http_status": 200, "finish_reason_raw": raw_finish, "usage": usage}
+    # A failed row keeps how the stream ended and what it used.
     if finish == "content_filter" or extras.refusal:
         why = f": {extras.refusal[:200]}" if extras.refusal else ""
-        failure = RowFailed(f"the model declined (finish_reason {raw_finish!r}){why}",
-                            "refused", http_status=200)
-    elif finish == "length" and reasoning_share(usage, extras.reasoning_chars,
-                                                text) >= REASONING_SHARE:
-        failure = RowFailed(f"the model spent max_tokens reasoning (finish_reason "
-                            f"{raw_finish!r}, {len(text.strip())} characters of caption)",
-                            "reasoning_exhausted", http_status=200)
-    elif not text.strip():
-        failure = RowFailed(f"empty caption (finish_reason {raw_finish!r})", "empty",
-                            http_status=200)
-    if failure is not None:
-        failure.finish_reason_raw = raw_finish  # the row keeps how the stream ended
-        failure.usage = usage
-        raise failure
+        raise RowFailed(f"the model declined (finish_reason {raw_finish!r}){why}", "refused",
+                        **kept)
+    if finish == "length" and reasoning_share(usage, extras.reasoning_chars,
+                                              text) >= REASONING_SHARE:
+        raise RowFailed(f"the model spent max_tokens reasoning (finish_reason "
+                        f"{raw_finish!r}, {len(text.strip())} characters of caption)",
+                        "reasoning_exhausted", **kept)
+    if not text.strip():
+        raise RowFailed(f"empty caption (finish_reason {raw_finish!r})", "empty", **kept)
     return Completion(text, finish, raw_finish, model, rid, usage, terminal, quirks)
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # Python accepts NaN/Infinity; JSON does not
-
-
-def structured_columns(text: str, options: RequestOptions) -> dict[str, Any]:
-    """With ``--response-format`` or ``--tool-schema`` the caption must be JSON (a tool
-    call's arguments: an object, docs/protocol.md §16); else the attempt is retried as
-    ``invalid_json``. Returns the ``caption_json`` / ``json_valid`` columns."""
-    if options.response_format is None and options.tool_schema is None:
-        return {}
-    try:
-        doc = json.loads(text, parse_constant=_no_constant)
-    except ValueError as e:
-        raise Retryable(f"the caption is not valid JSON ({e}): {text[:80]!r}",
-                        "invalid_json", http_status=200) from None
-    if options.tool_schema is not None and not isinstance(doc, dict):
-        raise Retryable(f"the tool call's arguments are {type(doc).__name__}, not an "
-                        "object", "invalid_json", http_status=200)
-    return {"caption_json": json.dumps(doc, ensure_ascii=False), "json_valid": True}
 
 
 class StreamState(Protocol):

@@ -152,7 +152,7 @@ class Gemini:
 
     name = "gemini"
     path = "/models/{model}:streamGenerateContent"
-    key_env = ("CAPTION_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY")
+    key_env: tuple[str, ...] = ("CAPTION_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY")
     _UNSUPPORTED = ("logit_bias", "user", "detail")
 
     def check(self, spec: RequestSpec) -> None:

@@ -270,7 +270,7 @@ class OpenAIChat:
 
     name = "openai"
     path = "/chat/completions"
-    key_env = ("CAPTION_API_KEY", "OPENAI_API_KEY")
+    key_env: tuple[str, ...] = ("CAPTION_API_KEY", "OPENAI_API_KEY")
 
     def check(self, spec: RequestSpec) -> None:
         # Every option of RequestOptions has its chat-completions field.

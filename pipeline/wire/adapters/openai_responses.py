@@ -166,7 +166,7 @@ class OpenAIResponses:
 
     name = "responses"
     path = "/responses"
-    key_env = ("CAPTION_API_KEY", "OPENAI_API_KEY")
+    key_env: tuple[str, ...] = ("CAPTION_API_KEY", "OPENAI_API_KEY")
     _UNSUPPORTED = ("stop", "presence_penalty", "frequency_penalty", "logit_bias", "seed")
 
     def check(self, spec: RequestSpec) -> None:
