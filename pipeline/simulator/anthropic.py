@@ -92,9 +92,10 @@ class AnthropicDialect:
         choice = choices[0]
         usage = {"input_tokens": job.prompt.tokens, "cache_creation_input_tokens": 0,
                  "cache_read_input_tokens": 0, "output_tokens": 1}  # fmt: skip
-        message = {"id": job.response_id, "type": "message", "role": "assistant", "content": [],
-                   "model": job.model, "stop_reason": None, "stop_sequence": None,
-                   "usage": usage}  # fmt: skip
+        message: dict[str, Any] = {
+            "id": job.response_id, "type": "message", "role": "assistant", "content": [],
+            "model": job.model, "stop_reason": None, "stop_sequence": None, "usage": usage,
+        }  # fmt: skip
         head: list[Frame] = [_event("message_start", message=message)]
         index = 0
         if choice.thoughts:

@@ -28,8 +28,8 @@ from aiohttp import web
 
 from .behaviour import TOOL_NAME, with_traits
 from .captions import BadRequest, ImageInfo, InvalidImage, Prompt, inspect_image, url_image
-from .limits import RateLimits
 from .errors import ApiError
+from .limits import RateLimits
 from .wire import Choice, Frame, Job, Plan, compact_json
 
 if TYPE_CHECKING:
@@ -126,6 +126,7 @@ class GeminiDialect:
         c = choices[0]
         head = tuple(Frame(self._chunk(job, [{"text": p, "thought": True}]), token=True)
                      for p in c.thoughts)
+        tokens: tuple[Frame, ...]
         if job.tool and not job.refuse:  # args come whole, in one part
             tokens = (Frame(self._chunk(job, self._parts(job, c)), token=True),) \
                 if c.finish == "stop" else ()

@@ -24,10 +24,10 @@ from aiohttp import web
 
 from .behaviour import TOOL_NAME, with_traits
 from .captions import BadRequest, ImageInfo, Prompt, decode_data_uri, inspect_image, url_image
+from .errors import ApiError
 from .limits import RateLimits
 from .wire import (
     OPENAI,
-    ApiError,
     Choice,
     Frame,
     Job,
@@ -89,13 +89,11 @@ class ResponsesDialect:
         model, stream = model_of(body), flag(body, "stream")
         limit = positive_int(body, "max_output_tokens") or config.max_tokens_default
         prompt = await asyncio.to_thread(parse_input, body.get("instructions"), body.get("input"))
-        text = body.get("text") if isinstance(body.get("text"), dict) else {}
-        fmt = text.get("format") if isinstance(text.get("format"), dict) else {}
-        json_mode = fmt.get("type") in ("json_object", "json_schema")
+        text = _object(body.get("text"))
+        json_mode = _object(text.get("format")).get("type") in ("json_object", "json_schema")
         job = Job(request_id, model, prompt, stream, True, limit, 1,
                   f"resp_{secrets.token_hex(12)}", int(time.time()), json_mode)
-        reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
-        effort = reasoning.get("effort")
+        effort = _object(body.get("reasoning")).get("effort")
         return with_traits(job, effort if isinstance(effort, str) else None,
                            bool(body.get("tools")))
 
@@ -136,8 +134,8 @@ class ResponsesDialect:
     def _item(job: Job, index: int) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
         """The output item that carries the answer, its content part, its delta type."""
         if job.tool and not job.refuse:
-            item = {"type": "function_call", "id": f"fc_{index}", "call_id": "call_sim",
-                    "name": TOOL_NAME, "arguments": ""}
+            item: dict[str, Any] = {"type": "function_call", "id": f"fc_{index}",
+                                    "call_id": "call_sim", "name": TOOL_NAME, "arguments": ""}
             return item, None, "response.function_call_arguments.delta"
         item = {"type": "message", "id": f"msg_{index}", "role": "assistant", "content": []}
         if job.refuse:
@@ -190,6 +188,10 @@ class ResponsesDialect:
             else "in_progress"
         return self._response(job, c, status) | (
             {} if finished else {"output": self._output(job, c)})
+
+
+def _object(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
 
 
 class _Sequence:

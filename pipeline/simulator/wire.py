@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
+from .behaviour import TOOL_NAME, with_traits
 from .captions import (
     BadRequest,
     Prompt,
     parse_openai_messages,
 )
-from .behaviour import TOOL_NAME, with_traits
 from .errors import ApiError, retry_after_header
 from .limits import RateLimits, go_duration
 

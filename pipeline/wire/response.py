@@ -15,8 +15,8 @@ from typing import Any
 
 from ..errors import Retryable, bad_response
 from ..records import Completion
-from .options import RequestOptions
 from .adapters.base import Adapter, StreamState
+from .options import RequestOptions
 from .sse import SSEDecoder, StreamTooLong
 
 __all__ = ["ResponseReader", "no_json_constant", "structured_columns"]

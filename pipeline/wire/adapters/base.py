@@ -219,19 +219,20 @@ def finish_completion(text: str, raw_finish: str, model: str | None, rid: str | 
     if finish == "bad_tool_call":
         raise Retryable(f"the model's tool call was unusable ({raw_finish!r})",
                         "invalid_json", http_status=200)
-    kept = {"http_status": 200, "finish_reason_raw": raw_finish, "usage": usage}
-    # A failed row keeps how the stream ended and what it used.
+    def failed(message: str, error_class: str) -> RowFailed:
+        # A failed row keeps how the stream ended and what it used.
+        return RowFailed(message, error_class, http_status=200, finish_reason_raw=raw_finish,
+                         usage=usage)
+
     if finish == "content_filter" or extras.refusal:
         why = f": {extras.refusal[:200]}" if extras.refusal else ""
-        raise RowFailed(f"the model declined (finish_reason {raw_finish!r}){why}", "refused",
-                        **kept)
+        raise failed(f"the model declined (finish_reason {raw_finish!r}){why}", "refused")
     if finish == "length" and reasoning_share(usage, extras.reasoning_chars,
                                               text) >= REASONING_SHARE:
-        raise RowFailed(f"the model spent max_tokens reasoning (finish_reason "
-                        f"{raw_finish!r}, {len(text.strip())} characters of caption)",
-                        "reasoning_exhausted", **kept)
+        raise failed(f"the model spent max_tokens reasoning (finish_reason {raw_finish!r}, "
+                     f"{len(text.strip())} characters of caption)", "reasoning_exhausted")
     if not text.strip():
-        raise RowFailed(f"empty caption (finish_reason {raw_finish!r})", "empty", **kept)
+        raise failed(f"empty caption (finish_reason {raw_finish!r})", "empty")
     return Completion(text, finish, raw_finish, model, rid, usage, terminal, quirks)
 
 

@@ -101,7 +101,7 @@ class ResponsesStreamState:
         if not isinstance(doc, dict):
             raise Retryable(f"invalid JSON in stream: {event.data[:80]!r}", "stream_broken",
                             http_status=200)
-        kind = doc.get("type") if isinstance(doc.get("type"), str) else event.event
+        kind = doc["type"] if isinstance(doc.get("type"), str) else event.event
         self._sequence(doc.get("sequence_number"))
         if kind == "error" or (kind == "message" and doc.get("error")):
             raise classify_stream_error({"error": doc.get("error") or doc})
