@@ -162,3 +162,13 @@ def test_a_wrong_gemini_key_stops_the_run_with_exit_3(caption: Any, sim: SimThre
     monkeypatch.setenv("CAPTION_API_KEY", "sk-invalid")
     res = run(caption, sim, "gemini", rows=ROWS[:1])
     assert res.code == 3 and "authentication failed" in res.stderr
+
+
+def test_resuming_without_the_tool_schema_that_made_out_exits_2(caption: Any, sim: SimThread,
+                                                                tmp_path: Path) -> None:
+    schema = tmp_path / "caption.schema.json"
+    schema.write_text('{"type": "object"}')
+    assert run(caption, sim, "openai", "--tool-schema", str(schema), rows=ROWS[:1]).code == 0
+    res = run(caption, sim, "openai", rows=ROWS[:2])  # the same OUT, the schema left out
+    (line,) = res.stderr_lines()
+    assert res.code == 2 and "tool schema" in line and "--allow-mixed" in line
