@@ -122,6 +122,8 @@ _RESET_HEADERS = [(f"x-ratelimit-remaining-{k}", f"x-ratelimit-reset-{k}")
                  (f"anthropic-ratelimit-{k}-remaining", f"anthropic-ratelimit-{k}-reset")
                  for k in ("requests", "tokens", "input-tokens", "output-tokens")]
 _TOO_LARGE = re.compile(r"request too large", re.I)
+# Gemini answers a wrong key with 400 INVALID_ARGUMENT, reason API_KEY_INVALID (§15.5).
+_BAD_KEY = re.compile(r"API_KEY_INVALID|API key not valid", re.I)
 
 
 def parse_body(body: bytes) -> Any:
@@ -176,7 +178,8 @@ def classify_http(status: int, headers: Mapping[str, str], body: bytes,
     kw: dict[str, Any] = {"http_status": status}
     if status == 403 and _MODERATION.search(msg):  # OpenRouter: this input was flagged
         return RowFailed(msg, "refused", **kw)
-    if status in (401, 403) or etype in ("authentication_error", "permission_error"):
+    if status in (401, 403) or etype in ("authentication_error", "permission_error") \
+            or (status == 400 and _BAD_KEY.search(body.decode("utf-8", "replace"))):
         return RunFatal(f"authentication failed ({msg})", "auth", http_status=status)
     if status == 402 or etype == "billing_error":
         return RunFatal(f"billing problem ({msg})", "quota", http_status=status)
@@ -240,7 +243,13 @@ def classify_stream_error(doc: Any) -> PipelineError:
         return RunFatal(f"endpoint or model not found ({msg})", "not_found")
     if code == "insufficient_quota" or etype == "insufficient_quota":
         return RunFatal(f"quota exhausted ({msg})", "quota")
-    if etype in ("invalid_request_error", "badrequesterror") or num in (400, 422):
+    status = str(err.get("status") or "").lower() if isinstance(err, dict) else ""
+    if num == 429 or status == "resource_exhausted" or code == "rate_limit_exceeded":
+        return Retryable(f"stream error: {msg}", "rate_limit", http_status=200)
+    if etype in ("invalid_request_error", "badrequesterror") or num in (400, 422) \
+            or status == "invalid_argument" or code.startswith(("invalid_", "image_")):
+        # Responses' response.failed codes name the row's own problem (invalid_prompt,
+        # invalid_image_format, image_too_large, ...): docs/protocol.md §14.5.
         return RowFailed(f"stream error: {msg}", _row_class(400, msg), http_status=200)
     kind = "overloaded" if "overloaded" in etype else "stream_error"
     return Retryable(f"stream error: {msg}", kind, http_status=200)

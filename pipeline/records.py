@@ -77,6 +77,9 @@ class Usage:
     completion_tokens: int | None
     total_tokens: int | None
     cached_tokens: int | None = None
+    # Of completion_tokens, those the model spent thinking (docs/protocol.md §14.3);
+    # None where the protocol does not report them apart (Anthropic).
+    reasoning_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +146,7 @@ class ResultRow:
     completion_tokens: int | None = _col(pa.int64())
     total_tokens: int | None = _col(pa.int64())
     cached_tokens: int | None = _col(pa.int64())
+    reasoning_tokens: int | None = _col(pa.int64())
     cost_usd: float | None = _col(pa.float64())
     usage_source: str | None = _col(pa.string())
     attempts: int = _col(pa.int32(), 0)
@@ -227,7 +231,8 @@ def ok_row(row: ManifestRow, c: Completion, **columns: Any) -> ResultRow:
     u = c.usage
     usage: dict[str, Any] = {} if u is None else {
         "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-        "total_tokens": u.total_tokens, "cached_tokens": u.cached_tokens}
+        "total_tokens": u.total_tokens, "cached_tokens": u.cached_tokens,
+        "reasoning_tokens": u.reasoning_tokens}
     return ResultRow(
         **_base(row), status=Status.OK, caption=c.text,
         captions=tuple(c.texts) if c.texts else (c.text,), finish_reason=c.finish_reason,

@@ -64,6 +64,7 @@ class Settings:
     prompt: str = DEFAULT_PROMPT
     system: str | None = None
     max_tokens: int = 300
+    stream: bool = True         # False (--no-stream): one JSON completion per request
     options: RequestOptions = field(default_factory=RequestOptions)
     prompts: tuple[tuple[str, str], ...] = ()  # named prompts; empty = ("default", prompt)
     concurrency: int = 16
@@ -154,7 +155,7 @@ class Settings:
         if self.ray_actors is not None:
             _positive("--ray-actors", self.ray_actors)
         try:
-            get_adapter(self.api).check(self.options)
+            get_adapter(self.api).check(self.request_spec)
         except ValueError as e:
             raise RunFatal(str(e), "config", exit_code=2) from None
         if (self.base_url or not self.dry_run) and not self.base_url.startswith(
@@ -198,7 +199,8 @@ class Settings:
     @property
     def request_spec(self) -> RequestSpec:
         """What the protocol adapter gets of these settings (no key, no paths)."""
-        return RequestSpec(self.model, self.max_tokens, self.system, self.options)
+        return RequestSpec(self.model, self.max_tokens, self.system, self.options,
+                           self.stream)
 
     @property
     def endpoint(self) -> str:

@@ -23,7 +23,14 @@ from ..sources.braces import has_braces
 from ..sources.location import is_url
 from ..sources.manifest_format import SOURCE_KINDS, ManifestFormat, is_stdin, is_stream
 from ..wire.adapters import ADAPTERS, get_adapter
-from ..wire.options import RequestOptions, load_response_format, parse_json_option
+from ..wire.options import (
+    DETAILS,
+    REASONING_EFFORTS,
+    RequestOptions,
+    load_response_format,
+    load_tool_schema,
+    parse_json_option,
+)
 
 EXIT_CODES = """exit codes:
   0    every row ok
@@ -96,7 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "(env CAPTION_BASE_URL, then OPENAI_BASE_URL)")
     a("--api", choices=list(ADAPTERS), default="openai",
       help="wire protocol: OpenAI-compatible chat completions ({base}/chat/completions, "
-           "default) or Anthropic's native Messages API ({base}/messages)")
+           "default), Anthropic's Messages API ({base}/messages), OpenAI's Responses API "
+           "({base}/responses) or Gemini's native API ({base}/models/MODEL:"
+           "streamGenerateContent, --base-url with its version, e.g. .../v1beta)")
+    a("--no-stream", action="store_true",
+      help="ask for one JSON completion per request instead of a stream (every protocol)")
     a("--model", default=_env("CAPTION_MODEL") or DEFAULT_MODEL,
       help=f"model name (env CAPTION_MODEL; default {DEFAULT_MODEL})")
     a("--prompt", default=DEFAULT_PROMPT, help="user instruction sent with each image")
@@ -116,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--response-format", metavar="json_object|SCHEMA.json",
       help="structured output: 'json_object', or a JSON Schema file (json_schema); the "
            "caption is parsed into caption_json")
+    a("--tool-schema", metavar="SCHEMA.json",
+      help="caption as a forced function call whose arguments follow this JSON Schema; "
+           "the arguments are the caption, parsed into caption_json")
+    a("--reasoning-effort", choices=list(REASONING_EFFORTS),
+      help="thinking models: sent explicitly in each protocol's form (reasoning_effort, "
+           "reasoning.effort, Anthropic thinking, Gemini thinkingBudget)")
+    a("--detail", choices=list(DETAILS),
+      help="image detail on OpenAI-style image parts (openai, responses); low costs a "
+           "fixed few tokens")
     a("--extra-body", metavar="JSON", help="extra top-level request fields, merged as given")
     a("--concurrency", type=int, default=16,
       help=f"requests in flight at most (default 16, at most {MAX_CONCURRENCY})")
@@ -235,6 +255,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         manifest_format=manifest_format(ns),
         api_key=Secret(key), key_source=key_source, api=ns.api,
         model=ns.model, prompt=ns.prompt, system=ns.system, max_tokens=ns.max_tokens,
+        stream=not ns.no_stream,
         options=options_from_args(ns), concurrency=ns.concurrency, limit=ns.limit,
         progress=not ns.no_progress and ns.log_format != "json",  # a bar is not JSON
         retries=ns.retries, read_timeout=ns.read_timeout,
@@ -299,7 +320,8 @@ def options_from_args(ns: argparse.Namespace) -> RequestOptions:
         presence_penalty=ns.presence_penalty, frequency_penalty=ns.frequency_penalty,
         logit_bias={str(k): v for k, v in bias.items()} if bias is not None else None,
         user=ns.user, seed=ns.seed, response_format=load_response_format(ns.response_format),
-        extra_body=extra)
+        extra_body=extra, tool_schema=load_tool_schema(ns.tool_schema),
+        reasoning_effort=ns.reasoning_effort, detail=ns.detail)
 
 
 def caption(argv: Sequence[str]) -> int:

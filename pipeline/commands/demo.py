@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: pipeline/commands/demo.py
 MANIFEST = ROOT / "data" / "sample" / "images.csv"
 OUT = ROOT / "out" / "demo"
 

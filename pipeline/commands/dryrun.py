@@ -27,6 +27,7 @@ from ..sources.choose import open_source, source_base
 from ..sources.plan import Plan
 from ..store.checkpoint import Checkpoint, KeySet
 from ..wire.adapters import get_adapter
+from ..wire.tokens import thinking_tokens
 
 _COLUMNS = ("id", "prompt_name", "image", "sent", "est_input_tokens", "max_output_tokens",
             "est_cost_usd")
@@ -69,6 +70,7 @@ class _Table:
 async def dry_run(s: Settings, stream: TextIO | None = None) -> int:
     stream = stream or sys.stdout
     json_lines = s.log_format == "json"
+    _warn_thinking(s)
     manifest = open_source(s.manifest, s.manifest_format, s.max_file_bytes)
     # Read-only: a dry run may sit beside a running job, so it neither locks nor repairs.
     exists = s.out.exists()
@@ -120,6 +122,18 @@ async def dry_run(s: Settings, stream: TextIO | None = None) -> int:
     if s.max_cost is not None and price is not None and costed:
         _warn_budget(s, total_cost / costed, costed)
     return 0
+
+
+def _warn_thinking(s: Settings) -> None:
+    """A thinking model spends max_tokens on reasoning first: below what it is known to
+    think, rows end as reasoning_exhausted (billed) instead of captions."""
+    effort = s.options.reasoning_effort
+    thinks = thinking_tokens(s.model, effort)
+    if s.max_tokens < thinks:
+        print(f"warning: --max-tokens {s.max_tokens} is below the ~{thinks} tokens "
+              f"{s.model} is known to spend thinking (effort {effort or 'default'}): expect "
+              "reasoning_exhausted rows; raise --max-tokens or lower --reasoning-effort",
+              file=sys.stderr)
 
 
 def _warn_budget(s: Settings, per_row: float, rows: int) -> None:

@@ -40,7 +40,8 @@ __all__ = ["SECTIONS", "JobKey", "job_argv", "job_key", "job_keys"]
 SECTIONS: dict[str, tuple[str, ...]] = {
     "api": ("base_url", "api", "model", "prompt", "system", "max_tokens", "temperature",
             "top_p", "n", "stop", "presence_penalty", "frequency_penalty", "logit_bias",
-            "user", "seed", "response_format", "extra_body"),
+            "user", "seed", "response_format", "extra_body", "no_stream", "tool_schema",
+            "reasoning_effort", "detail"),
     "limits": ("concurrency", "rpm", "tpm", "itpm", "otpm", "max_cost", "limit", "retries",
                "read_timeout", "connect_timeout", "backoff_base", "backoff_max",
                "max_retry_wait", "max_rate_wait", "grace", "attempt_timeout", "max_line_bytes",
@@ -56,7 +57,7 @@ ALIASES: dict[str, tuple[str, str]] = {
     "ray_address": ("ray", "address"), "ray_actors": ("ray", "actors"),
     "named_prompt": ("prompts", "NAME"),  # a table of its own: [prompts] name = "text"
 }
-_PATH_VALUED = {"out", "manifest", "response_format"}  # relative to the job file
+_PATH_VALUED = {"out", "manifest", "response_format", "tool_schema"}  # relative to the job file
 _NOT_A_PATH = {"-", "json_object"}                      # stdin; JSON mode
 
 

@@ -55,6 +55,11 @@ class CostBudget:
         self.spent = spent
         self.reserved = 0.0
 
+    def affords(self, est_in: int, est_out: int) -> bool:
+        """Whether ``reserve`` would accept this estimate now (nothing is reserved)."""
+        est = self.price.cost(est_in, est_out)
+        return self.max_cost is None or self.spent + self.reserved + est <= self.max_cost
+
     def check(self, est_in: int, est_out: int) -> None:
         """Before waiting for a permit: stop at once if even an idle run could not pay."""
         est = self.price.cost(est_in, est_out)

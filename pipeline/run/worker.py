@@ -9,7 +9,6 @@ from exactly one complete attempt.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -40,10 +39,12 @@ from ..sources.plan import variants
 from ..wire.adapters.base import Adapter, normalize_finish
 from ..wire.channel import Channel, Head
 from ..wire.endpoint import EndpointWatch
-from ..wire.response import ResponseReader, no_json_constant
+from ..wire.response import ResponseReader, structured_columns
 
 log = logging.getLogger("pipeline")
 
+# A reasoning_exhausted answer is sent once more with this many times max_tokens.
+REASONING_RETRY_FACTOR = 4
 # How a retryable failure feeds the limiter: "slow down" versus "server busy". Both are
 # the rate limit: they never use up --retries (bounded by --max-rate-wait instead).
 _OUTCOME = {"rate_limit": Outcome.THROTTLED, "overloaded": Outcome.OVERLOADED}
@@ -92,7 +93,8 @@ class Worker:
         self.image_refs = image_refs  # what OUT holds per id: another image is a conflict
         # Fail fast on a wrong URL (pipeline/endpoint.py); a fresh watch for a worker
         # built without one (tests) still applies the rule.
-        self.endpoint = endpoint or EndpointWatch(settings.endpoint, adapter.path,
+        self.endpoint = endpoint or EndpointWatch(settings.endpoint,
+                                                  adapter.path.replace("{model}", settings.model),
                                                   settings.key_source)
         self.in_request: set[asyncio.Task[Any] | None] = set()  # tasks with a request open
         self.reader = ResponseReader(adapter, settings.options.n, settings.line_cap,
@@ -146,7 +148,7 @@ class Worker:
         try:
             try:
                 req = self.adapter.build_request(row, image, self.settings.request_spec)
-                result = await self._with_retries(row, req)
+                result = await self._with_retries(row, req, self._thinking_room(row, image))
             except (RunFatal, Interrupted, BudgetReached):
                 raise
             except Exception as e:  # a bug or an unforeseen input: one row, not the batch
@@ -159,7 +161,24 @@ class Worker:
             if key is not None and self.dedupe is not None:
                 self.dedupe.resolve(key, result)
 
-    async def _with_retries(self, row: ManifestRow, req: ApiRequest) -> ResultRow:
+    def _thinking_room(self, row: ManifestRow, image: PreparedImage
+                       ) -> Callable[[], ApiRequest | None]:
+        """The one retry of a ``reasoning_exhausted`` answer: the same request with
+        ``REASONING_RETRY_FACTOR`` × ``max_tokens``, if the cost budget can still hold
+        it (else None: the row is an error row, the run goes on)."""
+        def bigger() -> ApiRequest | None:
+            spec = self.settings.request_spec
+            spec = replace(spec, max_tokens=spec.max_tokens * REASONING_RETRY_FACTOR)
+            req = self.adapter.build_request(row, image, spec)
+            if self.budget is not None and not self.budget.affords(req.est_input_tokens,
+                                                                   req.est_output_tokens):
+                return None
+            return req
+        return bigger
+
+    async def _with_retries(self, row: ManifestRow, req: ApiRequest,
+                            more_room: Callable[[], ApiRequest | None] | None = None
+                            ) -> ResultRow:
         """Attempts until one succeeds, the retries run out, or the row has waited
         ``--max-rate-wait`` in total for the rate limit (429/529 never use up retries)."""
         tries = _Tries()
@@ -188,6 +207,13 @@ class Worker:
                 if self.endpoint.probing(e):
                     await self.sleep(self.policy.next_delay(tries.sent))
                     continue
+                if e.error_class == "reasoning_exhausted" and more_room is not None:
+                    bigger, more_room = more_room(), None  # once per row
+                    if bigger is not None:
+                        log.debug("row %s: the model reasoned until max_tokens; once more "
+                                  "with max_tokens %d", row.id, bigger.est_output_tokens)
+                        req = bigger
+                        continue
                 return self._failed(row, e, tries)
 
     def _next_wait(self, e: Retryable, t: _Tries) -> tuple[float | None, str]:
@@ -240,7 +266,7 @@ class Worker:
         try:
             completion, head, ttft = await self._attempt(req, start, permit, tries)
             usage = completion.usage
-            structured = self._structured(completion)
+            structured = structured_columns(completion.text, self.settings.options)
             outcome = Outcome.OK
         except PipelineError as e:
             usage, outcome = e.usage, _OUTCOME.get(e.error_class, Outcome.ERROR)
@@ -262,17 +288,6 @@ class Worker:
         tokens_out = usage.completion_tokens if usage else None
         return self.budget.settle(reserved, tokens_in, tokens_out)
 
-    def _structured(self, completion: Completion) -> dict[str, Any]:
-        """With a response format, the caption must parse as JSON (else: try again)."""
-        if self.settings.options.response_format is None:
-            return {}
-        try:
-            doc = json.loads(completion.text, parse_constant=no_json_constant)
-        except ValueError as e:
-            raise Retryable(f"the caption is not valid JSON ({e}): {completion.text[:80]!r}",
-                            "invalid_json", http_status=200) from None
-        return {"caption_json": json.dumps(doc, ensure_ascii=False), "json_valid": True}
-
     def _failed(self, row: ManifestRow, e: PipelineError, tries: _Tries, suffix: str = ""
                 ) -> ResultRow:
         log.debug("row %s: failed after %d attempt(s) (%s): %s%s", row.id, tries.sent,
@@ -286,7 +301,8 @@ class Worker:
         if e.usage is not None:  # tokens were spent even though the row failed
             columns.update(prompt_tokens=e.usage.prompt_tokens,
                            completion_tokens=e.usage.completion_tokens,
-                           total_tokens=e.usage.total_tokens, usage_source="reported")
+                           total_tokens=e.usage.total_tokens,
+                           reasoning_tokens=e.usage.reasoning_tokens, usage_source="reported")
             if self.budget is not None:
                 columns["cost_usd"] = self.budget.price.cost(e.usage.prompt_tokens,
                                                              e.usage.completion_tokens)

@@ -1,17 +1,22 @@
-"""Local OpenAI/Anthropic-compatible gateway SIMULATOR (no model runs) for demo, tests, benchmarks.
+"""Local gateway SIMULATOR (no model runs) for demo, tests and benchmarks, in four dialects.
 
 Owns the application: the routes (`POST /v1/chat/completions`, `POST /v1/messages`,
-`GET /v1/models`, `GET /health`), the scenario (`SimConfig`), the request flow shared
-by both protocols (auth, parsing, admission against the rate limits, injected faults,
-token accounting), counters for benchmarks (`app[STATS]`) and `start`/`build_app`.
-The rest lives next to it:
+`POST /v1/responses`, `POST /v1beta/models/{model}:streamGenerateContent` and
+`:generateContent`, `GET /v1/models`, `GET /health`), the scenario (`SimConfig`), the
+request flow shared by every protocol (auth, parsing, admission against the rate
+limits, injected faults, token accounting), counters for benchmarks (`app[STATS]`) and
+`start`/`build_app`. The rest lives next to it:
 
-- `simulator.wire`: the OpenAI and Anthropic dialects (request fields, stream events
-  and bodies, error bodies, rate-limit headers; docs/protocol.md §2.3, §3.2, §5.2, §5.3);
+- `simulator.wire`: the shared framing and the OpenAI chat dialect; `simulator.anthropic`,
+  `simulator.responses`, `simulator.gemini`: the other dialects (docs/protocol.md §2.3,
+  §3.2, §14.2, §15.2; rate-limit headers §5.2, §5.3);
+- `simulator.answers`, `simulator.behaviour`: what the simulated model answers
+  (captions, reasoning, tool calls, refusals) whatever the dialect;
 - `simulator.errors`: the error answers (faults, 429s, `--retry-after`);
 - `simulator.limits`: the limiter kinds (token bucket, sliding log, fixed window,
   cap in flight) and their time texts;
-- `simulator.delivery`: pacing a stream and the faults that cut or stall an answer;
+- `simulator.delivery`: pacing a stream (`--split-bytes` too) and the faults that cut or
+  stall an answer;
 - `simulator.captions`: what the simulated model "says" and what a prompt costs;
 - `simulator.cli`: the command line.
 
@@ -32,11 +37,15 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from .captions import BadRequest, caption_for, split_tokens
+from .answers import choices_for
+from .anthropic import ANTHROPIC
+from .captions import BadRequest
 from .delivery import Exchange, complete, stream
 from .errors import ApiError, fault_error, rate_limit_error, with_retry_after
+from .gemini import GeminiDialect
 from .limits import LIMITER_KINDS, RateLimits, Refusal, TokenBucket, go_duration
-from .wire import ANTHROPIC, DIALECTS, OPENAI, Choice, Dialect, Job
+from .responses import RESPONSES
+from .wire import OPENAI, Dialect, Job
 
 __all__ = [
     "CONFIG", "FAULT_MODES", "LIMITS", "STATS", "RateLimits", "SimConfig", "SimStats",
@@ -77,6 +86,7 @@ class SimConfig:
     retry_after: str = "auto"
     storm: float = 0.0  # answer every request 429 for this many seconds from the first one
     max_tokens_default: int = 300
+    split_bytes: int = 0  # write every event in pieces of N bytes (awkward splits); 0: whole
 
     def __post_init__(self) -> None:
         problems = _config_problems(self)
@@ -105,6 +115,7 @@ def _config_problems(c: SimConfig) -> list[str]:
         "storm must be a finite number >= 0": math.isfinite(c.storm) and c.storm >= 0,
         "retry_after must not be empty": bool(c.retry_after.strip()),
         "max_tokens_default must be >= 1": c.max_tokens_default >= 1,
+        "split_bytes must be >= 0": c.split_bytes >= 0,
     }
     return [message for message, ok in checks.items() if not ok]
 
@@ -137,6 +148,9 @@ STATS = web.AppKey("STATS", SimStats)
 LIMITS = web.AppKey("LIMITS", RateLimits)
 FAULTS = web.AppKey("FAULTS", random.Random)
 CLOSING = web.AppKey("CLOSING", asyncio.Event)
+DIALECT = web.RequestKey("DIALECT", object)  # a dialect made for one request (Gemini)
+DIALECTS: dict[str, Dialect] = {"/v1/chat/completions": OPENAI, "/v1/messages": ANTHROPIC,
+                                "/v1/responses": RESPONSES}
 STORM = web.AppKey("STORM", list)  # [monotonic time of the first API request], once known
 USED = web.RequestKey("USED", int)  # tokens an admitted request really used, so far
 LIMIT_HEADERS = web.RequestKey("LIMIT_HEADERS", dict)  # the limits as of its admission
@@ -208,7 +222,8 @@ async def _serve(
     app, stats, prompt_used = request.app, request.app[STATS], 0
     config = app[CONFIG]
     request[USED] = 0
-    exchange = Exchange(request, dialect, job, fault, config.tokens_per_second, app[CLOSING])
+    exchange = Exchange(request, dialect, job, fault, config.tokens_per_second, app[CLOSING],
+                        split_bytes=config.split_bytes)
     stats.accepted_at.append(time.monotonic())
     stats.in_flight += 1
     stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
@@ -218,7 +233,7 @@ async def _serve(
             stats.faults[fault] += 1
         if fault in _HTTP_FAULTS:
             return _http_fault(dialect, fault, job.request_id, config)
-        choices = _choices(job, config.seed)
+        choices = choices_for(job, config.seed)
         prompt_used = job.prompt.tokens
         await asyncio.sleep(config.latency)
         return await (stream if job.stream else complete)(exchange, choices)
@@ -238,18 +253,6 @@ def _http_fault(dialect: Dialect, fault: str, request_id: str, config: SimConfig
     return dialect.error(with_retry_after(fault_error(fault), config), request_id)
 
 
-def _choices(job: Job, seed: int) -> tuple[Choice, ...]:
-    out = []
-    for index in range(job.n):
-        text = caption_for(job.prompt, seed, index)
-        if job.json_mode:
-            text = json.dumps({"caption": text})
-        pieces = split_tokens(text)
-        finish = "length" if len(pieces) > job.max_tokens else "stop"
-        out.append(Choice(index, tuple(pieces[: job.max_tokens]), finish))
-    return tuple(out)
-
-
 # ---------------------------------------------------------------- the application
 
 
@@ -259,6 +262,21 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def _messages(request: web.Request) -> web.StreamResponse:
     return await _handle(request, ANTHROPIC)
+
+
+async def _responses(request: web.Request) -> web.StreamResponse:
+    return await _handle(request, RESPONSES)
+
+
+async def _gemini(request: web.Request) -> web.StreamResponse:
+    """``/v1beta/models/{model}:{method}``: the dialect is made per request, as the
+    model and the method (streamed or not) are in the path."""
+    model, _, method = request.match_info["call"].rpartition(":")
+    if method not in ("streamGenerateContent", "generateContent") or not model:
+        raise web.HTTPNotFound()
+    dialect = GeminiDialect(model, method == "streamGenerateContent")
+    request[DIALECT] = dialect
+    return await _handle(request, dialect)
 
 
 async def _models(request: web.Request) -> web.Response:
@@ -273,6 +291,7 @@ async def _health(request: web.Request) -> web.Response:
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
     """Rate-limit headers on every API answer (429s included), and status counters."""
     dialect = DIALECTS.get(request.path) if request.method == "POST" else None
+    dialect = request.get(DIALECT, dialect)
     if dialect is None:
         return
     app = request.app
@@ -296,6 +315,8 @@ def build_app(config: SimConfig) -> web.Application:
     app[FAULTS], app[CLOSING], app[STORM] = random.Random(config.seed), asyncio.Event(), []
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/messages", _messages)
+    app.router.add_post("/v1/responses", _responses)
+    app.router.add_post("/v1beta/models/{call}", _gemini)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
     app.on_response_prepare.append(_on_prepare)

@@ -61,6 +61,8 @@ def _arg_parser() -> _Parser:
              "in' hint), or VALUE sent literally, e.g. 0, -1, soon")
     add("--storm", type=float, default=d.storm, metavar="SECONDS",
         help="answer every request 429 for SECONDS from the first one")  # fmt: skip
+    add("--split-bytes", type=int, default=d.split_bytes, metavar="N",
+        help="write every stream event in pieces of N bytes (0: whole events)")
     return parser
 
 
@@ -72,7 +74,7 @@ def _config_from(args: argparse.Namespace) -> SimConfig:
         fail_rate=args.fail_rate, fail_modes=args.fail_modes, seed=args.seed, rpm=args.rpm,
         tpm=args.tpm, window=args.window, limiter=args.limiter,
         max_in_flight=args.max_in_flight, rate_limit_headers=args.rate_limit_headers,
-        retry_after=args.retry_after, storm=args.storm,
+        retry_after=args.retry_after, storm=args.storm, split_bytes=args.split_bytes,
     )  # fmt: skip
 
 

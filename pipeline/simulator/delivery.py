@@ -50,6 +50,7 @@ class Exchange:
     tokens_per_second: float  # the app's pacing, SimConfig.tokens_per_second
     closing: asyncio.Event  # set when the server shuts down: releases stalls
     completion: int = 0  # content pieces actually delivered
+    split_bytes: int = 0  # write each event in pieces of this many bytes (0: whole)
 
 
 async def stream(ex: Exchange, choices: tuple[Choice, ...]) -> web.StreamResponse:
@@ -87,10 +88,21 @@ async def _play(ex: Exchange, response: web.StreamResponse, frames: tuple[Frame,
                 return
             if frame.token:
                 await pacer.wait()
-            await response.write(frame.data)
+            await _write(response, frame.data, ex.split_bytes)
             ex.completion += frame.token
     except ConnectionError:  # the client went away; nothing left to do
         pass
+
+
+async def _write(response: web.StreamResponse, data: bytes, split: int) -> None:
+    """One event, whole or cut every ``split`` bytes (mid-line, mid-character): a
+    client must reassemble whatever the network's segment boundaries are."""
+    if split <= 0:
+        await response.write(data)
+        return
+    for start in range(0, len(data), split):
+        await response.write(data[start:start + split])
+        await asyncio.sleep(0)  # each piece its own write on the socket
 
 
 class _Pacer:
@@ -147,7 +159,7 @@ async def complete(ex: Exchange, choices: tuple[Choice, ...]) -> web.StreamRespo
     body = compact_json(ex.dialect.body(ex.job, choices, finished=finished))
     if ex.fault == "truncate":
         return await _truncated(ex, body.encode(), headers)
-    ex.completion = sum(len(c.pieces) for c in choices)
+    ex.completion = sum(c.tokens for c in choices)
     return web.Response(text=body, content_type="application/json", headers=headers)
 
 

@@ -23,14 +23,24 @@ FAULT_HELP = {
 }
 # Requests that fail without --fail-rate: what a client's error paths can be tried on.
 TRIGGERS = (
-    ("API key {invalid_key}", "HTTP 401 invalid_api_key (both protocols): the run's "
-                               "fatal-error path, exit 3"),
+    ("API key {invalid_key}", "HTTP 401 invalid_api_key (Gemini: HTTP 400 API_KEY_INVALID, "
+                               "as the real API): the run's fatal-error path, exit 3"),
     ("an image Pillow cannot decode", "HTTP 400 'Invalid image.' (a bad_image row)"),
     ("a request body over 32 MiB", "HTTP 413 (the Messages API's request limit)"),
     ("--rpm / --tpm exceeded", "HTTP 429 with Retry-After and rate-limit headers; a request "
                                "larger than --tpm alone gets 429 'Request too large'"),
     ("max_tokens below the caption's length", "a truncated caption, finish_reason 'length'"),
     ("a missing model, bad JSON, or (Anthropic) no max_tokens", "HTTP 400"),
+    ("a prompt containing [refuse]", "the model declines, each protocol its way (OpenAI "
+                                     "delta.refusal, Anthropic stop_reason refusal, a "
+                                     "Responses refusal part, Gemini finishReason SAFETY)"),
+    ("a prompt containing [gap]", "a Responses stream skips one sequence_number"),
+    ("a model name containing 'think'", "a thinking model: it reasons first (16 to 192 "
+                                        "tokens by the effort or budget asked, 96 by "
+                                        "default), spent from max_tokens"),
+    ("a request that offers a function (tools)", "the answer is a call of it, its "
+                                                 "arguments {\"caption\": ...} streamed in "
+                                                 "pieces (Gemini: whole)"),
 )
 
 

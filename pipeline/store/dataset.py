@@ -46,7 +46,8 @@ def wanted_settings(s: Settings, manifest: Source) -> dict[str, dict[str, Any]]:
     image = {"max_edge": s.max_edge, "max_image_bytes": s.max_image_bytes,
              "fetch_urls": s.fetch_urls}
     return {p.name: dataset_record.prompt_settings(
-                s.model, s.api, s.system, p.template, s.options.response_format, image)
+                s.model, s.api, s.system, p.template, s.options.response_format, image,
+                s.options.tool_schema)
             for p in s.named_prompts}
 
 

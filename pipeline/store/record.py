@@ -30,14 +30,18 @@ __all__ = ["load", "check", "updated", "write", "prompt_settings"]
 log = logging.getLogger("pipeline")
 
 VERSION = 1
-_FIELDS = ("model", "api", "system", "template", "response_format", "image")
+# tool_schema shapes the caption as response_format does (a record written before it
+# existed has none, which equals a run without --tool-schema).
+_FIELDS = ("model", "api", "system", "template", "response_format", "tool_schema", "image")
 
 
 def prompt_settings(model: str, api: str, system: str | None, template: str,
                     response_format: Mapping[str, Any] | None,
-                    image: Mapping[str, Any]) -> dict[str, Any]:
+                    image: Mapping[str, Any],
+                    tool_schema: Mapping[str, Any] | None = None) -> dict[str, Any]:
     return {"model": model, "api": api, "system": system, "template": template,
             "response_format": dict(response_format) if response_format else None,
+            "tool_schema": dict(tool_schema) if tool_schema else None,
             "image": dict(image)}
 
 

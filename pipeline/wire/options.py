@@ -16,8 +16,12 @@ from typing import Any
 
 from ..errors import RunFatal
 
-__all__ = ["RequestOptions", "load_response_format", "template_fields", "render_prompt"]
+__all__ = ["RequestOptions", "REASONING_EFFORTS", "DETAILS", "TOOL_NAME", "load_response_format",
+           "load_tool_schema", "template_fields", "render_prompt"]
 
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+DETAILS = ("low", "high", "auto")
+TOOL_NAME = "caption"  # the one function a --tool-schema run offers and forces
 
 
 def _bad(message: str) -> RunFatal:
@@ -37,6 +41,9 @@ class RequestOptions:
     seed: int | None = None
     response_format: dict[str, Any] | None = None
     extra_body: dict[str, Any] | None = None
+    tool_schema: dict[str, Any] | None = None  # --tool-schema: JSON Schema of the arguments
+    reasoning_effort: str | None = None        # one of REASONING_EFFORTS
+    detail: str | None = None                  # one of DETAILS (OpenAI-style image parts)
 
     def __post_init__(self) -> None:
         _between("--temperature", self.temperature, 0, 2)
@@ -47,6 +54,13 @@ class RequestOptions:
             raise _bad(f"--n must be between 1 and 128, got {self.n}")
         if len(self.stop) > 4:
             raise _bad(f"--stop may be given at most 4 times, got {len(self.stop)}")
+        if self.reasoning_effort is not None and self.reasoning_effort not in REASONING_EFFORTS:
+            raise _bad(f"--reasoning-effort must be one of {', '.join(REASONING_EFFORTS)}, "
+                       f"got {self.reasoning_effort!r}")
+        if self.detail is not None and self.detail not in DETAILS:
+            raise _bad(f"--detail must be one of {', '.join(DETAILS)}, got {self.detail!r}")
+        if self.tool_schema is not None and self.response_format is not None:
+            raise _bad("--tool-schema and --response-format both shape the answer: give one")
         for token, bias in (self.logit_bias or {}).items():
             if (not str(token).isdigit() or isinstance(bias, bool) or not isinstance(bias, int)
                     or not -100 <= bias <= 100):
@@ -84,6 +98,23 @@ def load_response_format(value: str | None) -> dict[str, Any] | None:
     name = "".join(c if c.isalnum() or c in "_-" else "_" for c in path.stem)[:64] or "caption"
     return {"type": "json_schema",
             "json_schema": {"name": name, "schema": doc, "strict": True}}
+
+
+def load_tool_schema(value: str | None) -> dict[str, Any] | None:
+    """The JSON Schema of the ``caption`` function's arguments (an object schema)."""
+    if value is None:
+        return None
+    try:
+        doc = json.loads(Path(value).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise _bad(f"--tool-schema {value}: cannot read the schema file ({e.strerror})"
+                   ) from None
+    except ValueError as e:
+        raise _bad(f"--tool-schema {value}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("type", "object") != "object":
+        raise _bad(f"--tool-schema {value}: function arguments are a JSON object: the "
+                   'schema must be an object with "type": "object"')
+    return doc
 
 
 def parse_json_option(name: str, value: str | None) -> Any:

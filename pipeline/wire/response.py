@@ -16,9 +16,10 @@ from typing import Any
 from ..errors import Retryable, bad_response
 from ..records import Completion
 from .adapters.base import Adapter, StreamState
+from .options import RequestOptions
 from .sse import SSEDecoder, StreamTooLong
 
-__all__ = ["ResponseReader", "no_json_constant"]
+__all__ = ["ResponseReader", "no_json_constant", "structured_columns"]
 
 # Valid JSON of a shape no protocol allows ("choices": [null], a number where an
 # object belongs) surfaces as one of these from an adapter's fold.
@@ -27,6 +28,23 @@ _SHAPE_ERRORS = (TypeError, AttributeError, KeyError, IndexError, ValueError)
 
 def no_json_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # Python accepts NaN/Infinity; JSON does not
+
+
+def structured_columns(text: str, options: RequestOptions) -> dict[str, Any]:
+    """With ``--response-format`` or ``--tool-schema`` the caption must be JSON (a tool
+    call's arguments: an object, docs/protocol.md §16); else the attempt is retried as
+    ``invalid_json``. Returns the ``caption_json`` / ``json_valid`` columns."""
+    if options.response_format is None and options.tool_schema is None:
+        return {}
+    try:
+        doc = json.loads(text, parse_constant=no_json_constant)
+    except ValueError as e:
+        raise Retryable(f"the caption is not valid JSON ({e}): {text[:80]!r}",
+                        "invalid_json", http_status=200) from None
+    if options.tool_schema is not None and not isinstance(doc, dict):
+        raise Retryable(f"the tool call's arguments are {type(doc).__name__}, not an "
+                        "object", "invalid_json", http_status=200)
+    return {"caption_json": json.dumps(doc, ensure_ascii=False), "json_valid": True}
 
 
 class ResponseReader:

@@ -202,7 +202,7 @@ def run_child(argv: list[str], cwd: Path, timeout: float = 600.0) -> Child:
 CAPTION_TOKENS = 100
 _SIM_LAUNCHER = """\
 import math, sys
-from pipeline.simulator import app as simulator
+from pipeline.simulator import answers as simulator  # where the answer is written
 from pipeline.simulator import cli
 from pipeline.simulator.captions import split_tokens
 

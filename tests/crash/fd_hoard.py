@@ -4,12 +4,13 @@ descriptor for a while (tests/crash/test_output_faults.py).
     python fd_hoard.py MARKS.json OUT caption-args...
 
 Once the first part is committed in OUT, a thread opens /dev/null until the process
-has no descriptor left, holds them for $HOARD_SECONDS, then gives them back. The time
-the run noticed a failed write (its debug record "output failed") is written to
-MARKS.json, on the system-wide monotonic clock the test's gateway also uses.
+has no descriptor left and holds them until the run noticed a failed write (its debug
+record "output failed"), at most $HOARD_SECONDS, then gives them back. That moment is
+written to MARKS.json, on the system-wide monotonic clock the test's gateway also uses.
 
-The soft descriptor limit is lowered to 512 first: on a machine whose limit is a million,
-opening every free descriptor would take longer than the run itself.
+The descriptor limit (soft and hard) is lowered to 512 first: the run raises its soft
+limit to the hard one, and on a machine whose hard limit is a million, opening every
+free descriptor would take longer than the run itself.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from pathlib import Path
 marks_path, out = Path(sys.argv[1]), Path(sys.argv[2])
 marks: dict[str, float] = {}
 _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (min(_soft, 512), _hard))
+_LIMIT = min(_soft, _hard, 512)
+resource.setrlimit(resource.RLIMIT_NOFILE, (_LIMIT, _LIMIT))
+noticed = threading.Event()
 
 
 def hoard() -> None:
@@ -39,7 +42,7 @@ def hoard() -> None:
             fds.append(os.open(os.devnull, os.O_RDONLY))
     except OSError:
         pass
-    time.sleep(float(os.environ.get("HOARD_SECONDS", "2")))
+    noticed.wait(float(os.environ.get("HOARD_SECONDS", "20")))
     for fd in fds:
         os.close(fd)
     marks["hoard_end"] = time.monotonic()
@@ -49,6 +52,7 @@ class Mark(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if "output failed" in record.getMessage() and "failed_at" not in marks:
             marks["failed_at"] = time.monotonic()
+            noticed.set()
 
 
 log = logging.getLogger("pipeline")

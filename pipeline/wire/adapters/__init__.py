@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from .anthropic_messages import AnthropicMessages
 from .base import Adapter, RequestSpec
+from .gemini import Gemini
 from .openai_chat import OpenAIChat
+from .openai_responses import OpenAIResponses
 
-ADAPTERS: dict[str, type[Adapter]] = {"openai": OpenAIChat, "anthropic": AnthropicMessages}
+ADAPTERS: dict[str, type[Adapter]] = {"openai": OpenAIChat, "anthropic": AnthropicMessages,
+                                      "responses": OpenAIResponses, "gemini": Gemini}
 
 
 def get_adapter(name: str) -> Adapter:

@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 from ...errors import Retryable, RowFailed, RunFatal, bad_response, classify_stream_error
 from ...records import ApiRequest, Completion, ManifestRow, PreparedImage, Usage
 from ...validate import as_count
+from ..options import TOOL_NAME
 from ..sse import Event
 from .base import (
+    Extras,
     RequestSpec,
     content_text,
     encode_request,
@@ -26,6 +28,8 @@ from .base import (
     obj,
     prompt_of,
     reason,
+    refuse_options,
+    tool_function,
     try_json,
     unavailable,
     usage_counts,
@@ -35,6 +39,10 @@ if TYPE_CHECKING:
     from ..options import RequestOptions
 
 API_VERSION = "2023-06-01"
+# --reasoning-effort → thinking.budget_tokens (docs/protocol.md §14.3); the API wants at
+# least 1024 and less than max_tokens, so a budget above max_tokens is cut to fit.
+THINKING_BUDGET = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 24576}
+MIN_THINKING = 1024
 _CACHE_FIELDS = ("cache_creation_input_tokens", "cache_read_input_tokens")
 
 
@@ -64,7 +72,7 @@ class MessagesStreamState:
     """
 
     __slots__ = ("first_content_at", "model", "parts", "quirks", "response_id", "stop_reason",
-                 "stopped", "usage", "_blocks")
+                 "stopped", "usage", "_blocks", "tools", "reasoning_chars")
 
     def __init__(self) -> None:
         self.parts: list[str] = []
@@ -76,6 +84,8 @@ class MessagesStreamState:
         self.first_content_at: float | None = None
         self.quirks: dict[str, int] = {}
         self._blocks: set[int] = set()  # content block indexes started so far
+        self.tools: dict[int, list[str]] = {}  # tool_use block index → input_json parts
+        self.reasoning_chars = 0  # thinking text seen: counted, never kept
 
     def _quirk(self, name: str) -> None:
         self.quirks[name] = self.quirks.get(name, 0) + 1
@@ -108,11 +118,11 @@ class MessagesStreamState:
             if block.get("type") == "text":
                 self._block(doc.get("index"))
                 self._text(content_text(block.get("text"), "content_block.text"), now)
+            elif block.get("type") == "tool_use":
+                self._block(doc.get("index"))
+                self.tools[_index(doc.get("index"))] = []
         elif kind == "content_block_delta":
-            delta = obj(doc.get("delta"), "delta")
-            if delta.get("type") == "text_delta":
-                self._text(content_text(delta.get("text"), "text_delta.text"), now)
-            # thinking_delta, signature_delta, input_json_delta: never part of the caption
+            self._delta(obj(doc.get("delta"), "delta"), doc.get("index"), now)
         elif kind == "message_delta":
             delta = obj(doc.get("delta"), "message_delta.delta")
             stop = reason(delta.get("stop_reason"), "stop_reason")
@@ -126,6 +136,20 @@ class MessagesStreamState:
             return True
         # content_block_stop and event types added later carry nothing a caption needs.
         return False
+
+    def _delta(self, delta: dict[str, Any], index: Any, now: float) -> None:
+        kind = delta.get("type")
+        if kind == "text_delta":
+            self._text(content_text(delta.get("text"), "text_delta.text"), now)
+        elif kind == "input_json_delta":  # a tool call's arguments, in pieces (§16.1)
+            part = content_text(delta.get("partial_json"), "input_json_delta.partial_json")
+            self.tools.setdefault(_index(index), []).append(part)
+            if self.first_content_at is None:
+                self.first_content_at = now
+        elif kind == "thinking_delta":
+            thought = delta.get("thinking")
+            self.reasoning_chars += len(thought) if isinstance(thought, str) else 0
+        # signature_delta and later kinds: never part of the caption
 
     def _start(self, message: dict[str, Any]) -> None:
         if self.parts:
@@ -147,6 +171,7 @@ class MessagesStreamState:
     def _restart(self) -> None:
         self._quirk("generation_restarted")
         self.parts.clear()
+        self.tools.clear()
         self._blocks.clear()
         self.stop_reason = ""
 
@@ -169,9 +194,10 @@ class MessagesStreamState:
             raise _broken("stream ended without stop_reason or message_stop")
         # A stop_reason followed by a clean EOF is complete, as for OpenAI's missing [DONE].
         terminal = "message_stop" if self.stopped else "eof_after_finish"
+        args = "".join(self.tools[min(self.tools)]) if self.tools else None
         return finish_completion("".join(self.parts), self.stop_reason, self.model,
                                  self.response_id, parse_usage(self.usage or None), terminal,
-                                 self.quirks)
+                                 self.quirks, Extras(args, "", self.reasoning_chars))
 
 
 class AnthropicMessages:
@@ -181,15 +207,25 @@ class AnthropicMessages:
     path = "/messages"
     key_env: tuple[str, ...] = ("CAPTION_API_KEY", "ANTHROPIC_API_KEY")
     _UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "seed",
-                    "response_format")
+                    "response_format", "detail")
 
-    def check(self, options: RequestOptions) -> None:
-        for name in self._UNSUPPORTED:
-            if getattr(options, name) is not None:
-                raise unavailable(self.name, name, "the Messages API has no such option")
+    def check(self, spec: RequestSpec) -> None:
+        options = spec.options
+        refuse_options(self.name, options, self._UNSUPPORTED,
+                       "the Messages API has no such option")
         if options.n != 1:
             raise RunFatal("--n > 1 is not available with --api anthropic (the Messages "
                            "API returns one answer per request)", "config", exit_code=2)
+        effort = options.reasoning_effort
+        if effort not in (None, "none"):
+            if spec.max_tokens <= MIN_THINKING:
+                raise RunFatal(f"--reasoning-effort {effort} with --api anthropic needs "
+                               f"--max-tokens above {MIN_THINKING} (thinking.budget_tokens "
+                               f"is at least {MIN_THINKING} and below max_tokens)", "config",
+                               exit_code=2)
+            if options.tool_schema is not None:
+                raise unavailable(self.name, "tool_schema", "a forced tool call cannot be "
+                                  "combined with thinking; use --reasoning-effort none")
 
     def auth_headers(self, api_key: str) -> dict[str, str]:
         headers = {"anthropic-version": API_VERSION}
@@ -202,11 +238,17 @@ class AnthropicMessages:
         # Anthropic recommends the image before the text.
         content = [image_block(image), {"type": "text", "text": prompt_of(row)}]
         body: dict[str, Any] = {"model": spec.model, "max_tokens": spec.max_tokens,
-                                "stream": True}
+                                "stream": spec.stream}
         if spec.system:
             body["system"] = spec.system  # top-level: the API has no system role
         body["messages"] = [{"role": "user", "content": content}]
         body.update(self.option_fields(spec.options))
+        effort = spec.options.reasoning_effort
+        if effort == "none":
+            body["thinking"] = {"type": "disabled"}
+        elif effort is not None:
+            budget = min(THINKING_BUDGET[effort], spec.max_tokens - 1)
+            body["thinking"] = {"type": "enabled", "budget_tokens": budget}
         return encode_request(self.path, body, row, image, spec)
 
     @staticmethod
@@ -216,6 +258,11 @@ class AnthropicMessages:
             body["stop_sequences"] = list(o.stop)
         if o.user:
             body["metadata"] = {"user_id": o.user}
+        if o.tool_schema is not None:
+            fn = tool_function(o.tool_schema)
+            body["tools"] = [{"name": fn["name"], "description": fn["description"],
+                              "input_schema": fn["parameters"]}]
+            body["tool_choice"] = {"type": "tool", "name": TOOL_NAME}
         return body
 
     def new_state(self, n: int = 1) -> MessagesStreamState:
@@ -227,13 +274,24 @@ class AnthropicMessages:
         blocks = doc.get("content") or []
         if not isinstance(blocks, list):
             raise bad_response(f"content is {type(blocks).__name__}, not a list")
+        blocks = [obj(b, "a content block", required=True) for b in blocks]
         text = "".join(content_text(b.get("text"), "content[].text") for b in blocks
-                       if isinstance(b, dict) and b.get("type") == "text")
+                       if b.get("type") == "text")
+        calls = [b for b in blocks if b.get("type") == "tool_use"]
+        args = json.dumps(obj(calls[0].get("input"), "tool_use.input"),
+                          ensure_ascii=False) if calls else None
+        thought = sum(len(b["thinking"]) for b in blocks if b.get("type") == "thinking"
+                      and isinstance(b.get("thinking"), str))
         quirks: dict[str, int] = {}
         return finish_completion(text, reason(doc.get("stop_reason"), "stop_reason"),
                                  label(doc.get("model"), quirks, "model"),
                                  label(doc.get("id"), quirks, "id"),
-                                 parse_usage(doc.get("usage")), "json", quirks)
+                                 parse_usage(doc.get("usage")), "json", quirks,
+                                 Extras(args, "", thought))
+
+
+def _index(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
 
 def image_block(image: PreparedImage) -> dict[str, Any]:

@@ -14,18 +14,30 @@ from typing import Any, Protocol
 from ...errors import Retryable, RowFailed, RunFatal, bad_response
 from ...records import ApiRequest, Completion, ManifestRow, PreparedImage, Usage
 from ...validate import as_count, as_text, clean_text
-from ..options import RequestOptions
+from ..options import TOOL_NAME, RequestOptions
 from ..sse import Event
 from ..tokens import image_tokens, text_tokens
 
 # docs/protocol.md §9.2: one vocabulary for finish reasons, raw value kept beside it.
+# Every protocol's reasons by name: chat completions, Messages, Responses (its status or
+# incomplete reason, §14.2), Gemini (upper case, §15.3).
 _FINISH = {
-    "stop": "stop", "end_turn": "stop", "stop_sequence": "stop",
+    "stop": "stop", "end_turn": "stop", "stop_sequence": "stop", "completed": "stop",
+    "STOP": "stop",
     "length": "length", "max_tokens": "length", "model_context_window_exceeded": "length",
+    "max_output_tokens": "length", "MAX_TOKENS": "length",
     "content_filter": "content_filter", "refusal": "content_filter",
+    **dict.fromkeys(("SAFETY", "RECITATION", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII",
+                     "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION",
+                     "LANGUAGE"), "content_filter"),
     "tool_calls": "tool_calls", "tool_use": "tool_calls", "function_call": "tool_calls",
-    "error": "error",
+    "error": "error", "failed": "error",
+    "pause_turn": "paused",  # Anthropic paused a long turn: the text is not a whole caption
+    "MALFORMED_FUNCTION_CALL": "bad_tool_call", "UNEXPECTED_TOOL_CALL": "bad_tool_call",
 }
+# A `length` finish is reasoning_exhausted when at least this share of the output went
+# to reasoning (docs/protocol.md §14.3): the caption is missing or a fragment.
+REASONING_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,7 @@ class RequestSpec:
     max_tokens: int
     system: str | None = None
     options: RequestOptions = field(default_factory=RequestOptions)
+    stream: bool = True  # False: ask for one JSON completion (--no-stream)
 
 
 def prompt_of(row: ManifestRow) -> str:
@@ -54,14 +67,30 @@ def encode_request(path: str, body: dict[str, Any], row: ManifestRow, image: Pre
     ``max_tokens`` reserved), and the encoded body."""
     body.update(spec.options.extra_body or {})  # vendor fields, as given
     size = (image.width, image.height) if image.width and image.height else None
-    est_in = image_tokens(spec.model, size) + text_tokens(row.prompt, spec.system)
+    est_in = (image_tokens(spec.model, size, spec.options.detail)
+              + text_tokens(row.prompt, spec.system))
+    accept = "text/event-stream" if spec.stream else "application/json"
     return ApiRequest(path, json.dumps(body, ensure_ascii=False).encode(),
-                      {"Accept": "text/event-stream"}, est_in, spec.max_tokens)
+                      {"Accept": accept}, est_in, spec.max_tokens)
+
+
+def tool_function(schema: dict[str, Any]) -> dict[str, Any]:
+    """The one function a ``--tool-schema`` run offers (each protocol wraps it)."""
+    return {"name": TOOL_NAME, "description": "Record the caption of the image, "
+            "filled in as the parameters describe.", "parameters": schema}
 
 
 def unavailable(api: str, option: str, why: str) -> RunFatal:
     return RunFatal(f"--{option.replace('_', '-')} is not available with --api {api} ({why})",
                     "config", exit_code=2)
+
+
+def refuse_options(api: str, options: RequestOptions, names: tuple[str, ...],
+                   why: str) -> None:
+    """Exit 2 naming the first of ``names`` that is set: this protocol cannot send it."""
+    for name in names:
+        if getattr(options, name) not in (None, ()):
+            raise unavailable(api, name, why)
 
 
 def normalize_finish(raw: str | None) -> str:
@@ -138,38 +167,72 @@ def obj(v: Any, where: str, required: bool = False) -> dict[str, Any]:
     return v
 
 
-def usage_counts(p: Any, c: Any, t: Any, cached: Any) -> Usage | None:
+def usage_counts(p: Any, c: Any, t: Any, cached: Any, reasoning: Any = None) -> Usage | None:
     p, c, t, cached = as_count(p), as_count(c), as_count(t), as_count(cached)
     if p is None and c is None:
         return None
     if t is None and p is not None and c is not None:
         t = p + c
-    return Usage(p, c, t, cached)
+    return Usage(p, c, t, cached, as_count(reasoning))
+
+
+@dataclass(frozen=True, slots=True)
+class Extras:
+    """What an attempt produced beside its text: the tool call's arguments (the caption
+    of a ``--tool-schema`` run), a refusal's text, and how much it reasoned."""
+
+    tool_args: str | None = None
+    refusal: str = ""
+    reasoning_chars: int = 0  # reasoning text seen (protocols that count no tokens apart)
+
+
+def reasoning_share(usage: Usage | None, reasoning_chars: int, text: str) -> float:
+    """The share of the output that went to reasoning: from the reported token counts,
+    else from the reasoning text seen against the caption's."""
+    if usage and usage.reasoning_tokens and usage.completion_tokens:
+        return usage.reasoning_tokens / usage.completion_tokens
+    if reasoning_chars:
+        return reasoning_chars / (reasoning_chars + len(text))
+    return 0.0
 
 
 def finish_completion(text: str, raw_finish: str, model: str | None, rid: str | None,
                       usage: Usage | None, terminal: str,
-                      quirks: dict[str, int]) -> Completion:
+                      quirks: dict[str, int], extras: Extras = Extras()) -> Completion:
     """Apply the success rule to what an attempt produced (shared by all adapters).
 
     The text is made valid UTF-8 here, once: surrogate halves that arrived in separate
-    chunks are joined, lone ones are replaced and counted as ``invalid_text``.
+    chunks are joined, lone ones are replaced and counted as ``invalid_text``. With a
+    tool call, its arguments are the caption (docs/protocol.md §16).
     """
+    if extras.tool_args is not None:
+        text = extras.tool_args
     text, replaced = clean_text(text)
     if replaced:
         quirks = {**quirks, "invalid_text": quirks.get("invalid_text", 0) + replaced}
     finish = normalize_finish(raw_finish)
     if finish == "none":
         raise Retryable("stream ended without finish_reason", "stream_broken", http_status=200)
-    if finish == "error":
-        raise Retryable("stream ended with finish_reason 'error'", "stream_error",
-                        http_status=200)
-    if finish == "content_filter":  # the row keeps how the stream ended and its usage
-        raise RowFailed(f"the model declined (finish_reason {raw_finish!r})", "refused",
-                        http_status=200, finish_reason_raw=raw_finish, usage=usage)
+    if finish in ("error", "paused"):
+        raise Retryable(f"the answer ended with {raw_finish!r}, not a whole caption",
+                        "stream_error", http_status=200)
+    if finish == "bad_tool_call":
+        raise Retryable(f"the model's tool call was unusable ({raw_finish!r})",
+                        "invalid_json", http_status=200)
+    def failed(message: str, error_class: str) -> RowFailed:
+        # A failed row keeps how the stream ended and what it used.
+        return RowFailed(message, error_class, http_status=200, finish_reason_raw=raw_finish,
+                         usage=usage)
+
+    if finish == "content_filter" or extras.refusal:
+        why = f": {extras.refusal[:200]}" if extras.refusal else ""
+        raise failed(f"the model declined (finish_reason {raw_finish!r}){why}", "refused")
+    if finish == "length" and reasoning_share(usage, extras.reasoning_chars,
+                                              text) >= REASONING_SHARE:
+        raise failed(f"the model spent max_tokens reasoning (finish_reason {raw_finish!r}, "
+                     f"{len(text.strip())} characters of caption)", "reasoning_exhausted")
     if not text.strip():
-        raise RowFailed(f"empty caption (finish_reason {raw_finish!r})", "empty",
-                        http_status=200, finish_reason_raw=raw_finish, usage=usage)
+        raise failed(f"empty caption (finish_reason {raw_finish!r})", "empty")
     return Completion(text, finish, raw_finish, model, rid, usage, terminal, quirks)
 
 
@@ -184,13 +247,20 @@ class StreamState(Protocol):
 
 
 class Adapter(Protocol):
-    """One wire protocol: a module of its own plus a line in ``adapters.ADAPTERS``."""
+    """One wire protocol: a module of its own plus a line in ``adapters.ADAPTERS``.
+
+    The same adapter serves streamed and non-streamed requests (``RequestSpec.stream``):
+    ``build_request`` writes the body (and path) for either, ``new_state`` folds a
+    stream, ``from_json`` parses one complete JSON answer. ``from_json`` takes nothing
+    but the decoded document, so a provider's batch results (one such document per
+    line) are parsed by the very code that parses a ``--no-stream`` answer.
+    """
 
     name: str
-    path: str
+    path: str  # the request path (Gemini: a template naming the model and method)
     key_env: tuple[str, ...]  # where its API key is read from, in order
 
-    def check(self, options: RequestOptions) -> None:
+    def check(self, spec: RequestSpec) -> None:
         """RunFatal (exit 2) for an option this protocol has no equivalent for."""
         ...
 
@@ -204,5 +274,6 @@ class Adapter(Protocol):
         ...
 
     def from_json(self, doc: Any) -> Completion:
-        """A complete (non-streamed) response body sent instead of a stream."""
+        """A complete (non-streamed) response body: the Completion, or it raises the
+        classified error (an error document, a refusal, an empty answer, ...)."""
         ...

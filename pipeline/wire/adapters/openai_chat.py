@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import PipelineError, Retryable, bad_response, classify_stream_error
 from ...records import ApiRequest, Completion, ManifestRow, PreparedImage, Usage
+from ..options import TOOL_NAME
 from ..sse import Event
 from .base import (
+    Extras,
     RequestSpec,
     content_text,
     encode_request,
@@ -25,7 +27,9 @@ from .base import (
     obj,
     prompt_of,
     reason,
+    tool_function,
     try_json,
+    unavailable,
     usage_counts,
 )
 
@@ -40,8 +44,37 @@ def parse_usage(u: Any) -> Usage | None:
         return None
     details = u.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    out = u.get("completion_tokens_details")
+    reasoning = out.get("reasoning_tokens") if isinstance(out, dict) else None
     return usage_counts(u.get("prompt_tokens"), u.get("completion_tokens"),
-                        u.get("total_tokens"), cached)
+                        u.get("total_tokens"), cached, reasoning)
+
+
+class ToolCalls:
+    """Streamed tool calls: the arguments text of each call, accumulated per call
+    ``index`` (docs/protocol.md §16.1); the caption is the first call's."""
+
+    __slots__ = ("args",)
+
+    def __init__(self) -> None:
+        self.args: dict[int, list[str]] = {}
+
+    def add(self, calls: Any) -> None:
+        if calls is None:
+            return
+        if not isinstance(calls, list):
+            raise bad_response(f"tool_calls is {type(calls).__name__}, not a list")
+        for position, call in enumerate(calls):
+            call = obj(call, "a tool call", required=True)
+            index = call.get("index", position)
+            if isinstance(index, bool) or not isinstance(index, int):
+                index = position
+            fn = obj(call.get("function"), "tool_calls[].function")
+            self.args.setdefault(index, []).append(
+                content_text(fn.get("arguments"), "function.arguments"))
+
+    def first(self) -> str | None:
+        return "".join(self.args[min(self.args)]) if self.args else None
 
 
 class ChatStreamState:
@@ -59,7 +92,8 @@ class ChatStreamState:
 
     __slots__ = ("parts", "finish_raw", "usage", "model", "response_id", "done",
                  "first_content_at", "quirks", "_content_seen", "n", "choices",
-                 "finishes", "_role_on_content", "_mark", "_id_switch")
+                 "finishes", "_role_on_content", "_mark", "_id_switch", "tools", "refusal",
+                 "reasoning_chars")
 
     def __init__(self, n: int = 1) -> None:
         self.n = n
@@ -79,6 +113,9 @@ class ChatStreamState:
         self._role_on_content = False  # this server repeats role on content chunks
         self._mark = False  # a second role chunk: a new generation may have begun
         self._id_switch = False  # the id changed after text
+        self.tools = ToolCalls()
+        self.refusal: list[str] = []  # delta.refusal: structured outputs' refusal text
+        self.reasoning_chars = 0  # reasoning_content / reasoning: counted, never kept
 
     def _quirk(self, name: str) -> None:
         self.quirks[name] = self.quirks.get(name, 0) + 1
@@ -136,6 +173,7 @@ class ChatStreamState:
             index = 0
         delta = obj(choice.get("delta"), "delta")
         text = content_text(delta.get("content"), "delta.content")
+        self._aside(delta, now)
         if delta.get("role"):
             if text:
                 self._role_on_content = True
@@ -162,9 +200,28 @@ class ChatStreamState:
         if fr:
             self._finish(index, fr)
 
+    def _aside(self, delta: dict[str, Any], now: float) -> None:
+        """What a delta carries beside content: tool calls, refusal, reasoning."""
+        if delta.get("tool_calls") is not None:
+            if self._mark:
+                self._restart()
+            self.tools.add(delta.get("tool_calls"))
+            if self.first_content_at is None:
+                self.first_content_at = now
+            self._content_seen = True
+        refusal = content_text(delta.get("refusal"), "delta.refusal")
+        if refusal:
+            self.refusal.append(refusal)
+        for name in ("reasoning_content", "reasoning"):
+            thought = delta.get(name)
+            if isinstance(thought, str):
+                self.reasoning_chars += len(thought)
+
     def _restart(self) -> None:
         """Text follows a new-generation mark: keep only what comes from here on."""
         self._quirk("generation_restarted")
+        self.tools = ToolCalls()
+        self.refusal.clear()
         self.parts.clear()
         self.choices.clear()
         self.finishes.clear()
@@ -190,9 +247,10 @@ class ChatStreamState:
     def finish(self) -> Completion:
         terminal = "done" if self.done else "eof_after_finish"
         if self.n == 1:
+            extras = Extras(self.tools.first(), "".join(self.refusal), self.reasoning_chars)
             return finish_completion("".join(self.parts), self.finish_raw, self.model,
                                      self.response_id, parse_usage(self.usage), terminal,
-                                     self.quirks)
+                                     self.quirks, extras)
         missing = [i for i in range(self.n) if i not in self.finishes]
         if missing:
             raise Retryable(f"stream ended without finish_reason for choice {missing[0]}",
@@ -214,8 +272,10 @@ class OpenAIChat:
     path = "/chat/completions"
     key_env: tuple[str, ...] = ("CAPTION_API_KEY", "OPENAI_API_KEY")
 
-    def check(self, options: RequestOptions) -> None:
-        return None  # every option of RequestOptions has its chat-completions field
+    def check(self, spec: RequestSpec) -> None:
+        # Every option of RequestOptions has its chat-completions field.
+        if spec.options.tool_schema is not None and spec.options.n != 1:
+            raise unavailable(self.name, "n", "a --tool-schema caption is one tool call")
 
     def auth_headers(self, api_key: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -225,14 +285,17 @@ class OpenAIChat:
         messages: list[dict[str, Any]] = []
         if spec.system:
             messages.append({"role": "system", "content": spec.system})
+        image_url: dict[str, Any] = {"url": image.url}
+        if spec.options.detail:
+            image_url["detail"] = spec.options.detail  # docs/protocol.md §7.2
         messages.append({"role": "user", "content": [
             {"type": "text", "text": prompt_of(row)},
-            {"type": "image_url", "image_url": {"url": image.url}},
+            {"type": "image_url", "image_url": image_url},
         ]})
-        body: dict[str, Any] = {
-            "model": spec.model, "messages": messages, "stream": True,
-            "stream_options": {"include_usage": True}, "max_tokens": spec.max_tokens,
-        }
+        body: dict[str, Any] = {"model": spec.model, "messages": messages,
+                                "stream": spec.stream, "max_tokens": spec.max_tokens}
+        if spec.stream:
+            body["stream_options"] = {"include_usage": True}
         body.update(self.option_fields(spec.options))
         return encode_request(self.path, body, row, image, spec)
 
@@ -244,6 +307,11 @@ class OpenAIChat:
             body["n"] = o.n
         if o.stop:
             body["stop"] = list(o.stop)
+        if o.reasoning_effort:  # sent as asked, "none" too (docs/protocol.md §14.3)
+            body["reasoning_effort"] = o.reasoning_effort
+        if o.tool_schema is not None:
+            body["tools"] = [{"type": "function", "function": tool_function(o.tool_schema)}]
+            body["tool_choice"] = {"type": "function", "function": {"name": TOOL_NAME}}
         return body
 
     def new_state(self, n: int = 1) -> ChatStreamState:
@@ -258,8 +326,13 @@ class OpenAIChat:
         choice = obj(choices[0], "a choice", required=True)
         msg = obj(choice.get("message"), "message")
         quirks: dict[str, int] = {}
+        tools = ToolCalls()
+        tools.add(msg.get("tool_calls"))
+        thought = msg.get("reasoning_content") or msg.get("reasoning")
+        extras = Extras(tools.first(), content_text(msg.get("refusal"), "message.refusal"),
+                        len(thought) if isinstance(thought, str) else 0)
         return finish_completion(content_text(msg.get("content"), "message.content"),
                                  reason(choice.get("finish_reason"), "finish_reason"),
                                  label(doc.get("model"), quirks, "model"),
                                  label(doc.get("id"), quirks, "id"),
-                                 parse_usage(doc.get("usage")), "json", quirks)
+                                 parse_usage(doc.get("usage")), "json", quirks, extras)
