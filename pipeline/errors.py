@@ -37,7 +37,9 @@ EXIT_OUTPUT = 6  # the output cannot be written (disk full, no descriptors, read
 # Error classes worth another try on the next run: a plain rerun sends these rows again,
 # permanent classes stay until --retry-errors.
 TRANSIENT = frozenset({"rate_limit", "server", "overloaded", "timeout", "connection",
-                       "stream_broken", "stream_error"})
+                       "stream_broken", "stream_error",
+                       # the batch lane: a request its batch never ran (docs/protocol.md §14)
+                       "expired", "canceled"})
 
 _EXCERPT = 300
 

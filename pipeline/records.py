@@ -163,6 +163,8 @@ class ResultRow:
     image_sha256: str | None = _col(pa.string())
     dedup_key: str | None = _col(pa.string())
     dedup_of: str | None = _col(pa.string())
+    lane: str | None = _col(pa.string(), "online")     # "online" or "batch"
+    batch_id: str | None = _col(pa.string())           # the provider's batch (batch lane)
     finished_at: datetime = field(default_factory=now_utc, metadata={"arrow": _TIMESTAMP})
     extra: Mapping[str, str | None] = field(default_factory=dict)
 

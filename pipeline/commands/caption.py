@@ -196,6 +196,26 @@ def build_parser() -> argparse.ArgumentParser:
            "default: start a local Ray instance")
     a("--ray-actors", type=int, metavar="N",
       help="with --engine ray: caption actors (default: one per CPU of the cluster)")
+    a("--lane", choices=["online", "batch"], default="online",
+      help="online requests (default), or the provider's batch API at half the price "
+           "(--api openai or anthropic; results within 24 h; rerun or --wait to collect)")
+    a("--batch-max-bytes", type=int, metavar="N",
+      help="with --lane batch: largest request file (default: the provider's cap, "
+           "200 MB OpenAI, 256 MB Anthropic)")
+    a("--batch-max-requests", type=int, metavar="N",
+      help="with --lane batch: requests per file (default: the provider's cap, "
+           "50000 OpenAI, 100000 Anthropic)")
+    a("--batch-max-tokens", type=int, metavar="N",
+      help="with --lane batch: estimated tokens per file (an enqueued-token budget)")
+    a("--wait", action="store_true",
+      help="with --lane batch: poll until every batch has ended, resubmitting what "
+           "expired or failed transiently (default: submit, or collect, and exit)")
+    a("--poll-interval", type=float, default=60.0, metavar="S",
+      help="with --wait: seconds between polls of the batches (60)")
+    a("--batch-price-in", type=float, metavar="USD",
+      help="batch lane price per million input tokens (default: half of --price-in)")
+    a("--batch-price-out", type=float, metavar="USD",
+      help="batch lane price per million output tokens (default: half of --price-out)")
     a("-v", "--verbose", action="count", default=0,
       help="debug logging: -v this tool's (retries, failures), -vv also libraries'")
     return p
@@ -242,7 +262,10 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         prompts=named_prompts(ns.named_prompt), price_in=ns.price_in, price_out=ns.price_out,
         max_cost=ns.max_cost, dry_run=ns.dry_run, log_format=ns.log_format,
         status_interval=ns.status_interval, engine=ns.engine, ray_address=ns.ray_address,
-        ray_actors=ns.ray_actors,
+        ray_actors=ns.ray_actors, lane=ns.lane, batch_max_bytes=ns.batch_max_bytes,
+        batch_max_requests=ns.batch_max_requests, batch_max_tokens=ns.batch_max_tokens,
+        wait=ns.wait, poll_interval=ns.poll_interval, batch_price_in=ns.batch_price_in,
+        batch_price_out=ns.batch_price_out,
     )
 
 
@@ -290,7 +313,8 @@ def caption(argv: Sequence[str]) -> int:
             from .dryrun import dry_run
 
             return asyncio.run(dry_run(settings))
-        result = asyncio.run(RunSession(settings, get_engine(settings.engine)).execute())
+        engine = get_engine("batch" if settings.lane == "batch" else settings.engine)
+        result = asyncio.run(RunSession(settings, engine).execute())
     except PipelineError as e:
         say("error", e.message, exit_code=getattr(e, "exit_code", 2))
         return getattr(e, "exit_code", 2)

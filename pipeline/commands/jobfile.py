@@ -11,6 +11,7 @@ in the section ``SECTIONS`` gives it, else at the top level:
     [prompts] name = "text"          # one output row per image and prompt
     [limits]  concurrency, rpm, tpm, max_cost, retries, read_timeout, grace, ...
     [price]   input, output          # USD per million tokens (--price-in, --price-out)
+              batch_input, batch_output  # the batch lane's (default: half of those)
     [images]  max_edge, max_image_bytes, fetch_urls, no_dedupe, ...
     [output]  flush_rows, flush_seconds, log_format, status_interval, ...
     [ray]     address, actors        # --ray-address, --ray-actors
@@ -53,6 +54,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
 # Keys whose name in a job file is not the option's own.
 ALIASES: dict[str, tuple[str, str]] = {
     "price_in": ("price", "input"), "price_out": ("price", "output"),
+    "batch_price_in": ("price", "batch_input"), "batch_price_out": ("price", "batch_output"),
     "ray_address": ("ray", "address"), "ray_actors": ("ray", "actors"),
     "named_prompt": ("prompts", "NAME"),  # a table of its own: [prompts] name = "text"
 }

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Price", "price_for", "CostBudget", "BudgetReached"]
+__all__ = ["BATCH_DISCOUNT", "Price", "batch_price_for", "price_for", "CostBudget",
+           "BudgetReached"]
+
+# OpenAI Batch and Anthropic Message Batches bill half the online price (docs/protocol.md
+# §14): a batch row costs this share of the online prices unless batch prices are given.
+BATCH_DISCOUNT = 0.5
 
 # USD per million tokens (input, output) as published by the providers; a job file or
 # --price-in/--price-out overrides them (gateways resell at their own prices).
@@ -40,6 +45,16 @@ def price_for(model: str, price_in: float | None, price_out: float | None) -> Pr
         if m.startswith(name):
             return Price(*PRICES[name])
     return None
+
+
+def batch_price_for(online: Price | None, batch_in: float | None,
+                    batch_out: float | None) -> Price | None:
+    """The batch lane's prices: the given ones, else half the online price (each side)."""
+    if online is None and batch_in is None and batch_out is None:
+        return None
+    base = online or Price(0.0, 0.0)
+    return Price(batch_in if batch_in is not None else base.input * BATCH_DISCOUNT,
+                 batch_out if batch_out is not None else base.output * BATCH_DISCOUNT)
 
 
 class BudgetReached(Exception):

@@ -33,6 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
+from . import batch as batch_api
 from .captions import BadRequest, caption_for, split_tokens
 from .delivery import Exchange, complete, stream
 from .help import triggers_help
@@ -82,6 +83,7 @@ class SimConfig:
     window: float = 60.0  # the limits are per `window` seconds
     rate_limit_headers: bool = True  # send x-ratelimit-* headers
     max_tokens_default: int = 300
+    batch: batch_api.BatchConfig = field(default_factory=batch_api.BatchConfig)
 
     def __post_init__(self) -> None:
         problems = _config_problems(self)
@@ -265,6 +267,7 @@ def build_app(config: SimConfig) -> web.Application:
     app.router.add_post("/v1/messages", _messages)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
+    batch_api.install(app, config.batch, config.seed, config)  # files, batches (both APIs)
     app.on_response_prepare.append(_on_prepare)
     app.on_shutdown.append(_on_shutdown)
     return app
@@ -327,6 +330,7 @@ def _arg_parser() -> _Parser:
     add("--window", type=float, default=d.window, help="rate-limit window in seconds")
     add("--no-rate-limit-headers", dest="rate_limit_headers", action="store_false",
         help="omit the x-ratelimit-* / anthropic-ratelimit-* headers")  # fmt: skip
+    batch_api.add_arguments(add)
     return parser
 
 
@@ -337,6 +341,7 @@ def _config_from(args: argparse.Namespace) -> SimConfig:
         latency=args.latency, tokens_per_second=args.tokens_per_second,
         fail_rate=args.fail_rate, fail_modes=args.fail_modes, seed=args.seed, rpm=args.rpm,
         tpm=args.tpm, window=args.window, rate_limit_headers=args.rate_limit_headers,
+        batch=batch_api.config_from(args),
     )  # fmt: skip
 
 
