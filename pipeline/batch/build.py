@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import RowFailed
 from ..images.dedupe import ImageIndex, dedup_key
@@ -139,7 +140,7 @@ class Builder:
         sha = await asyncio.to_thread(f.seal)
         entry = Entry(f.lid, self.s.api, self.s.model, self.run_id, sha256=sha,
                       requests=f.requests, rows=f.rows, bytes=f.bytes,
-                      est_cost_usd=round(f.cost, 6))
+                      est_cost_usd=round(f.cost, 6), endpoint=public_endpoint(self.s.endpoint))
         self.ledger.save(entry)  # built: from here on a rerun knows this file
         done.files += 1
         done.requests += f.requests
@@ -192,6 +193,16 @@ class Builder:
         self.keep(replace(row, lane="batch"))
         done.kept += 1
         return None
+
+
+def public_endpoint(url: str) -> str:
+    """The endpoint as the ledger may keep it: never a user or password."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _wanted(row: ManifestRow, only: KeySet | None, skip: KeySet | None) -> bool:

@@ -55,6 +55,7 @@ class Entry:
     bytes: int = 0
     est_cost_usd: float = 0.0
     parent: str | None = None  # the entry this one is half of (a split after a 413)
+    endpoint: str = ""         # --base-url without credentials (for `cancel`)
     file_id: str | None = None
     batch_id: str | None = None
     status: str | None = None  # the provider's own word for the batch's state

@@ -309,6 +309,10 @@ def caption(argv: Sequence[str]) -> int:
 
     try:
         settings = settings_from_args(ns)
+        if settings.dry_run and settings.lane == "batch":
+            from .batchplan import batch_plan
+
+            return asyncio.run(batch_plan(settings))
         if settings.dry_run:
             from .dryrun import dry_run
 

@@ -99,7 +99,11 @@ class BatchEngine:
                     session.halt(Stop.BUDGET, note=built.budget_note)
                 self.rounds += 1
             entries = self.ledger.open_entries()
-            if not s.wait or not entries or session.halting:
+            if not s.wait or session.halting:
+                break
+            if not entries:  # a batch may have ended (and left requests to resend) at once
+                if len(self.retry) and self.rounds <= s.retries and self._can_replan():
+                    continue
                 break
             await self._pause(entries)
             await self._advance(self.ledger.open_entries())
@@ -275,7 +279,8 @@ class BatchEngine:
             sha = await asyncio.to_thread(h.seal)
             half = Entry(h.lid, e.api, e.model, self.session.run_id, sha256=sha,
                          requests=h.requests, rows=h.rows, bytes=h.bytes,
-                         est_cost_usd=round(e.est_cost_usd / 2, 6), parent=e.lid)
+                         est_cost_usd=round(e.est_cost_usd / 2, 6), parent=e.lid,
+                         endpoint=e.endpoint)
             ledger.save(half)
             self.fresh.add(half.lid)
             out.append(half)
