@@ -167,6 +167,7 @@ async def upload_file(request: web.Request) -> web.Response:
     state.calls["upload"] += 1
     if (denied := _auth(request, "openai")) is not None:
         return denied
+    await asyncio.sleep(state.config.upload_hold)  # not stored yet: a kill loses it
     reader = await request.multipart()
     purpose, name, data = None, "upload.jsonl", b""
     while (part := await reader.next()) is not None:

@@ -34,12 +34,13 @@ class BatchConfig:
     in_order: bool = False       # results in request order (default: shuffled)
     max_bytes: int = 200 * 1024 * 1024  # larger input file / create body: HTTP 413
     max_requests: int = 50_000
-    upload_delay: float = 0.0    # seconds the answer to an upload is held back (tests
-    create_delay: float = 0.0    # kill the client between the effect and its answer)
+    upload_hold: float = 0.0     # seconds an upload waits before it is stored (tests kill
+    upload_delay: float = 0.0    # the client before an effect, or between the effect
+    create_delay: float = 0.0    # and its answer: held back this long)
     line_delay: float = 0.0      # seconds between result lines when they are downloaded
 
     def __post_init__(self) -> None:
-        for name in ("delay", "upload_delay", "create_delay", "line_delay"):
+        for name in ("delay", "upload_hold", "upload_delay", "create_delay", "line_delay"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"batch {name} must be >= 0")
         for name in ("fail_rate", "expire_rate"):
