@@ -98,8 +98,10 @@ def _auth(request: web.Request, api: str) -> web.Response | None:
 
 def _start(state: BatchState, batch: SimBatch) -> None:
     async def work() -> None:
-        batch.answers = await answer_all(DIALECTS[batch.api], batch.requests,
-                                         state.sim_config, state.config, state.rng, state.seed)
+        answers = await answer_all(DIALECTS[batch.api], batch.requests, state.sim_config,
+                                   state.config, state.rng, state.seed)
+        if not batch.cancelled:  # a cancel while it ran: nothing of it counts
+            batch.answers = answers
 
     task = asyncio.get_running_loop().create_task(work())
     state.tasks.add(task)
