@@ -15,6 +15,7 @@ in the section ``SECTIONS`` gives it, else at the top level:
     [images]  max_edge, max_image_bytes, fetch_urls, no_dedupe, ...
     [output]  flush_rows, flush_seconds, log_format, status_interval, ...
     [ray]     address, actors        # --ray-address, --ray-actors
+    [batch]   max_bytes, max_requests, max_tokens, wait, poll_interval  # with lane = "batch"
 
 Values: a switch (``--fetch-urls``) takes true/false, a repeatable option (``--stop``)
 a string or a list of strings, a JSON option (``--extra-body``) a table. Arguments
@@ -55,6 +56,9 @@ SECTIONS: dict[str, tuple[str, ...]] = {
 ALIASES: dict[str, tuple[str, str]] = {
     "price_in": ("price", "input"), "price_out": ("price", "output"),
     "batch_price_in": ("price", "batch_input"), "batch_price_out": ("price", "batch_output"),
+    "batch_max_bytes": ("batch", "max_bytes"), "batch_max_requests": ("batch", "max_requests"),
+    "batch_max_tokens": ("batch", "max_tokens"), "wait": ("batch", "wait"),
+    "poll_interval": ("batch", "poll_interval"),
     "ray_address": ("ray", "address"), "ray_actors": ("ray", "actors"),
     "named_prompt": ("prompts", "NAME"),  # a table of its own: [prompts] name = "text"
 }
