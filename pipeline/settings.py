@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .pacing.cost import Price, batch_price_for, price_for
 from .errors import RunFatal
+from .pacing.cost import Price, batch_price_for, price_for
+from .records import DEFAULT_PROMPT_NAME
 from .sources.manifest_format import ManifestFormat
+from .sources.plan import NamedPrompt
 from .wire.adapters import RequestSpec, get_adapter
 from .wire.options import RequestOptions
-from .sources.plan import NamedPrompt
-from .records import DEFAULT_PROMPT_NAME
 
 DEFAULT_MODEL = "claude-3-5-sonnet-20240620"
 DEFAULT_PROMPT = (

@@ -26,8 +26,7 @@ from ..images.dedupe import ImageIndex, dedup_key
 from ..images.load import ImageSource
 from ..keys import KeySet, key_hash
 from ..pacing.cost import BudgetReached, CostBudget
-from ..records import ManifestRow, PreparedImage, ResultRow, copied_row, error_row, \
-    prompt_sha256
+from ..records import ManifestRow, PreparedImage, ResultRow, copied_row, error_row, prompt_sha256
 from ..settings import Settings
 from ..wire.adapters.base import Adapter
 from .files import Caps, RequestFile, row_record

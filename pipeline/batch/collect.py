@@ -136,7 +136,7 @@ async def collect(entry: Entry, lines: AsyncIterator[bytes], rows_path: Path,
                 continue
             await room()
             _keep(row, int(r["key"]), done, keep, got, hold_transient)
-        for i, r in _iter(rows):
+        for _, r in _iter(rows):
             if stop():
                 got.interrupted = True
                 return got

@@ -126,6 +126,21 @@ class Ledger:
                 out.append(e)
         return out
 
+    def remove_orphans(self) -> int:
+        """Request and rows files no entry names (a kill while a file was being built,
+        before it was sealed): nothing was sent from them. Call under OUT's lock."""
+        if not self.dir.is_dir():
+            return 0
+        known = {p.name.removesuffix(".json") for p in self.dir.glob("cp*.json")}
+        removed = 0
+        for path in [*self.dir.glob("cp*.requests.jsonl"), *self.dir.glob("cp*.rows.jsonl")]:
+            if path.name.split(".", 1)[0] not in known:
+                path.unlink(missing_ok=True)
+                removed += 1
+        for tmp in self.dir.glob(".cp*.json.tmp"):
+            tmp.unlink(missing_ok=True)
+        return removed
+
     def discard_files(self, entry: Entry) -> None:
         for path in (self.requests_path(entry.lid), self.rows_path(entry.lid)):
             path.unlink(missing_ok=True)

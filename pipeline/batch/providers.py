@@ -102,8 +102,11 @@ class BatchApi:
         whole (its row stays pending) instead of being held in memory."""
         async with self.t.call("GET", path, url=url) as (head, chunks):
             if not 200 <= head.status < 300:
-                raise classify_http(head.status, head.headers, await read_capped(
+                error = classify_http(head.status, head.headers, await read_capped(
                     chunks, 64 * 1024))
+                if head.status == 404:  # results gone (kept 29 days): this batch's, not
+                    raise RowFailed(error.message, "not_found")  # the run's, problem
+                raise error
             buf, skipping = bytearray(), False
             async for chunk in chunks:
                 start = 0

@@ -25,7 +25,7 @@ from ..batch.collect import collect, manifest_row
 from ..batch.files import split_file
 from ..batch.ledger import Entry, Ledger, in_flight_keys
 from ..batch.providers import BatchApi, Remote, TooLarge, get_api
-from ..errors import Retryable, RowFailed
+from ..errors import Retryable, RowFailed, output_error
 from ..images.load import default_executor
 from ..keys import KeySet
 from ..logs import Say
@@ -70,9 +70,20 @@ class BatchEngine:
             self.builder = Builder(s, self.ledger, self.api, self.adapter, worker.images,
                                    session.run_id, self._keep, await session.dedupe_index(),
                                    CostBudget(price, s.max_cost) if price else None)
+            self.ledger.remove_orphans()  # files of a request file a kill left unsealed
+            cycle = asyncio.ensure_future(self._cycle())
+            now = asyncio.ensure_future(session.cancel_now.wait())
             try:
-                await self._cycle()
+                # A second signal (or a fatal stop) ends the step in hand: every step is
+                # safe to cut (the ledger says what to look for next time).
+                await asyncio.wait([cycle, now], return_when=asyncio.FIRST_COMPLETED)
+                if not cycle.done():
+                    cycle.cancel()
+                await asyncio.gather(cycle, return_exceptions=True)
+                if not cycle.cancelled() and cycle.exception() is not None:
+                    raise cycle.exception()  # type: ignore[misc]
             finally:
+                now.cancel()
                 self._report()
 
     # ---------------------------------------------------------------- the pass
@@ -166,6 +177,8 @@ class BatchEngine:
             except (Retryable, RowFailed) as e:
                 log.warning("batch %s (%s): %s; the next run tries again", entry.lid,
                             entry.state, e.message)
+            except OSError as e:  # the ledger or a request file could not be written
+                raise output_error(e, self.ledger.dir) from None
 
     async def _step(self, e: Entry) -> list[Entry]:
         """Move one entry on as far as it goes now; returns new entries (split halves)."""

@@ -36,7 +36,7 @@ from .batch_work import (
 
 __all__ = ["BATCH", "BatchConfig", "BatchState", "install"]
 
-_CUSTOM_ID = re.compile(r"^[A-Za-z0-9_-]{1,%d}$" % MAX_CUSTOM_ID)
+_CUSTOM_ID = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_CUSTOM_ID}}}$")
 COMPLETION_WINDOW = 24 * 3600
 
 

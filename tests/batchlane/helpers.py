@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import FAST, REPO, read_out, subprocess_env, write_manifest
 from PIL import Image
 
-from conftest import FAST, REPO, read_out, subprocess_env, write_manifest
 from pipeline.simulator.app import SimConfig
 from pipeline.simulator.batch import BATCH, BatchConfig, BatchState
 from pipeline.simulator.thread import SimThread

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST, clean, read_out
 
 from .helpers import MODEL, batch_argv, images_manifest, one_row_per_key, run_cli

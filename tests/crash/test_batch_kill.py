@@ -18,9 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from conftest import REPO, subprocess_env
 from batchlane.helpers import Sim, batch_argv, images_manifest, one_row_per_key
+from conftest import REPO, subprocess_env
 
 pytestmark = pytest.mark.slow
 ROWS = 120
@@ -126,6 +125,24 @@ def test_killed_during_collection_the_rerun_keeps_one_row_per_key(setup, tmp_pat
                   tmp_path / "run1.log")
     assert _states(out) == ["ended"]
     sim.configure(line_delay=0)
+    _rerun(argv)
+    assert sim.creates == 1
+    _assert_complete(out)
+
+
+def test_sigterm_while_waiting_exits_143_and_the_rerun_collects(setup, tmp_path):
+    sim, argv, out = setup(delay=30)
+    with (tmp_path / "run1.log").open("wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", *argv, "--wait"],
+                                cwd=REPO, env=subprocess_env(), stdout=sink, stderr=sink)
+        deadline = time.monotonic() + KILL_WITHIN_S
+        while "created" not in _states(out):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 143
+    sim.configure(delay=0)
+    sim.state.batches[next(iter(sim.state.batches))].ends_at = 0  # it ends now
     _rerun(argv)
     assert sim.creates == 1
     _assert_complete(out)

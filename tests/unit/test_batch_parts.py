@@ -289,3 +289,13 @@ def test_the_caps_are_the_providers_unless_given_smaller() -> None:
     assert _settings(lane="batch").batch_caps == (50_000, 200_000_000)
     assert _settings(lane="batch", api="anthropic").batch_caps == (100_000, 256_000_000)
     assert _settings(lane="batch", batch_max_requests=10**6).batch_caps[0] == 50_000
+
+
+def test_files_of_a_request_file_no_entry_names_are_removed(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    _file(tmp_path, "cpa", 1)
+    _file(tmp_path, "cpb", 1)
+    ledger.save(Entry("cpa", "openai", "m", "run"))
+    assert ledger.remove_orphans() == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cpa.json", "cpa.requests.jsonl", "cpa.rows.jsonl"]
