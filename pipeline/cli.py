@@ -104,7 +104,7 @@ def _cancel(argv: Sequence[str]) -> int:
 
 
 def _simulate(argv: Sequence[str]) -> int:
-    from .simulator import app as simulator
+    from .simulator import cli as simulator
 
     return simulator.main(list(argv))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import os
 import re
 import time
@@ -57,6 +58,8 @@ class PipelineError(Exception):
         http_status: int | None = None,
         retry_after: float | None = None,
         endpoint: str | None = None,
+        finish_reason_raw: str | None = None,
+        usage: Any = None,
     ) -> None:
         # Redacted once, here: every error message (error column, stderr, run report)
         # is built through this constructor, whatever a server quoted back at us.
@@ -70,10 +73,11 @@ class PipelineError(Exception):
         # Why the endpoint itself looks wrong (refused, dns, tls, http 404/405/501), for
         # the fail-fast rule of pipeline/endpoint.py; None for a row's own problem.
         self.endpoint = endpoint
-        self.request_id: str | None = None  # set by the worker from the response head
-        self.finish_reason_raw: str | None = None  # a clean stream that still failed the row
-        self.usage: Any = None
-        self.latency: float | None = None  # of the attempt that raised, when it got that far
+        # A clean stream that still failed the row keeps how it ended and what it used.
+        # Set here, never after: where and when the attempt ran is the worker's record
+        # (run/worker.py ``_Tries``), not the error's.
+        self.finish_reason_raw = finish_reason_raw
+        self.usage = usage
 
 
 class Retryable(PipelineError):
@@ -259,6 +263,8 @@ def parse_duration(value: str, now: float | None = None) -> float | None:
         num = float(v)
     except ValueError:
         num = None
+    if num is not None and not math.isfinite(num):
+        return None  # "inf", "nan": no duration at all
     if num is not None:
         if num >= 1e12:
             return max(0.0, num / 1000 - now)
@@ -283,9 +289,11 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     ms = headers.get("retry-after-ms")
     if ms:
         try:
-            return max(0.0, float(ms) / 1000)
+            value = float(ms) / 1000
         except ValueError:
-            pass
+            value = math.nan
+        if math.isfinite(value):
+            return max(0.0, value)
     ra = headers.get("retry-after")
     if ra:
         return parse_duration(ra, now)

@@ -78,6 +78,7 @@ class Settings:
     backoff_base: float = 1.0
     backoff_max: float = 60.0
     max_retry_after: float = 600.0
+    max_rate_wait: float = 1800.0   # seconds one row may wait in total for the rate limit
     flush_rows: int = 100
     flush_seconds: float = 10.0
     grace: float = 30.0
@@ -141,6 +142,8 @@ class Settings:
         _non_negative("--retries", self.retries)
         _non_negative("--backoff-base", self.backoff_base)
         _non_negative("--backoff-max", self.backoff_max)
+        _non_negative("--max-retry-wait", self.max_retry_after)
+        _non_negative("--max-rate-wait", self.max_rate_wait)
         _non_negative("--grace", self.grace)
         _positive("--flush-seconds", self.flush_seconds)
         for name in ("max_cost", "price_in", "price_out"):

@@ -1,6 +1,6 @@
 """Shared fixtures for the black-box tests: the fake gateway and a CLI runner.
 
-``gateway`` starts tests/fake_gateway.py on 127.0.0.1 in a background thread;
+``gateway`` starts the fake gateway (tests/fake_gateway/) on 127.0.0.1 in a background thread;
 ``caption`` runs ``pipeline.cli.main`` in-process against it and reads the output back.
 """
 
@@ -10,7 +10,6 @@ import csv
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,7 +91,6 @@ class Result:
     out: Path
     stdout: str
     stderr: str
-    seconds: float
 
     @property
     def ids(self) -> list[str]:
@@ -132,11 +130,9 @@ class Caption:
             argv += ["--base-url", self.gw.base_url if base_url == "gw" else base_url]
         argv += ["--retries", str(retries), "--concurrency", str(concurrency), *FAST, *args]
         self.capfd.readouterr()
-        t0 = time.monotonic()
         code = main(argv)
-        seconds = time.monotonic() - t0
         cap = self.capfd.readouterr()
-        return Result(code, read_out(self.out), self.out, cap.out, cap.err, seconds)
+        return Result(code, read_out(self.out), self.out, cap.out, cap.err)
 
 
 @pytest.fixture

@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--flush-seconds", type=float, default=10.0, help="... or every T seconds (10)")
     a("--max-retry-wait", type=float, default=600.0,
       help="longest server-directed wait (Retry-After, reset headers) honoured, s (600)")
+    a("--max-rate-wait", type=float, default=1800.0,
+      help="total seconds a row may wait for the rate limit (429/529 refusals do not "
+           "use up --retries), then it is an error row (1800)")
     a("--grace", type=float, default=30.0,
       help="seconds in-flight rows get after SIGINT/SIGTERM (30)")
     a("--retry-errors", action="store_true",
@@ -251,7 +254,8 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         retries=ns.retries, read_timeout=ns.read_timeout,
         connect_timeout=ns.connect_timeout, backoff_base=ns.backoff_base,
         backoff_max=ns.backoff_max, flush_rows=ns.flush_rows, flush_seconds=ns.flush_seconds,
-        grace=ns.grace, max_retry_after=ns.max_retry_wait, retry_errors=ns.retry_errors,
+        grace=ns.grace, max_retry_after=ns.max_retry_wait, max_rate_wait=ns.max_rate_wait,
+        retry_errors=ns.retry_errors,
         allow_mixed=ns.allow_mixed,
         max_image_bytes=ns.max_image_bytes, max_file_bytes=ns.max_file_bytes,
         image_timeout=ns.image_timeout, attempt_timeout=ns.attempt_timeout,

@@ -9,9 +9,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
-from .demo import MANIFEST, ROOT
-
+ROOT = Path(__file__).resolve().parents[2]  # the repository
+MANIFEST = ROOT / "data" / "sample" / "images.csv"
 ONLINE, BATCH = ROOT / "out" / "demo-online", ROOT / "out" / "demo-batch"
 MODEL = "claude-3-5-sonnet-20240620"  # priced in the built-in table ($3 / $15 online)
 

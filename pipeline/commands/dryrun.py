@@ -86,7 +86,7 @@ async def dry_run(s: Settings, stream: TextIO | None = None) -> int:
     counters = Counters()
     plan = Plan(manifest, done, s.named_prompts, s.limit, counters.plan)
     table = _Table(stream, json_lines)
-    total_in = total_out = bad = copied = 0
+    total_in = total_out = bad = copied = costed = 0
     total_cost = 0.0
     try:
         for group in plan:
@@ -106,6 +106,7 @@ async def dry_run(s: Settings, stream: TextIO | None = None) -> int:
                     continue
                 req = adapter.build_request(row, image, s.request_spec)
                 cost = price.cost(req.est_input_tokens, req.est_output_tokens) if price else None
+                costed += 1
                 total_in += req.est_input_tokens
                 total_out += req.est_output_tokens
                 total_cost += cost or 0.0
@@ -116,7 +117,23 @@ async def dry_run(s: Settings, stream: TextIO | None = None) -> int:
         manifest.close()
     _totals(plan.pending, bad, copied, counters.skipped_done, total_in, total_out,
             total_cost if price else None, json_lines)
+    if s.max_cost is not None and price is not None and costed:
+        _warn_budget(s, total_cost / costed, costed)
     return 0
+
+
+def _warn_budget(s: Settings, per_row: float, rows: int) -> None:
+    """Each request in flight holds its estimate of the budget: say when the budget is
+    smaller than what ``--concurrency`` of them would hold."""
+    in_flight = min(s.concurrency, rows)
+    if s.max_cost is None or s.max_cost >= per_row * in_flight:
+        return
+    fits = int(s.max_cost // per_row) if per_row > 0 else in_flight
+    what = (f"at most {fits} rows in flight at once" if fits else
+            "no row at all: nothing would be captioned")
+    print(f"warning: --max-cost ${s.max_cost:.4f} is below what --concurrency {s.concurrency} "
+          f"rows in flight would reserve (${per_row * in_flight:.4f}, ${per_row:.6f} a row on "
+          f"average): it affords {what}", file=sys.stderr)
 
 
 def _sent(image: PreparedImage) -> str:

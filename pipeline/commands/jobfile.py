@@ -45,7 +45,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
             "user", "seed", "response_format", "extra_body"),
     "limits": ("concurrency", "rpm", "tpm", "itpm", "otpm", "max_cost", "limit", "retries",
                "read_timeout", "connect_timeout", "backoff_base", "backoff_max",
-               "max_retry_wait", "grace", "attempt_timeout", "max_line_bytes",
+               "max_retry_wait", "max_rate_wait", "grace", "attempt_timeout", "max_line_bytes",
                "max_response_bytes"),
     "images": ("max_edge", "max_image_bytes", "fetch_urls", "max_download_bytes",
                "download_timeout", "no_dedupe", "max_file_bytes", "image_timeout"),

@@ -49,6 +49,7 @@ class LocalEngine:
                 lookup_done=index.lookup if index is not None else None,
                 should_stop=lambda: session.halting,
                 image_refs=None if s.allow_mixed or not len(images) else images)
+            session.progress.waiting = self.worker.limiter.describe_wait  # long waits shown
             self.workers = [asyncio.create_task(self._work()) for _ in range(s.concurrency)]
             producer = asyncio.create_task(self._produce())
             try:
@@ -78,8 +79,11 @@ class LocalEngine:
                 for t in self.workers:  # rows mid-request get the grace, the others go
                     if t not in self.worker.in_request:
                         t.cancel()
+                # A budget stop lets the requests it reserved cost for finish (each is one
+                # attempt, bounded by --attempt-timeout); the other stops give the grace.
+                grace = None if session.stop is Stop.BUDGET else session.settings.grace
                 cancel = asyncio.create_task(session.cancel_now.wait())
-                await asyncio.wait([workers, cancel], timeout=session.settings.grace,
+                await asyncio.wait([workers, cancel], timeout=grace,
                                    return_when=asyncio.FIRST_COMPLETED)
                 cancel.cancel()
             for t in self.workers:

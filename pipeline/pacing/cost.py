@@ -1,8 +1,10 @@
 """What a run costs: prices per million tokens, cost per row, and a budget that holds.
 
-The budget is checked before each request: spent plus the estimate of every request
-in flight plus this one must stay within ``--max-cost``, so the run stops taking new
-rows before it can overshoot, and what was in flight finishes.
+The budget is checked for each request once its rate permit is granted, that is just
+before it is sent: spent plus the estimate of every request in flight plus this one
+must stay within ``--max-cost``, so the run stops taking new rows before it can
+overshoot, and what was in flight finishes. Rows still waiting for the limiter hold
+no reservation, so a budget that affords one row always captions at least one.
 """
 
 from __future__ import annotations
@@ -67,6 +69,13 @@ class CostBudget:
         self.max_cost = max_cost
         self.spent = spent
         self.reserved = 0.0
+
+    def check(self, est_in: int, est_out: int) -> None:
+        """Before waiting for a permit: stop at once if even an idle run could not pay."""
+        est = self.price.cost(est_in, est_out)
+        if self.max_cost is not None and self.spent + est > self.max_cost:
+            raise BudgetReached(f"cost budget reached: spent ${self.spent:.4f} of --max-cost "
+                                f"${self.max_cost:.4f}; the next row needs ${est:.4f}")
 
     def reserve(self, est_in: int, est_out: int) -> float:
         est = self.price.cost(est_in, est_out)

@@ -1,209 +1,59 @@
-"""Pacing requests to the rate limit the user pays for, composed from small meters.
+"""Pacing requests to the rate limit the user pays for, whatever kind of limiter enforces it.
 
-* ``TokenBucket``: continuously refilled (no bursts at the top of a minute), with a
-  burst of about one second; it may go into debt so reconciliation never blocks.
-  One per budget: requests (RPM), tokens (TPM), input (ITPM) and output (OTPM).
-* Budgets come from the user (``--rpm`` …) or are learned from the server's
-  ``x-ratelimit-*`` / ``anthropic-ratelimit-*`` headers on every response: a bucket
-  that is ``limit - remaining`` short and full again in ``reset`` seconds refills at
-  ``(limit - remaining) / reset`` per second, whatever the window length.
-* Token costs are estimated before sending (image + prompt + ``max_tokens``
-  reserved) and reconciled with the usage the server reports, so estimates never drift.
-* ``AdaptiveConcurrency``: the cap on requests in flight, lowered multiplicatively on a
-  429/overload and raised additively on success (AIMD), so a run with no budget and
-  no headers converges near what the server accepts.
-* ``PauseGate``: after a 429 with ``Retry-After`` every worker waits, not only one.
+A server may count with a token bucket, a sliding window, a fixed clock-minute window
+or a cap on requests in flight, and may or may not say so in headers. The limiter
+holds the rate against all of them with meters from ``pipeline.meters`` and
+``pipeline.headerlimits``, in this order for every request:
 
-Clock and sleep are injected; nothing here knows of HTTP, images or files.
+1. the pool-wide pause (after a 429, every worker waits, not only one);
+2. a place in flight (slow start until the first limit signal, AIMD on overload);
+3. the pacers: the user's budgets (``--rpm`` ...), paced at 98 % with no burst so no
+   window ever sees more than the budget; else the pace learned from headers (limit
+   per window); else a rate adapted from 429s;
+4. the ceilings from headers: ``remaining`` until ``reset``, counting requests in flight.
+
+Token costs are estimated before sending (image + prompt + ``max_tokens`` reserved) and
+reconciled with the usage the server reports, so estimates never drift. ``waiting``
+says what the run waits for and until when, for the status line. Clock and sleep are
+injected; nothing here knows of HTTP, images or files.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import math
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
 
-from ..errors import parse_duration
+from .headerlimits import HeaderCeiling, read_limits
+from .meters import (
+    PACE_SHARE,
+    AdaptiveConcurrency,
+    AdaptiveRate,
+    Clock,
+    PauseGate,
+    Sleep,
+    TokenBucket,
+)
 
-Clock = Callable[[], float]
-Sleep = Callable[[float], Awaitable[None]]
-_BURST_SECONDS = 1.0
+__all__ = ["AdaptiveConcurrency", "AdaptiveRate", "Budgets", "Limiter", "Outcome", "PauseGate",
+           "Permit", "TokenBucket", "Waiting", "read_limits"]
 
-
-class PauseGate:
-    """Workers ``await gate.wait()`` before each request; ``pause(s)`` holds them all."""
-
-    def __init__(self, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep) -> None:
-        self._clock = clock
-        self._sleep = sleep
-        self._until = 0.0
-        self.pauses = 0
-
-    def pause(self, seconds: float) -> None:
-        until = self._clock() + seconds
-        if until > self._until:
-            self._until = until
-            self.pauses += 1
-
-    @property
-    def remaining(self) -> float:
-        return max(0.0, self._until - self._clock())
-
-    async def wait(self) -> None:
-        # Loop: another worker may extend the pause while this one sleeps.
-        while (left := self._until - self._clock()) > 0:
-            await self._sleep(left)
+log = logging.getLogger("pipeline")
+_LONG_WAIT = 10.0  # seconds: a wait this long is announced, not only shown in the status
 
 
-class TokenBucket:
-    def __init__(self, rate: float, clock: Clock, learned: bool = False) -> None:
-        self.clock = clock
-        self.learned = learned
-        self.rate = rate
-        self.capacity = max(1.0, rate * _BURST_SECONDS)
-        self.level = self.capacity
-        self._t = clock()
+class Outcome(StrEnum):
+    """How a sent request ended, as far as pacing cares."""
 
-    def set_rate(self, rate: float) -> None:
-        self._refill()
-        self.rate = rate
-        self.capacity = max(1.0, rate * _BURST_SECONDS)
-        self.level = min(self.level, self.capacity)
-
-    def _refill(self) -> None:
-        now = self.clock()
-        self.level = min(self.capacity, self.level + (now - self._t) * self.rate)
-        self._t = now
-
-    def wait_time(self, cost: float) -> float:
-        """Seconds until ``cost`` may be taken (a cost above the burst needs a full bucket)."""
-        self._refill()
-        need = min(cost, self.capacity)
-        return 0.0 if self.level >= need else (need - self.level) / self.rate
-
-    def take(self, cost: float) -> None:
-        self._refill()
-        self.level -= cost
-
-    def credit(self, amount: float) -> None:
-        """Reconcile: a refund (positive) or a further charge (negative)."""
-        self._refill()
-        self.level = min(self.capacity, self.level + amount)
-
-    def cap(self, remaining: float) -> None:
-        """The server says fewer are left than we thought: believe it."""
-        self._refill()
-        self.level = min(self.level, remaining)
-
-
-class AdaptiveConcurrency:
-    """At most ``limit`` requests in flight; AIMD on throttling signals."""
-
-    def __init__(self, maximum: int, clock: Clock, cooldown: float = 1.0) -> None:
-        self.maximum = maximum
-        self.limit = float(maximum)
-        self.in_flight = 0
-        self._clock = clock
-        self._cooldown = cooldown
-        self._last_cut = -1e9
-        self._waiters: list[asyncio.Future[None]] = []
-
-    async def acquire(self) -> None:
-        while self.in_flight >= max(1, int(self.limit)):
-            fut = asyncio.get_running_loop().create_future()
-            self._waiters.append(fut)
-            try:
-                await fut
-            except asyncio.CancelledError:
-                if fut in self._waiters:
-                    self._waiters.remove(fut)
-                if fut.done() and not fut.cancelled():
-                    self._wake()  # woken, then cancelled: pass the wake-up on
-                raise
-            finally:
-                if fut in self._waiters:
-                    self._waiters.remove(fut)
-        self.in_flight += 1
-
-    def release(self) -> None:
-        self.in_flight -= 1
-        self._wake()
-
-    def _wake(self) -> None:
-        free = max(1, int(self.limit)) - self.in_flight
-        for fut in self._waiters[:max(0, free)]:
-            if not fut.done():
-                fut.set_result(None)
-
-    def on_success(self) -> None:
-        if self.limit < self.maximum:
-            self.limit = min(self.maximum, self.limit + 1.0 / self.limit)
-            self._wake()
-
-    def on_throttle(self) -> None:
-        now = self._clock()
-        if now - self._last_cut >= self._cooldown:  # one cut per burst of 429s
-            self._last_cut = now
-            self.limit = max(1.0, self.limit / 2)
-
-
-class AdaptiveRate:
-    """A request rate found by probing when neither user nor headers give one.
-
-    The first 429 (once a few requests have succeeded) sets the rate to half of what
-    the server accepted over the last ``span`` seconds, with an empty bucket so no
-    burst follows. A later 429 for a request sent after the last cut (plus a settling
-    moment; those sent before were paced at the old rate and say nothing new) halves
-    the rate if it comes within ``span`` of that cut, else cuts it to ``cut`` of
-    itself, and never leaves it above what the server accepted. Success raises the
-    rate by ``gain`` per second, compounding, so it probes back up to the limit and
-    oscillates just under it.
-    """
-
-    def __init__(self, clock: Clock, cut: float = 0.8, gain: float = 0.1,
-                 span: float = 1.0) -> None:
-        self.clock = clock
-        self.cut, self.gain, self.span = cut, gain, span
-        self.settle = 0.1  # the server's bucket needs a moment to refill after a cut
-        self.bucket: TokenBucket | None = None
-        self._ok: deque[float] = deque()
-        self._last_cut = -1e9
-        self._t = clock()
-
-    def on_success(self) -> None:
-        now = self.clock()
-        self._ok.append(now)
-        while self._ok and self._ok[0] < now - self.span:
-            self._ok.popleft()
-        if self.bucket is not None:
-            self.bucket.set_rate(self.bucket.rate * (1 + self.gain * (now - self._t)))
-        self._t = now
-
-    def on_throttle(self, sent_at: float) -> TokenBucket | None:
-        now = self.clock()
-        if sent_at < self._last_cut + self.settle:
-            return None
-        previous_cut, self._last_cut, self._t = self._last_cut, now, now
-        while self._ok and self._ok[0] < now - self.span:
-            self._ok.popleft()
-        accepted = len(self._ok) / self.span
-        if self.bucket is None:
-            if len(self._ok) < 5:  # no evidence of a rate yet: the shared pause must do
-                self._last_cut = previous_cut
-                return None
-            self.bucket = TokenBucket(0.5 * accepted, self.clock, learned=True)
-            self.bucket.level = 0.0  # start paced, not with a fresh burst
-        else:
-            # Still rejected soon after a cut: far above the limit, so halve (the
-            # slow 0.8 cut is for probing just above it).
-            cut = 0.5 if now - previous_cut < self.span else self.cut
-            rate = self.bucket.rate * cut
-            if len(self._ok) >= 5:  # enough evidence of what the server accepts
-                rate = min(rate, 0.95 * accepted)
-            self.bucket.set_rate(max(0.05, rate))
-        return self.bucket
+    OK = "ok"                  # served, with usage to reconcile
+    THROTTLED = "throttled"    # 429: too fast (the rate)
+    OVERLOADED = "overloaded"  # 529: too busy (the requests in flight)
+    ERROR = "error"            # served, but no usable usage
 
 
 @dataclass(frozen=True)
@@ -222,52 +72,53 @@ class Permit:
     cost_out: int
     estimate_in: int  # the raw estimate, to learn the scale from
     sent_at: float = 0.0
+    in_flight: int = 0  # requests in flight when it was sent, itself included
+    admitted: bool = False  # the server took it (a 2xx head came back)
+    marks: dict[str, float] = field(default_factory=dict)  # header ceilings' counters
 
 
-# header kind → bucket name; OpenAI, Anthropic, and LiteLLM's re-emitted copies.
-_HEADER_KINDS = {"requests": "rpm", "tokens": "tpm", "input-tokens": "itpm",
-                 "output-tokens": "otpm"}
+@dataclass(frozen=True)
+class Waiting:
+    what: str
+    until: float  # on the limiter's clock
 
-
-def read_limits(headers: Mapping[str, str], now: float | None = None
-                ) -> dict[str, tuple[float, float, float]]:
-    """{bucket: (limit, remaining, seconds until full)} from rate-limit headers."""
-    out: dict[str, tuple[float, float, float]] = {}
-    for kind, bucket in _HEADER_KINDS.items():
-        for pattern in ("x-ratelimit-{}-" + kind, "anthropic-ratelimit-" + kind + "-{}",
-                        "llm_provider-x-ratelimit-{}-" + kind):
-            lim = headers.get(pattern.format("limit"))
-            rem = headers.get(pattern.format("remaining"))
-            reset = headers.get(pattern.format("reset"))
-            if lim is None or rem is None or reset is None:
-                continue
-            try:
-                seconds = parse_duration(reset, time.time() if now is None else now)
-                vals = (float(lim), float(rem), seconds)
-            except ValueError:
-                continue
-            if vals[2] is not None:
-                out[bucket] = vals  # type: ignore[assignment]
-                break
-    return out
+    def describe(self, now: float, wall_now: float | None = None) -> str:
+        left = max(0.0, self.until - now)
+        wall = (time.time() if wall_now is None else wall_now) + left
+        return f"waiting for {self.what} until {time.strftime('%H:%M:%S', time.localtime(wall))} " \
+               f"(in {left:.0f} s)"
 
 
 class Limiter:
-    """All meters together: pause gate → concurrency slot → buckets, then reconcile."""
+    """All meters together: pause gate → place in flight → pacers and ceilings, then reconcile."""
 
     def __init__(self, budgets: Budgets, concurrency: int, clock: Clock = time.monotonic,
-                 sleep: Sleep = asyncio.sleep) -> None:
+                 sleep: Sleep = asyncio.sleep, max_wait: float = 600.0) -> None:
         self.clock = clock
         self.sleep = sleep
+        self.max_wait = max_wait
         self.gate = PauseGate(clock, sleep)
-        self.slots = AdaptiveConcurrency(concurrency, clock)
         self.buckets: dict[str, TokenBucket] = {
-            name: TokenBucket(per_minute / 60.0, clock)
+            name: TokenBucket(per_minute / 60.0 * PACE_SHARE, clock)
             for name, per_minute in vars(budgets).items() if per_minute}
+        # Slow start, unless the user said what the limit is: no need to find it out.
+        self.slots = AdaptiveConcurrency(concurrency, clock,
+                                         initial=concurrency if self.buckets else 1)
+        self.ceilings: dict[str, HeaderCeiling] = {}
         self.adaptive = AdaptiveRate(clock)
         self.input_scale = 1.0  # learned ratio of reported to estimated input tokens
+        self._scaled = False
         self._pacer = asyncio.Lock()
+        self._news = asyncio.Event()  # a new header reading may lift a ceiling early
+        self.ramp: TokenBucket | None = None  # paces the slow start's doubling
+        self._rtt: float | None = None  # seconds from permit to answer, smoothed
         self.throttled = 0
+        self.streak = 0  # refusals since the last success, each burst counted once
+        self._refused_at = -math.inf  # when the streak last grew
+        self._streak_since = -math.inf  # when it began
+        self._paused_at = -math.inf  # when the pool was last paused
+        self.waiting: Waiting | None = None
+        self._announced: Waiting | None = None
 
     @staticmethod
     def _costs(p: Permit) -> dict[str, float]:
@@ -275,54 +126,177 @@ class Limiter:
                 "otpm": p.cost_out}
 
     async def acquire(self, est_in: int, est_out: int) -> Permit:
-        permit = Permit(round(est_in * self.input_scale), est_out, est_in)
-        await self.gate.wait()
-        await self.slots.acquire()
-        try:
-            # One pacer at a time: waiters queue on the lock instead of all waking
-            # together when the bucket refills (no thundering herd).
-            async with self._pacer:
-                costs = self._costs(permit)
+        permit = Permit(0, est_out, est_in)
+        await self._wait_gate()
+        # One pacer at a time: waiters queue on the lock instead of all waking together
+        # when the bucket refills (no thundering herd). Only the lock's holder takes a
+        # place in flight while it waits, so a window cut meanwhile holds everyone else.
+        async with self._pacer:
+            held = False
+            try:
                 while True:
-                    await self.gate.wait()
-                    wait = max((b.wait_time(costs[n]) for n, b in self.buckets.items()),
-                               default=0.0)
+                    await self._wait_gate()
+                    if not held:
+                        await self.slots.acquire()
+                        held = True
+                        continue  # that may have taken a while: the gate again
+                    # The input scale is learned meanwhile: charge the latest one.
+                    permit.cost_in = round(est_in * self.input_scale)
+                    costs = self._costs(permit)
+                    wait, why = self._longest_wait(costs)
                     if wait <= 0:
                         break
-                    await self.sleep(wait)
-                for name, bucket in self.buckets.items():
-                    bucket.take(costs[name])
-        except BaseException:
-            self.slots.release()
-            raise
+                    self._set_waiting(why, wait)
+                    await self._nap(wait)
+            except BaseException:
+                if held:
+                    self.slots.release()
+                raise
+            self.waiting = None
+            self._charge(permit, costs)
         permit.sent_at = self.clock()
+        permit.in_flight = self.slots.in_flight
         return permit
 
-    def observe(self, headers: Mapping[str, str]) -> None:
-        """Learn live limits from any response's rate-limit headers."""
-        for name, (limit, remaining, seconds) in read_limits(headers).items():
-            bucket = self.buckets.get(name)
-            if (bucket is None or bucket.learned) and seconds > 0 and limit > remaining:
-                rate = (limit - remaining) / seconds
-                if bucket is None:
-                    bucket = self.buckets[name] = TokenBucket(rate, self.clock, learned=True)
-                else:
-                    bucket.set_rate(0.7 * bucket.rate + 0.3 * rate)
-            if bucket is not None:
-                bucket.cap(remaining)
+    def _charge(self, permit: Permit, costs: dict[str, float]) -> None:
+        for name, bucket in self.buckets.items():
+            bucket.take(costs[name])
+        if self.ramp is not None:
+            self.ramp.take(1.0)
+        if self._adapts():
+            self.adaptive.on_sent()
+        for name, c in self.ceilings.items():
+            permit.marks[name] = c.charge(costs[name])
 
-    def finish(self, permit: Permit, outcome: str, prompt_tokens: int | None = None,
-               completion_tokens: int | None = None) -> None:
-        """Release the slot and reconcile the token buckets with what really happened.
+    def _longest_wait(self, costs: dict[str, float]) -> tuple[float, str]:
+        """(seconds, what for) until every pacer and ceiling lets ``costs`` through."""
+        wait, why = 0.0, ""
+        for name, bucket in self.buckets.items():
+            w = bucket.wait_time(costs[name])
+            if w > wait:
+                source = ("rate found from 429s" if bucket in (self.adaptive.bucket,
+                                                              self.adaptive.provisional)
+                          else "pace the server's headers set" if bucket.learned
+                          else "budget")
+                wait, why = w, f"the {name} {source}"
+        for name, c in self.ceilings.items():
+            w = c.wait(costs[name])
+            if w > wait:
+                wait, why = w, c.blocked_reason(name)
+        if self.ramp is not None and not self.buckets:
+            wait = max(wait, self.ramp.wait_time(1.0))
+        return wait, why
 
-        ``outcome``: "ok", "throttled" (429) or "overloaded" (529/503): the request was
-        not served, or "error" (served, but no usable usage).
+    async def _wait_gate(self) -> None:
+        if self.gate.remaining > 0:
+            self._set_waiting("the pause after HTTP 429 (Retry-After or backoff)",
+                              self.gate.remaining)
+            await self.gate.wait()
+            # A pacer refilled its credit meanwhile: after a pause it starts empty.
+            for bucket in self.buckets.values():
+                if bucket.learned:
+                    bucket.drain()
+
+    async def _nap(self, seconds: float) -> None:
+        """Sleep, but wake early when a response brings a new reading or a refund."""
+        self._news.clear()
+        sleeper = asyncio.ensure_future(self.sleep(seconds))
+        news = asyncio.ensure_future(self._news.wait())
+        try:
+            await asyncio.wait({sleeper, news}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleeper, news):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(sleeper, news, return_exceptions=True)
+
+    def _set_waiting(self, what: str, seconds: float) -> None:
+        self.waiting = Waiting(what, self.clock() + seconds)
+        if seconds >= _LONG_WAIT and (self._announced is None
+                                      or self._announced.what != what
+                                      or abs(self._announced.until - self.waiting.until) > 1):
+            self._announced = self.waiting
+            log.warning("%s", self.waiting.describe(self.clock()))
+
+    def describe_wait(self) -> str | None:
+        """What the run waits for and until when, while it waits a second or more (the
+        gaps of an even pace are no wait); else None."""
+        w = self.waiting
+        if w is None or w.until - self.clock() < 1.0:
+            return None
+        return w.describe(self.clock())
+
+    def pause(self, seconds: float) -> None:
+        """Hold every worker for ``seconds``; then one request goes first and the window
+        ramps back to where it was, so the end of a pause is not the pool at once (a
+        pacer would let its credit through, and every one of those may be refused).
+        Not when the refusal was the window's own and a pace holds the pool: cutting
+        the window took the excess away."""
+        self.gate.pause(seconds)
+        if not (self.slots.cut and self.buckets):
+            self.slots.restart()
+            self._paused_at = self.clock()
+
+    def refused(self, seconds: float, guided: bool) -> None:
+        """The pool's part of a 429: pause everyone when the server said how long, when
+        nothing paces the pool yet, or when refusals go on (a window that is used up
+        until it turns); the first two unguided refusals in a row are answered by
+        cutting the pace alone (a pause, and the ramp after it, cost far more)."""
+        if guided or self.streak > 2 or not self.buckets:
+            self.pause(seconds)
+
+    def observe(self, headers: Mapping[str, str], permit: Permit | None = None,
+                refused: bool = False) -> None:
+        """Learn ceilings and the pace from any response's rate-limit headers."""
+        limits = read_limits(headers)
+        for name, (limit, remaining, seconds) in limits.items():
+            c = self.ceilings.get(name)
+            if c is None:
+                c = self.ceilings[name] = HeaderCeiling(self.clock, self.max_wait)
+            mark = permit.marks.get(name) if permit is not None else None
+            c.observe(limit, remaining, seconds, c.sent if mark is None else mark,
+                      permit.sent_at if permit is not None else None, refused)
+            self._learn_pace(name, c.pace())
+        if limits:
+            self._news.set()
+
+    def _learn_pace(self, name: str, pace: float | None) -> None:
+        bucket = self.buckets.get(name)
+        if pace is None or not math.isfinite(pace) or (bucket is not None and not bucket.learned):
+            return  # a user budget is never overridden (its ceiling still applies)
+        rate = pace * PACE_SHARE
+        if bucket is None or bucket is self.adaptive.bucket:
+            self.buckets[name] = TokenBucket(rate, self.clock, learned=True)
+        elif abs(rate - bucket.rate) > 1e-9 * rate:
+            bucket.set_rate(rate)
+
+    def cancel(self, permit: Permit) -> None:
+        """The permit was granted but the request is not sent after all: give it back."""
+        self.slots.release()
+        for name, cost in self._costs(permit).items():
+            if name in self.buckets:
+                self.buckets[name].credit(cost)
+
+    def finish(self, permit: Permit, outcome: Outcome, prompt_tokens: int | None = None,
+               completion_tokens: int | None = None, retry_after: float | None = None
+               ) -> None:
+        """Release the place in flight and reconcile the token buckets with what happened.
+
+        ``outcome``: ok, throttled (429) or overloaded (529): the request was not
+        served, or error (served, but no usable usage). ``retry_after``: what a
+        refusal said about waiting (a positive, finite one is guidance).
         """
         self.slots.release()
         refund = {"tpm": 0.0, "itpm": 0.0, "otpm": 0.0}
-        if outcome in ("throttled", "overloaded"):
+        if outcome in (Outcome.THROTTLED, Outcome.OVERLOADED):
             self.throttled += 1
-            self._on_throttle(outcome, permit.sent_at)
+            if permit.sent_at >= self._refused_at:  # a burst of refusals is one step
+                if self.streak == 0:
+                    self._streak_since = self.clock()
+                self.streak += 1
+                self._refused_at = self.clock()
+            guided = retry_after is not None and 0 < retry_after < math.inf
+            self._on_throttle(outcome, permit.sent_at, permit.in_flight, guided)
             refund = {"tpm": permit.cost_in + permit.cost_out, "itpm": permit.cost_in,
                       "otpm": permit.cost_out}
         elif prompt_tokens is not None and completion_tokens is not None:
@@ -331,24 +305,73 @@ class Limiter:
                       "otpm": permit.cost_out - completion_tokens}
             if permit.estimate_in > 0 and prompt_tokens > 0:
                 ratio = prompt_tokens / permit.estimate_in
-                self.input_scale = 0.9 * self.input_scale + 0.1 * ratio
+                # The first report replaces the guess: refunds of large early
+                # over-estimates would let a burst through (a window does not forget).
+                self.input_scale = ratio if not self._scaled else \
+                    0.9 * self.input_scale + 0.1 * ratio
+                self._scaled = True
         else:
             refund["otpm"] = refund["tpm"] = permit.cost_out  # reserved output never came
         for name, amount in refund.items():
             if name in self.buckets and amount:
                 self.buckets[name].credit(amount)
-        if outcome == "ok":
-            self.slots.on_success()
-            self.adaptive.on_success()
+                self._news.set()
+        if outcome == Outcome.OK:
+            if permit.sent_at >= self._streak_since:  # news: sent since the streak began
+                self.streak = 0
+            self._grow(permit)
+            if self._adapts():
+                bucket = self.adaptive.on_success(permit.sent_at)
+                if bucket is not None:
+                    self.buckets["rpm"] = bucket
+            self._ramp_on(self.clock() - permit.sent_at)
 
-    def _on_throttle(self, outcome: str, sent_at: float) -> None:
-        """A 429 means "too fast": adapt the rate unless a budget already sets it.
-        An overload (529/503) means "too busy": halve the requests in flight."""
-        if outcome == "overloaded":
+    def admitted(self, permit: Permit) -> None:
+        """The server took the request (its head came back 2xx): the window may grow
+        now, not only when a long stream ends, so slow start is a round trip per step."""
+        self._grow(permit)
+
+    def _grow(self, permit: Permit) -> None:
+        if permit.admitted:
+            return
+        permit.admitted = True
+        if permit.sent_at >= self._paused_at or not self.slots.slow_start:
+            self.slots.on_success()  # the ramp after a pause counts only its own
+
+    def _ramp_on(self, rtt: float) -> None:
+        """In slow start with nothing else to pace by, spread each round trip's sends
+        over the round trip, so the doubling never leaves as one burst."""
+        self._rtt = rtt if self._rtt is None else 0.8 * self._rtt + 0.2 * rtt
+        if not self.slots.slow_start or self.buckets:
+            self.ramp = None
+            return
+        rate = max(1.0, self.slots.limit) / max(self._rtt, 1e-3)
+        if self.ramp is None:
+            self.ramp = TokenBucket(rate, self.clock, learned=True)
+        else:
+            self.ramp.set_rate(rate)
+
+    def _on_throttle(self, outcome: Outcome, sent_at: float, in_flight: int,
+                     guided: bool = False) -> None:
+        """A 429 means "too fast": adapt the rate unless a budget or headers set it.
+        An overload (529) means "too busy": halve the requests in flight."""
+        ramp, self.ramp = self.ramp, None  # a limit signal: slow start is over
+        if outcome == Outcome.OVERLOADED:
             self.slots.on_throttle()
             return
-        rpm = self.buckets.get("rpm")
-        if rpm is None or rpm is self.adaptive.bucket:
-            bucket = self.adaptive.on_throttle(sent_at)
+        ramping = self.slots.slow_start
+        self.slots.on_refused(in_flight, costly=guided)
+        if self.slots.cut and not ramping:
+            return  # the window's own excess (a cap in flight), not the rate's
+        if self._adapts():
+            bucket = self.adaptive.on_throttle(sent_at, self.streak,
+                                               ramp.rate if ramp is not None else None,
+                                               guided)
             if bucket is not None:
                 self.buckets["rpm"] = bucket
+
+    def _adapts(self) -> bool:
+        """Only 429s tell the rate: no budget, no headers (they pace instead)."""
+        rpm = self.buckets.get("rpm")
+        return not self.ceilings and (rpm is None or rpm.learned and rpm in (
+            self.adaptive.bucket, self.adaptive.provisional))

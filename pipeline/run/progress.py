@@ -162,6 +162,8 @@ class Progress:
         self.interval = interval
         self.total: int | None = None
         self.rates = RateWindow(clock)
+        # What the run is waiting for, if anything (the limiter's describe_wait).
+        self.waiting: Callable[[], str | None] = lambda: None
         self.bar: tqdm[Any] | None = None
         if show_bar:
             self.bar = tqdm(total=None, unit="img", file=stream, ncols=terminal_size(stream)[0],
@@ -184,7 +186,9 @@ class Progress:
             rpm, tpm = self.rates.per_minute()
             self.bar.set_postfix({"ok": self.c.ok, "failed": self.c.failed,
                                   "tok": self.c.tokens_in + self.c.tokens_out,
-                                  "rpm": f"{rpm:.0f}", "tpm": f"{tpm:.0f}"}, refresh=False)
+                                  "rpm": f"{rpm:.0f}", "tpm": f"{tpm:.0f}",
+                                  **({"wait": w} if (w := self.waiting()) else {})},
+                                 refresh=False)
             self.bar.update(1)
 
     async def status_lines(self) -> None:
@@ -207,14 +211,17 @@ class Progress:
                 "requests_per_min": round(rpm, 1), "tokens_per_min": round(tpm, 1)}
 
     def status_line(self) -> str:
+        waiting = self.waiting()
         if self.json_lines:
-            return json_line("progress", **self.stats())
+            return json_line("progress", **self.stats(),
+                             **({"waiting": waiting} if waiting else {}))
         wall = max(self.clock() - self.started, 1e-9)
         total = f"/{self.total}" if self.total is not None else ""
         rpm, tpm = self.rates.per_minute()
         return (f"progress: {self.c.finished}{total} rows, ok={self.c.ok} "
                 f"failed={self.c.failed}, {self.c.finished / wall:.2f} img/s, "
-                f"{rpm:.0f} req/min, {tpm:.0f} tokens/min")
+                f"{rpm:.0f} req/min, {tpm:.0f} tokens/min"
+                + (f"; {waiting}" if waiting else ""))
 
     def close(self) -> None:
         if self.bar is not None:

@@ -34,7 +34,8 @@ async def build_worker(stack: contextlib.AsyncExitStack, s: Settings, *, concurr
                        image_refs: ImageRefs | None = None) -> Worker:
     """Protocol, transport, image preparation, limits, cost budget and dedupe."""
     adapter = get_adapter(s.api)
-    policy = RetryPolicy(s.retries, s.backoff_base, s.backoff_max, s.max_retry_after)
+    policy = RetryPolicy(s.retries, s.backoff_base, s.backoff_max, s.max_retry_after,
+                         s.max_rate_wait)
     transport = await stack.enter_async_context(Transport(
         s.endpoint, adapter.auth_headers(s.api_key.reveal()), concurrency,
         s.connect_timeout, s.read_timeout))
@@ -46,7 +47,8 @@ async def build_worker(stack: contextlib.AsyncExitStack, s: Settings, *, concurr
     images = ImageSource(base_dir(s.manifest), ImagePolicy(s.max_edge, s.max_image_bytes),
                          executor, fetcher, ReadLimits(s.max_file_bytes, s.image_timeout))
     price = s.price
-    return Worker(s, adapter, transport, images, Limiter(budgets, concurrency), policy,
+    limiter = Limiter(budgets, concurrency, max_wait=s.max_retry_after)
+    return Worker(s, adapter, transport, images, limiter, policy,
                   should_stop=should_stop,
                   dedupe=Dedupe(lookup_done) if s.dedupe else None,
                   budget=CostBudget(price, max_cost) if price is not None else None,

@@ -13,60 +13,60 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
-from ..wire.adapters.base import Adapter, StreamState, normalize_finish
-from ..pacing.cost import BudgetReached, CostBudget
+from ..errors import PipelineError, Retryable, RowFailed, RunFatal, classify_http
 from ..images.dedupe import Dedupe, dedup_key
-from ..errors import (
-    PipelineError,
-    Retryable,
-    RowFailed,
-    RunFatal,
-    bad_response,
-    classify_http,
-)
-from ..wire.endpoint import EndpointWatch
 from ..images.load import ImageSource
 from ..keys import ImageRefs
-from ..sources.plan import variants
-from ..pacing.limiter import Limiter
+from ..pacing.cost import BudgetReached, CostBudget
+from ..pacing.limiter import Limiter, Outcome, Permit
+from ..pacing.retry import RetryPolicy
 from ..records import (
     ApiRequest,
     Completion,
     ManifestRow,
     PreparedImage,
-    Usage,
     ResultRow,
+    Usage,
     copied_row,
     error_row,
     ok_row,
     prompt_sha256,
 )
-from ..pacing.retry import RetryPolicy
 from ..settings import Settings
-from ..wire.sse import SSEDecoder, StreamTooLong
+from ..sources.plan import variants
+from ..wire.adapters.base import Adapter, normalize_finish
 from ..wire.channel import Channel, Head
+from ..wire.endpoint import EndpointWatch
+from ..wire.response import ResponseReader, no_json_constant
 
 log = logging.getLogger("pipeline")
 
-# How a retryable failure feeds the limiter: "slow down" versus "server busy".
-_OUTCOME = {"rate_limit": "throttled", "overloaded": "overloaded"}
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # Python accepts NaN/Infinity; JSON does not
-
-
-def _utf8_quirk(c: Completion, decoder: SSEDecoder) -> Completion:
-    if not decoder.invalid_utf8:
-        return c
-    return replace(c, quirks={**c.quirks, "invalid_utf8": decoder.invalid_utf8})
+# How a retryable failure feeds the limiter: "slow down" versus "server busy". Both are
+# the rate limit: they never use up --retries (bounded by --max-rate-wait instead).
+_OUTCOME = {"rate_limit": Outcome.THROTTLED, "overloaded": Outcome.OVERLOADED}
 
 
 class Interrupted(Exception):
     """The run is stopping: leave the row unwritten (pending) instead of retrying it."""
+
+
+@dataclass
+class _Tries:
+    """One row's attempts so far, to decide on the next, and where the last one ran
+    (errors are never changed after they are raised: this is the row's record)."""
+
+    sent: int = 0          # attempts sent (the ``attempts`` column)
+    failures: int = 0      # failures that count against --retries
+    refusals: int = 0      # 429/529 refusals: bounded by --max-rate-wait instead
+    rate_waited: float = 0.0  # seconds from those refusals to the next attempts
+    refused_at: float | None = None
+    waited: float | None = None  # the last server-directed wait (``retry_after_s``)
+    sent_at: float | None = None     # when the last attempt was let through the limiter
+    latency: float | None = None     # of the last attempt, once it was sent
+    request_id: str | None = None    # of the last attempt's response head
 
 
 class Worker:
@@ -95,6 +95,8 @@ class Worker:
         self.endpoint = endpoint or EndpointWatch(settings.endpoint, adapter.path,
                                                   settings.key_source)
         self.in_request: set[asyncio.Task[Any] | None] = set()  # tasks with a request open
+        self.reader = ResponseReader(adapter, settings.options.n, settings.line_cap,
+                                     settings.response_cap, clock)
 
     async def process(self, row: ManifestRow,
                       prepared: Awaitable[PreparedImage] | None = None) -> ResultRow:
@@ -149,70 +151,100 @@ class Worker:
                 self.dedupe.resolve(key, result)
 
     async def _with_retries(self, row: ManifestRow, req: ApiRequest) -> ResultRow:
-        attempts = 0
-        waited: float | None = None
+        """Attempts until one succeeds, the retries run out, or the row has waited
+        ``--max-rate-wait`` in total for the rate limit (429/529 never use up retries)."""
+        tries = _Tries()
         while True:
-            attempts += 1
-            start = self.clock()
+            tries.sent += 1
+            tries.sent_at = tries.latency = tries.request_id = None
             try:
-                result = await self._attempt_row(row, req, attempts, waited)
+                result = await self._attempt_row(row, req, tries)
                 self.endpoint.success()
                 return result
             except RunFatal as e:
                 raise self.endpoint.fatal(e) from None  # with the URL, or the key's source
             except Retryable as e:
                 if self.endpoint.probing(e):  # the endpoint may be wrong: no error row yet
-                    await self.sleep(self.policy.next_delay(attempts))
+                    await self.sleep(self.policy.next_delay(tries.sent))
                     continue
-                if not self.policy.may_retry(attempts):
-                    return self._failed(row, e, attempts, start, waited,
-                                        suffix=f" (gave up after {attempts} attempts)")
+                delay, why = self._next_wait(e, tries)
+                if delay is None:
+                    return self._failed(row, e, tries, suffix=why)
                 if self.should_stop():
                     raise Interrupted from e
-                delay = self.policy.next_delay(attempts, e.retry_after)
                 log.debug("row %s: attempt %d failed (%s: %s); retrying in %.2f s", row.id,
-                          attempts, e.error_class, e.message, delay)
-                if e.retry_after is not None:
-                    waited = delay
-                if e.error_class == "rate_limit":
-                    self.limiter.gate.pause(delay)  # one 429 slows the whole pool
-                else:
-                    await self.sleep(delay)
+                          tries.sent, e.error_class, e.message, delay)
+                await self.sleep(delay)
             except RowFailed as e:
                 if self.endpoint.probing(e):
-                    await self.sleep(self.policy.next_delay(attempts))
+                    await self.sleep(self.policy.next_delay(tries.sent))
                     continue
-                return self._failed(row, e, attempts, start, waited)
+                return self._failed(row, e, tries)
 
-    async def _attempt_row(self, row: ManifestRow, req: ApiRequest, attempts: int,
-                           waited: float | None) -> ResultRow:
-        """One attempt under the cost budget and the limiter: the ok row, or it raises."""
-        reserved = self.budget.reserve(req.est_input_tokens, req.est_output_tokens) \
-            if self.budget else 0.0  # BudgetReached propagates: the run stops taking rows
+    def _next_wait(self, e: Retryable, t: _Tries) -> tuple[float | None, str]:
+        """Seconds until the row's next attempt, or None and why it gives up."""
+        if t.refused_at is not None and t.sent_at is not None:
+            t.rate_waited += max(0.0, t.sent_at - t.refused_at)
+        t.refused_at = None
+        guided = self.policy.server_wait(e.retry_after) is not None
+        if e.error_class in _OUTCOME:
+            t.refusals += 1
+            delay = self.policy.rate_delay(t.refusals, e.retry_after)
+            bound = self.policy.max_rate_wait
+            if t.rate_waited + delay > bound:
+                return None, (f" (gave up after {t.refusals} refusals and {t.rate_waited:.0f} s "
+                              f"waiting for the rate limit; --max-rate-wait {bound:g})")
+            t.refused_at = self.clock()
+            if e.error_class == "rate_limit":  # a 429 slows the whole pool
+                pool = self.policy.pool_delay(self.limiter.streak, e.retry_after)
+                self.limiter.refused(pool, guided)
+        else:
+            t.failures += 1
+            if not self.policy.may_retry(t.failures):
+                return None, f" (gave up after {t.sent} attempts)"
+            delay = self.policy.next_delay(t.failures, e.retry_after)
+        if guided:
+            t.waited = delay
+        return delay, ""
+
+    async def _attempt_row(self, row: ManifestRow, req: ApiRequest, tries: _Tries
+                           ) -> ResultRow:
+        """One attempt under the limiter and the cost budget: the ok row, or it raises.
+
+        Cost is reserved only once the rate permit is granted: a row waiting for the
+        limiter holds no reservation, so a budget stop never has to cancel a row that
+        the budget already paid for."""
+        if self.budget is not None:
+            self.budget.check(req.est_input_tokens, req.est_output_tokens)
         permit = await self.limiter.acquire(req.est_input_tokens, req.est_output_tokens)
         if self.should_stop():  # the run stopped while this row waited: send nothing
-            self.limiter.finish(permit, "unsent")
-            if self.budget:
-                self.budget.settle(reserved, 0, 0)
+            self.limiter.cancel(permit)
             raise Interrupted
-        start = self.clock()
-        outcome, usage = "error", None
+        try:  # BudgetReached propagates: the run stops taking rows
+            reserved = self.budget.reserve(req.est_input_tokens, req.est_output_tokens) \
+                if self.budget else 0.0
+        except BaseException:
+            self.limiter.cancel(permit)
+            raise
+        start = tries.sent_at = self.clock()
+        outcome, usage, retry_after = Outcome.ERROR, None, None
         try:
-            completion, head, ttft = await self._attempt(req, start)
+            completion, head, ttft = await self._attempt(req, start, permit, tries)
             usage = completion.usage
             structured = self._structured(completion)
-            outcome = "ok"
+            outcome = Outcome.OK
         except PipelineError as e:
-            usage, outcome = e.usage, _OUTCOME.get(e.error_class, "error")
-            e.latency = self.clock() - start
+            usage, outcome = e.usage, _OUTCOME.get(e.error_class, Outcome.ERROR)
+            retry_after = e.retry_after
             raise
         finally:
+            tries.latency = self.clock() - start
             cost = self._settle(reserved, usage)
             self.limiter.finish(permit, outcome, usage and usage.prompt_tokens,
-                                usage and usage.completion_tokens)
-        return ok_row(row, completion, attempts=attempts, latency_s=self.clock() - start,
+                                usage and usage.completion_tokens, retry_after)
+        return ok_row(row, completion, attempts=tries.sent, latency_s=tries.latency,
                       ttft_s=ttft, request_id=head.request_id, http_status=head.status,
-                      retry_after_s=waited, cost_usd=cost, **structured)
+                      retry_after_s=tries.waited, cost_usd=cost, **structured)
 
     def _settle(self, reserved: float, usage: Usage | None) -> float | None:
         if self.budget is None:
@@ -226,16 +258,15 @@ class Worker:
         if self.settings.options.response_format is None:
             return {}
         try:
-            doc = json.loads(completion.text, parse_constant=_no_constant)
+            doc = json.loads(completion.text, parse_constant=no_json_constant)
         except ValueError as e:
             raise Retryable(f"the caption is not valid JSON ({e}): {completion.text[:80]!r}",
                             "invalid_json", http_status=200) from None
         return {"caption_json": json.dumps(doc, ensure_ascii=False), "json_valid": True}
 
-    def _failed(self, row: ManifestRow, e: PipelineError, attempts: int, start: float,
-                waited: float | None, suffix: str = "") -> ResultRow:
-        latency = e.latency if e.latency is not None else self.clock() - start
-        log.debug("row %s: failed after %d attempt(s) (%s): %s%s", row.id, attempts,
+    def _failed(self, row: ManifestRow, e: PipelineError, tries: _Tries, suffix: str = ""
+                ) -> ResultRow:
+        log.debug("row %s: failed after %d attempt(s) (%s): %s%s", row.id, tries.sent,
                   e.error_class, e.message, suffix)
         columns: dict[str, Any] = {}
         if e.finish_reason_raw:
@@ -250,137 +281,43 @@ class Worker:
             if self.budget is not None:
                 columns["cost_usd"] = self.budget.price.cost(e.usage.prompt_tokens,
                                                              e.usage.completion_tokens)
-        return error_row(row, e.message + suffix, e.error_class, attempts=attempts,
-                         latency_s=latency, http_status=e.http_status,
-                         retry_after_s=waited, request_id=e.request_id, **columns)
+        return error_row(row, e.message + suffix, e.error_class, attempts=tries.sent,
+                         latency_s=tries.latency if tries.latency is not None else 0.0,
+                         http_status=e.http_status, retry_after_s=tries.waited,
+                         request_id=tries.request_id, **columns)
 
-    async def _attempt(self, req: ApiRequest, start: float
+    async def _attempt(self, req: ApiRequest, start: float, permit: Permit, tries: _Tries
                        ) -> tuple[Completion, Head, float | None]:
         task = asyncio.current_task()
         self.in_request.add(task)
         try:
-            return await self._exchange(req, start)
+            return await self._exchange(req, start, permit, tries)
         finally:
             self.in_request.discard(task)
 
-    async def _exchange(self, req: ApiRequest, start: float
+    async def _exchange(self, req: ApiRequest, start: float, permit: Permit, tries: _Tries
                         ) -> tuple[Completion, Head, float | None]:
         """One request and its whole answer, under the attempt's total deadline."""
         deadline = self.settings.attempt_deadline
         try:
             async with asyncio.timeout(deadline) as cm:
-                return await self._converse(req, start)
+                return await self._converse(req, start, permit, tries)
         except TimeoutError:
             if not cm.expired():
                 raise
             raise Retryable(f"the attempt took longer than {deadline:g} s "
                             "(--attempt-timeout)", "timeout") from None
 
-    async def _converse(self, req: ApiRequest, start: float
+    async def _converse(self, req: ApiRequest, start: float, permit: Permit, tries: _Tries
                         ) -> tuple[Completion, Head, float | None]:
         async with self.transport.open(req) as (head, chunks):
-            self.limiter.observe(head.headers)
-            try:
-                if not 200 <= head.status < 300:
-                    body = await self.transport.read_body(chunks)
-                    raise classify_http(head.status, head.headers, body)
-                if head.content_type == "application/json":
-                    return await self._json_body(chunks), head, None
-                completion, first = await self._stream(chunks)
-            except PipelineError as e:
-                e.request_id = head.request_id
-                raise
+            tries.request_id = head.request_id
+            self.limiter.observe(head.headers, permit, refused=head.status == 429)
+            if not 200 <= head.status < 300:
+                body = await self.transport.read_body(chunks)
+                raise classify_http(head.status, head.headers, body)
+            self.limiter.admitted(permit)
+            if head.content_type == "application/json":
+                return await self.reader.json_body(chunks), head, None
+            completion, first = await self.reader.stream(chunks)
         return completion, head, None if first is None else first - start
-
-    async def _stream(self, chunks: Any) -> tuple[Completion, float | None]:
-        """Fold an event stream, within the line and response caps. A body whose first
-        byte opens a JSON document is one: a gateway that labels a whole completion
-        ``text/event-stream`` (it is read as the completion it is)."""
-        state = self.adapter.new_state(self.settings.options.n)
-        decoder = SSEDecoder(self.settings.line_cap)
-        cap = self.settings.response_cap
-        size, sniffing = 0, True
-        try:
-            async for chunk in chunks:
-                size += len(chunk)
-                if size > cap:
-                    raise _too_large(cap, "the streamed response")
-                if sniffing and chunk.strip():
-                    sniffing = False
-                    if chunk.lstrip()[:1] in (b"{", b"["):
-                        body = await _collect(chunks, cap, chunk)
-                        return self._json_in_stream(body, state, decoder), None
-                if self._feed(state, decoder, chunk):
-                    return _utf8_quirk(state.finish(), decoder), state.first_content_at
-            for event in decoder.finish():
-                if state.on_event(event, self.clock()):
-                    break
-            return _utf8_quirk(state.finish(), decoder), state.first_content_at
-        except StreamTooLong as e:
-            raise Retryable(f"broken stream: {e}", "stream_broken", http_status=200) from None
-        except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:
-            # A shape the adapter did not foresee: this answer is unusable, the batch
-            # is not (the adapters name the shapes they know as bad_response).
-            raise bad_response(f"unexpected stream content ({type(e).__name__}: {e})") from e
-
-    def _feed(self, state: StreamState, decoder: SSEDecoder, data: bytes) -> bool:
-        """Decode ``data`` into ``state``; True once the stream's terminator arrived."""
-        clock = self.clock
-        return any(state.on_event(event, clock()) for event in decoder.feed(data))
-
-    def _json_in_stream(self, body: bytes, state: StreamState, decoder: SSEDecoder
-                        ) -> Completion:
-        try:
-            doc = json.loads(body)
-        except ValueError:  # JSON first, then something else: leave it to the fold
-            if not self._feed(state, decoder, body):
-                for event in decoder.finish():
-                    if state.on_event(event, self.clock()):
-                        break
-            return state.finish()
-        completion = self._from_json(doc)
-        quirks = {**completion.quirks, "json_body_as_event_stream": 1}
-        return replace(completion, quirks=quirks)
-
-    async def _json_body(self, chunks: Any) -> Completion:
-        """A 200 with a JSON body instead of a stream: a full completion or an error,
-        read up to the response cap (not the small cap on error bodies)."""
-        body = await _collect(chunks, self.settings.response_cap)
-        try:
-            doc = json.loads(body)
-        except ValueError:
-            raise Retryable("HTTP 200 with an unreadable JSON body", "stream_broken",
-                            http_status=200) from None
-        return self._from_json(doc)
-
-    def _from_json(self, doc: Any) -> Completion:
-        try:
-            return self.adapter.from_json(_unwrap(doc))
-        except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:
-            # Valid JSON of a shape no adapter foresaw: this answer is unusable (permanent,
-            # docs/protocol.md §11), the batch is not.
-            raise bad_response(f"unexpected JSON completion ({type(e).__name__}: {e})"
-                               ) from e
-
-
-async def _collect(chunks: Any, cap: int, prefix: bytes = b"") -> bytes:
-    """The rest of a success body after ``prefix``; more than ``cap`` bytes fails."""
-    parts, size = [prefix], len(prefix)
-    async for chunk in chunks:
-        size += len(chunk)
-        if size > cap:
-            raise _too_large(cap, "the JSON response")
-        parts.append(chunk)
-    return b"".join(parts)
-
-
-def _too_large(cap: int, what: str) -> Retryable:
-    return Retryable(f"{what} is larger than {cap} bytes (--max-response-bytes); the "
-                     "server may be ignoring max_tokens", "stream_broken", http_status=200)
-
-
-def _unwrap(doc: Any) -> Any:
-    """Gemini-style errors come as a one-item list around the object."""
-    if isinstance(doc, list) and len(doc) == 1 and isinstance(doc[0], dict):
-        return doc[0]
-    return doc

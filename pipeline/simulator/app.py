@@ -3,14 +3,17 @@
 Owns the application: the routes (`POST /v1/chat/completions`, `POST /v1/messages`,
 `GET /v1/models`, `GET /health`), the scenario (`SimConfig`), the request flow shared
 by both protocols (auth, parsing, admission against the rate limits, injected faults,
-token accounting), counters for benchmarks (`app[STATS]`), `start`/`build_app` and a
-small CLI. The rest lives next to it:
+token accounting), counters for benchmarks (`app[STATS]`) and `start`/`build_app`.
+The rest lives next to it:
 
-- `pipeline.sim_wire`: the OpenAI and Anthropic dialects (request fields, stream events
+- `simulator.wire`: the OpenAI and Anthropic dialects (request fields, stream events
   and bodies, error bodies, rate-limit headers; docs/protocol.md §2.3, §3.2, §5.2, §5.3);
-- `pipeline.sim_limits`: the continuously refilled token buckets and their time texts;
-- `pipeline.sim_delivery`: pacing a stream and the faults that cut or stall an answer;
-- `pipeline.sim_captions`: what the simulated model "says" and what a prompt costs.
+- `simulator.errors`: the error answers (faults, 429s, `--retry-after`);
+- `simulator.limits`: the limiter kinds (token bucket, sliding log, fixed window,
+  cap in flight) and their time texts;
+- `simulator.delivery`: pacing a stream and the faults that cut or stall an answer;
+- `simulator.captions`: what the simulated model "says" and what a prompt costs;
+- `simulator.cli`: the command line.
 
 It deliberately imports nothing from the client (pipeline.sse, pipeline.adapters, ...):
 a client bug must not be mirrored by the server it is tested against.
@@ -18,13 +21,11 @@ a client bug must not be mirrored by the server it is tested against.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import math
 import random
 import secrets
-import signal
 import sys
 import time
 from collections import Counter
@@ -36,23 +37,13 @@ from aiohttp import web
 from . import batch as batch_api
 from .captions import BadRequest, caption_for, split_tokens
 from .delivery import Exchange, complete, stream
-from .help import triggers_help
-from .limits import RateLimits, TokenBucket, go_duration
-from .wire import (
-    ANTHROPIC,
-    DIALECTS,
-    OPENAI,
-    ApiError,
-    Choice,
-    Dialect,
-    Job,
-    fault_error,
-    rate_limit_error,
-)
+from .limits import LIMITER_KINDS, RateLimits, Refusal, TokenBucket, go_duration
+from .errors import ApiError, fault_error, rate_limit_error, with_retry_after
+from .wire import ANTHROPIC, DIALECTS, OPENAI, Choice, Dialect, Job
 
 __all__ = [
-    "CONFIG", "FAULT_MODES", "LIMITS", "RateLimits", "SimConfig", "SimStats",
-    "TokenBucket", "build_app", "go_duration", "main", "start",
+    "CONFIG", "FAULT_MODES", "LIMITS", "STATS", "RateLimits", "SimConfig", "SimStats",
+    "TokenBucket", "build_app", "go_duration", "start",
 ]  # fmt: skip
 
 FAULT_MODES = (
@@ -78,10 +69,16 @@ class SimConfig:
     fail_rate: float = 0.0  # fraction of requests that get an injected fault
     fail_modes: tuple[str, ...] = ("429", "500", "529", "truncate", "error_event")
     seed: int = 0
-    rpm: int | None = None  # server-side limits (token buckets, continuously refilled)
+    rpm: int | None = None  # server-side limits per `window`, counted as `limiter` says
     tpm: int | None = None
     window: float = 60.0  # the limits are per `window` seconds
+    limiter: str = "bucket"  # bucket | sliding | fixed | concurrency (simulator.limits)
+    max_in_flight: int | None = None  # the cap of the `concurrency` limiter
     rate_limit_headers: bool = True  # send x-ratelimit-* headers
+    # Retry-After on 429/503: "auto" = the limiter's own wait, "none" = never (nor the
+    # "try again in" hint), anything else = sent literally ("0", "-1", "soon", ...).
+    retry_after: str = "auto"
+    storm: float = 0.0  # answer every request 429 for this many seconds from the first one
     max_tokens_default: int = 300
     batch: batch_api.BatchConfig = field(default_factory=batch_api.BatchConfig)
 
@@ -101,6 +98,16 @@ def _config_problems(c: SimConfig) -> list[str]:
         "rpm must be >= 1": c.rpm is None or c.rpm >= 1,
         "tpm must be >= 1": c.tpm is None or c.tpm >= 1,
         "window must be a finite number > 0": math.isfinite(c.window) and c.window > 0,
+        f"limiter must be one of {','.join(LIMITER_KINDS)}": c.limiter in LIMITER_KINDS,
+        "the concurrency limiter needs max_in_flight >= 1 and no rpm/tpm": (
+            c.limiter != "concurrency"
+            or (c.max_in_flight is not None and c.max_in_flight >= 1 and not (c.rpm or c.tpm))
+        ),
+        "max_in_flight applies to the concurrency limiter only": (
+            c.max_in_flight is None or c.limiter == "concurrency"
+        ),
+        "storm must be a finite number >= 0": math.isfinite(c.storm) and c.storm >= 0,
+        "retry_after must not be empty": bool(c.retry_after.strip()),
         "max_tokens_default must be >= 1": c.max_tokens_default >= 1,
     }
     return [message for message, ok in checks.items() if not ok]
@@ -118,6 +125,7 @@ class SimStats:
     max_in_flight: int = 0
     accepted_at: list[float] = field(default_factory=list)  # time.monotonic() at admission
     rejected_at: list[float] = field(default_factory=list)  # time.monotonic() of each 429
+    in_flight_log: list[tuple[float, int]] = field(default_factory=list)  # (when, in flight)
     statuses: Counter[int] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
 
@@ -133,6 +141,9 @@ STATS = web.AppKey("STATS", SimStats)
 LIMITS = web.AppKey("LIMITS", RateLimits)
 FAULTS = web.AppKey("FAULTS", random.Random)
 CLOSING = web.AppKey("CLOSING", asyncio.Event)
+STORM = web.AppKey("STORM", list)  # [monotonic time of the first API request], once known
+USED = web.RequestKey("USED", int)  # tokens an admitted request really used, so far
+LIMIT_HEADERS = web.RequestKey("LIMIT_HEADERS", dict)  # the limits as of its admission
 
 
 def _draw_fault(app: web.Application) -> str | None:
@@ -153,13 +164,31 @@ async def _handle(request: web.Request, dialect: Dialect) -> web.StreamResponse:
             raise ApiError(401, "Incorrect API key provided", "invalid_request_error",
                            "authentication_error", "invalid_api_key")  # fmt: skip
         job = await _parse(request, dialect, request_id)
+        if _in_storm(request.app):
+            raise fault_error("storm")
         reserved = job.prompt.tokens + job.max_tokens * job.n
-        refusal = request.app[LIMITS].admit(reserved)
-        if refusal is not None:
-            raise rate_limit_error(refusal, job.model)
+        ticket = request.app[LIMITS].admit(reserved)
+        # As real servers do, the headers tell the state right after this admission
+        # (a stream's head goes out later, after the time to first token).
+        request[LIMIT_HEADERS] = dialect.limit_headers(request.app[LIMITS])
+        if isinstance(ticket, Refusal):
+            raise rate_limit_error(ticket, job.model)
     except ApiError as err:
-        return dialect.error(err, request_id)
-    return await _serve(request, dialect, job, fault, reserved)
+        return dialect.error(with_retry_after(err, request.app[CONFIG]), request_id)
+    try:
+        return await _serve(request, dialect, job, fault, reserved)
+    finally:  # also on cancellation, when the client hangs up mid-stream
+        request.app[LIMITS].release(ticket, reserved - request[USED])
+
+
+def _in_storm(app: web.Application) -> bool:
+    """`storm` seconds of nothing but 429s, counted from the first API request."""
+    seconds, started = app[CONFIG].storm, app[STORM]
+    if not seconds:
+        return False
+    if not started:
+        started.append(time.monotonic())
+    return time.monotonic() - started[0] < seconds
 
 
 async def _parse(request: web.Request, dialect: Dialect, request_id: str) -> Job:
@@ -179,34 +208,38 @@ async def _parse(request: web.Request, dialect: Dialect, request_id: str) -> Job
 async def _serve(
     request: web.Request, dialect: Dialect, job: Job, fault: str | None, reserved: int
 ) -> web.StreamResponse:
-    """Answer an admitted request; always reconcile the token bucket with actual use."""
+    """Answer an admitted request; count what it really used (the limits get the rest back)."""
     app, stats, prompt_used = request.app, request.app[STATS], 0
     config = app[CONFIG]
+    request[USED] = 0
     exchange = Exchange(request, dialect, job, fault, config.tokens_per_second, app[CLOSING])
     stats.accepted_at.append(time.monotonic())
     stats.in_flight += 1
     stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+    stats.in_flight_log.append((time.monotonic(), stats.in_flight))
     try:
         if fault:
             stats.faults[fault] += 1
         if fault in _HTTP_FAULTS:
-            return _http_fault(dialect, fault, job.request_id)
+            return _http_fault(dialect, fault, job.request_id, config)
         choices = _choices(job, config.seed)
         prompt_used = job.prompt.tokens
         await asyncio.sleep(config.latency)
         return await (stream if job.stream else complete)(exchange, choices)
     finally:  # also on cancellation, when the client hangs up mid-stream
         stats.in_flight -= 1
+        stats.in_flight_log.append((time.monotonic(), stats.in_flight))
         stats.prompt_tokens += prompt_used
         stats.completion_tokens += exchange.completion
-        app[LIMITS].refund(reserved - prompt_used - exchange.completion)
+        request[USED] = prompt_used + exchange.completion
 
 
-def _http_fault(dialect: Dialect, fault: str, request_id: str) -> web.Response:
+def _http_fault(dialect: Dialect, fault: str, request_id: str, config: SimConfig
+                ) -> web.Response:  # fmt: skip
     if fault == "502html":  # a CDN/proxy page, not JSON (docs/protocol.md §8.36)
         headers = {dialect.request_id_header: request_id}
         return web.Response(status=502, text=_HTML_502, content_type="text/html", headers=headers)
-    return dialect.error(fault_error(fault), request_id)
+    return dialect.error(with_retry_after(fault_error(fault), config), request_id)
 
 
 def _choices(job: Job, seed: int) -> tuple[Choice, ...]:
@@ -248,7 +281,9 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
         return
     app = request.app
     if app[CONFIG].rate_limit_headers:
-        response.headers.update(dialect.limit_headers(app[LIMITS]))
+        snapshot = request.get(LIMIT_HEADERS)
+        response.headers.update(snapshot if snapshot is not None
+                                else dialect.limit_headers(app[LIMITS]))
     app[STATS].statuses[response.status] += 1
     if response.status == 429:
         app[STATS].requests_429 += 1
@@ -262,7 +297,7 @@ async def _on_shutdown(app: web.Application) -> None:
 def build_app(config: SimConfig) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[CONFIG], app[STATS], app[LIMITS] = config, SimStats(), RateLimits(config)
-    app[FAULTS], app[CLOSING] = random.Random(config.seed), asyncio.Event()
+    app[FAULTS], app[CLOSING], app[STORM] = random.Random(config.seed), asyncio.Event(), []
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/messages", _messages)
     app.router.add_get("/v1/models", _models)
@@ -290,89 +325,3 @@ async def start(
         await runner.cleanup()
         raise
     return runner, runner.addresses[0][1]
-
-
-# ---------------------------------------------------------------- command line
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # one line instead of usage + message
-        raise _UsageError(message)
-
-
-def _fail_modes(text: str) -> tuple[str, ...]:
-    return tuple(mode.strip() for mode in text.split(",") if mode.strip())
-
-
-def _arg_parser() -> _Parser:
-    d = SimConfig()
-    parser = _Parser(
-        prog="simulate",
-        description="Local OpenAI/Anthropic-compatible gateway SIMULATOR (no model runs).",
-        epilog=triggers_help(FAULT_MODES, INVALID_KEY),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add = parser.add_argument
-    add("--host", default="127.0.0.1", help="interface to bind (default %(default)s)")
-    add("--port", type=int, default=0, help="port; 0 picks a free one (default)")
-    add("--latency", type=float, default=d.latency, help="seconds before the first byte")
-    add("--tokens-per-second", type=float, default=d.tokens_per_second, help="0 = no pacing")
-    add("--fail-rate", type=float, default=d.fail_rate, help="fraction of requests faulted")
-    add("--fail-modes", type=_fail_modes, default=d.fail_modes,
-        help=f"comma list among {','.join(FAULT_MODES)}")  # fmt: skip
-    add("--seed", type=int, default=d.seed, help="seed for faults and captions")
-    add("--rpm", type=int, default=None, help="requests per window (token bucket)")
-    add("--tpm", type=int, default=None, help="tokens per window (token bucket)")
-    add("--window", type=float, default=d.window, help="rate-limit window in seconds")
-    add("--no-rate-limit-headers", dest="rate_limit_headers", action="store_false",
-        help="omit the x-ratelimit-* / anthropic-ratelimit-* headers")  # fmt: skip
-    batch_api.add_arguments(add)
-    return parser
-
-
-def _config_from(args: argparse.Namespace) -> SimConfig:
-    if not 0 <= args.port <= 65535:
-        raise ValueError("port must be between 0 and 65535")
-    return SimConfig(
-        latency=args.latency, tokens_per_second=args.tokens_per_second,
-        fail_rate=args.fail_rate, fail_modes=args.fail_modes, seed=args.seed, rpm=args.rpm,
-        tpm=args.tpm, window=args.window, rate_limit_headers=args.rate_limit_headers,
-        batch=batch_api.config_from(args),
-    )  # fmt: skip
-
-
-async def _serve_forever(config: SimConfig, host: str, port: int) -> None:
-    runner, bound = await start(config, host, port)
-    stop, loop = asyncio.Event(), asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    url_host = f"[{host}]" if ":" in host else host
-    print(f"simulator listening on http://{url_host}:{bound}/v1", flush=True)
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline simulate ...`: serve until SIGINT/SIGTERM, then exit 0."""
-    try:
-        args = _arg_parser().parse_args(argv)
-        config = _config_from(args)
-    except (_UsageError, ValueError) as exc:
-        print(f"simulate: error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        asyncio.run(_serve_forever(config, args.host, args.port))
-    except OSError as exc:
-        print(f"simulate: error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
-              file=sys.stderr)  # fmt: skip
-        return 1
-    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
-        pass
-    return 0
-

@@ -8,7 +8,7 @@ into ~4-character pieces that stand in for streamed tokens.
 
 It deliberately imports nothing from the client (pipeline.sse, pipeline.adapters, ...):
 a parsing bug in the client must not be mirrored by the server it is tested against.
-The HTTP side lives in `pipeline.simulator`.
+The HTTP side lives in `simulator.app`.
 """
 
 from __future__ import annotations

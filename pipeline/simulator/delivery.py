@@ -9,7 +9,7 @@ It counts the content pieces actually delivered, so a cancelled stream still cou
 
 It deliberately imports nothing from the client (pipeline.sse, pipeline.adapters, ...):
 a client bug must not be mirrored by the server it is tested against.
-The request flow that hands answers over lives in `pipeline.simulator`.
+The request flow that hands answers over lives in `simulator.app`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from .errors import fault_error
 from .wire import (
     CLOSE,
     STALL,
@@ -31,7 +32,6 @@ from .wire import (
     Job,
     Plan,
     compact_json,
-    fault_error,
 )
 
 __all__ = ["STALL_SECONDS", "Exchange", "complete", "stream"]

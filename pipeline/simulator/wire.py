@@ -4,12 +4,12 @@ Owns everything that differs between the protocols: reading a request body into 
 `Job` (field checks, per-protocol defaults), framing a streamed answer as
 `chat.completion.chunk` events or named Messages events (docs/protocol.md §2.3, §3.2)
 and the equivalent non-streamed body, the stream endings the faults use, error bodies
-and their retry headers (`ApiError`, simulated faults, 429s from the rate limits) and the
+in either shape (the errors themselves: `simulator.errors`) and the
 `x-ratelimit-*` / `anthropic-ratelimit-*` headers (docs/protocol.md §5.2, §5.3).
 
 It deliberately imports nothing from the client (pipeline.sse, pipeline.adapters, ...):
 a client bug must not be mirrored by the server it is tested against.
-The request flow that uses a `Dialect` lives in `pipeline.simulator`.
+The request flow that uses a `Dialect` lives in `simulator.app`.
 """
 
 from __future__ import annotations
@@ -31,59 +31,18 @@ from .captions import (
     parse_anthropic_messages,
     parse_openai_messages,
 )
-from .limits import RateLimits, Refusal, go_duration, retry_after_text
+from .errors import ApiError, retry_after_header
+from .limits import RateLimits, go_duration
 
 if TYPE_CHECKING:
     from .app import SimConfig
 
 __all__ = [
-    "ANTHROPIC", "CLOSE", "DIALECTS", "OPENAI", "STALL", "AnthropicDialect", "ApiError",
-    "Choice", "Dialect", "Frame", "Job", "OpenAIDialect", "Plan", "compact_json",
-    "fault_error", "rate_limit_error",
+    "ANTHROPIC", "CLOSE", "DIALECTS", "OPENAI", "STALL", "AnthropicDialect", "Choice",
+    "Dialect", "Frame", "Job", "OpenAIDialect", "Plan", "compact_json",
 ]  # fmt: skip
 
 _DONE = b"data: [DONE]\n\n"
-
-
-class ApiError(Exception):
-    """An HTTP error answer, described once and rendered in either protocol's shape."""
-
-    def __init__(
-        self, status: int, message: str, openai_type: str, anthropic_type: str,
-        code: str | None = None, param: str | None = None, retry_after: float | None = None,
-    ) -> None:  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-        self.openai_type, self.anthropic_type = openai_type, anthropic_type
-        self.retry_after = retry_after
-
-
-def fault_error(fault: str) -> ApiError:
-    if fault == "429":
-        message = "Rate limit reached for requests (simulated fault). Please try again in 1s."
-        code = "rate_limit_exceeded"
-        return ApiError(429, message, "requests", "rate_limit_error", code, retry_after=1.0)
-    if fault == "503":
-        message = "The server is overloaded or not ready yet."
-        return ApiError(503, message, "server_error", "api_error", retry_after=1.0)
-    if fault == "529":
-        return ApiError(529, "Overloaded", "overloaded_error", "overloaded_error")
-    message = "The server had an error while processing your request. Sorry about that!"
-    return ApiError(500, message, "server_error", "api_error")
-
-
-def rate_limit_error(refusal: Refusal, model: str) -> ApiError:
-    unit = "requests per min (RPM)" if refusal.kind == "requests" else "tokens per min (TPM)"
-    counts = f"Limit {refusal.limit}, Requested {refusal.requested}."
-    if refusal.retry_after is None:  # a correct client never retries this (docs/protocol.md §5.2, §6.1)
-        message = f"Request too large for {model} on {unit}: {counts}"
-        return ApiError(429, message, "tokens", "rate_limit_error", "rate_limit_exceeded")
-    wait = retry_after_text(refusal.retry_after)
-    message = f"Rate limit reached for {unit} on {model}: {counts} Please try again in {wait}s."
-    return ApiError(
-        429, message, refusal.kind, "rate_limit_error", "rate_limit_exceeded",
-        retry_after=refusal.retry_after,
-    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -198,7 +157,7 @@ class OpenAIDialect:
         detail |= {"param": err.param, "code": err.code}
         headers = {self.request_id_header: request_id}
         if err.retry_after is not None:
-            headers["Retry-After"] = retry_after_text(err.retry_after)
+            headers["Retry-After"] = retry_after_header(err.retry_after)
         return web.json_response({"error": detail}, status=err.status, headers=headers)
 
     def plan(self, job: Job, choices: tuple[Choice, ...]) -> Plan:
@@ -238,7 +197,7 @@ class OpenAIDialect:
         headers = {}
         for kind, bucket in limits.buckets.items():
             headers[f"x-ratelimit-limit-{kind}"] = str(bucket.limit)
-            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket.level())))
+            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket.remaining())))
             headers[f"x-ratelimit-reset-{kind}"] = go_duration(bucket.reset_seconds())
         return headers
 
@@ -288,7 +247,7 @@ class AnthropicDialect:
         detail = {"type": err.anthropic_type, "message": err.message}
         headers = {self.request_id_header: request_id}
         if err.retry_after is not None:  # Anthropic sends whole seconds
-            headers["retry-after"] = str(max(1, math.ceil(err.retry_after)))
+            headers["retry-after"] = retry_after_header(err.retry_after, whole_seconds=True)
         if err.status == 400:
             headers["x-should-retry"] = "false"
         body = {"type": "error", "error": detail, "request_id": request_id}
@@ -341,7 +300,7 @@ class AnthropicDialect:
             reset = now + timedelta(seconds=math.ceil(bucket.reset_seconds()))
             prefix = f"anthropic-ratelimit-{kind}"
             headers[f"{prefix}-limit"] = str(bucket.limit)
-            headers[f"{prefix}-remaining"] = str(max(0, math.floor(bucket.level())))
+            headers[f"{prefix}-remaining"] = str(max(0, math.floor(bucket.remaining())))
             headers[f"{prefix}-reset"] = reset.strftime("%Y-%m-%dT%H:%M:%SZ")
         return headers
 

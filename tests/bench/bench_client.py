@@ -203,6 +203,7 @@ CAPTION_TOKENS = 100
 _SIM_LAUNCHER = """\
 import math, sys
 from pipeline.simulator import app as simulator
+from pipeline.simulator import cli
 from pipeline.simulator.captions import split_tokens
 
 n, natural = int(sys.argv[1]), simulator.caption_for
@@ -217,7 +218,7 @@ def caption_for(prompt, seed, variant=0):
 
 
 simulator.caption_for = caption_for
-sys.exit(simulator.main(sys.argv[2:]))
+sys.exit(cli.main(sys.argv[2:]))
 """
 
 

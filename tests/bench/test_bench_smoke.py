@@ -17,6 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_client  # noqa: E402
+import bench_ratelimit  # noqa: E402
 import bench_scale  # noqa: E402
 
 from pipeline.store.checkpoint import Checkpoint  # noqa: E402
@@ -68,3 +69,13 @@ def test_generated_out_is_what_the_pipeline_reads(tmp_path: Path) -> None:
     t = pq.read_table(parts[-1], columns=["id", "status", "dedup_key"])
     assert t["id"][0].as_py() == "r0002000" and t["status"][0].as_py() == "ok"
     assert len(t["dedup_key"][0].as_py()) == 32
+
+
+def test_ratelimit_table(capsys: pytest.CaptureFixture[str]) -> None:
+    # One limiter kind, one bound, one mode, a 1 s window: the matrix's code path.
+    code = bench_ratelimit.main(["--images", "30", "--kinds", "sliding", "--bounds", "rpm",
+                                 "--modes", "budget", "--window", "1", "--rpm", "20"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "| limiter | bound | mode | % of limit used | % 429 |" in out
+    assert "| sliding | rpm | budget |" in out

@@ -2,7 +2,7 @@
 prompts, unattended output (status lines, JSON lines), run reports, `status`, prices
 and cost, the --max-cost stop that resumes, and --dry-run.
 
-Everything runs against the scripted loopback gateway (tests/fake_gateway.py); a few
+Everything runs against the scripted loopback gateway (tests/fake_gateway/); a few
 runs are real subprocesses (cron-style, no TTY) and one goes through `make`.
 """
 

@@ -2,7 +2,7 @@
 and the manifests people actually have (semicolons, tabs, other column names, a pipe
 from another program) caption as they are.
 
-Runs go against the scripted loopback gateway (tests/fake_gateway.py); standard
+Runs go against the scripted loopback gateway (tests/fake_gateway/); standard
 input is exercised through a real `cat ... |` pipe into a subprocess.
 """
 

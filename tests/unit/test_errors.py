@@ -509,3 +509,13 @@ def test_rfc3339_with_offset_and_fraction() -> None:
 @pytest.mark.parametrize("value", ["", "   ", "soon", "6m0", "m5s"])
 def test_unparsable_durations_are_none(value: str) -> None:
     assert parse_duration(value, now=NOW) is None
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "Infinity"])
+def test_retry_after_that_is_not_a_finite_number_is_no_wait_at_all(value: str) -> None:
+    assert parse_retry_after({"retry-after": value}) is None
+    assert parse_retry_after({"retry-after-ms": value}) is None
+
+
+def test_negative_retry_after_is_zero_which_the_retry_policy_treats_as_no_guidance() -> None:
+    assert parse_retry_after({"retry-after": "-5"}) == 0.0

@@ -1,26 +1,20 @@
-"""Specification of pipeline/ratelimit.py's meters: TokenBucket, Limiter (pacing, header
-reading, usage reconciliation), AdaptiveRate and AdaptiveConcurrency.
+"""Specification of the limiter's pacing: TokenBucket, budgets, slow start, the window in
+flight, reconciliation of token costs (pipeline/ratelimit.py, pipeline/meters.py).
 
 A fake clock and a fake sleep are injected: sleeping advances the fake clock, so no test
-waits on the wall clock and every schedule is exact. (PauseGate alone: test_ratelimit.py.)
+waits on the wall clock and every schedule is exact. Header ceilings and their pace:
+test_header_limits.py; the rate found from bare 429s: test_adaptive_rate.py; PauseGate:
+test_ratelimit.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timezone
 
 import pytest
 
-from pipeline.pacing.limiter import (
-    AdaptiveConcurrency,
-    AdaptiveRate,
-    Budgets,
-    Limiter,
-    Permit,
-    TokenBucket,
-    read_limits,
-)
+from pipeline.pacing.meters import PACE_SHARE
+from pipeline.pacing.limiter import AdaptiveConcurrency, Budgets, Limiter, Permit, TokenBucket
 
 
 class FakeTime:
@@ -44,125 +38,115 @@ def limiter(t: FakeTime, concurrency: int = 64, **budgets: float) -> Limiter:
     return Limiter(Budgets(**budgets), concurrency, clock=t.clock, sleep=t.sleep)
 
 
-def go(limit: float, remaining: float, reset: str, kind: str = "requests") -> dict[str, str]:
-    """OpenAI-style rate-limit headers for one bucket."""
-    return {f"x-ratelimit-limit-{kind}": str(limit),
-            f"x-ratelimit-remaining-{kind}": str(remaining),
-            f"x-ratelimit-reset-{kind}": reset}
+def most_in_any_window(times: list[float], window: float) -> int:
+    return max(sum(1 for u in times if s <= u < s + window) for s in times)
 
 
 # --------------------------------------------------------------------------- TokenBucket
 
 
-def test_bucket_starts_full_with_a_one_second_burst() -> None:
+def test_pacer_holds_one_request_and_fifty_milliseconds_of_credit() -> None:
     t = FakeTime()
-    b = TokenBucket(5.0, t.clock)
-    assert b.capacity == 5.0 and b.level == 5.0
-    assert b.wait_time(5.0) == 0.0
-    assert b.wait_time(5.5) == 0.0  # more than the burst: a full bucket is enough
-
-
-def test_bucket_capacity_is_at_least_one_whole_request() -> None:
-    t = FakeTime()
-    b = TokenBucket(0.1, t.clock)  # 6 per minute
-    assert b.capacity == 1.0
+    b = TokenBucket(10.0, t.clock)
+    assert b.capacity == pytest.approx(1.5) and b.level == pytest.approx(1.5)
     assert b.wait_time(1.0) == 0.0
-    b.take(1.0)
-    assert b.wait_time(1.0) == pytest.approx(10.0)
 
 
-def test_bucket_refills_continuously_not_at_the_top_of_a_window() -> None:
+def test_pacer_refills_continuously_not_at_the_top_of_a_window() -> None:
     t = FakeTime()
     b = TokenBucket(4.0, t.clock)
-    b.take(4.0)
+    b.take(b.capacity)
     assert b.wait_time(1.0) == pytest.approx(0.25)
     t.now += 0.125
     assert b.wait_time(1.0) == pytest.approx(0.125)
     t.now += 0.125
     assert b.wait_time(1.0) == 0.0
-    b.take(0.0)
-    assert b.level == pytest.approx(1.0)
 
 
-def test_bucket_never_refills_above_its_burst() -> None:
+def test_pacer_never_refills_above_its_capacity() -> None:
     t = FakeTime()
     b = TokenBucket(2.0, t.clock)
-    b.take(2.0)
+    b.take(1.0)
     t.now += 100.0
     b.take(0.0)
-    assert b.level == 2.0
+    assert b.level == pytest.approx(b.capacity)
 
 
-def test_bucket_may_go_into_debt_and_must_repay_it() -> None:
+def test_pacer_may_go_into_debt_and_must_repay_it() -> None:
     t = FakeTime()
-    b = TokenBucket(10.0, t.clock)
-    b.take(25.0)  # a cost above the burst is allowed from a full bucket...
-    assert b.level == -15.0
+    b = TokenBucket(10.0, t.clock)  # capacity 1.5
+    b.take(25.0)  # a cost above the capacity is allowed from a full pacer...
+    assert b.level == pytest.approx(-23.5)
     # ... and the next one waits until the debt and its own cost are refilled.
-    assert b.wait_time(1.0) == pytest.approx(1.6)
-    assert b.wait_time(25.0) == pytest.approx(2.5)  # needs only a full bucket again
+    assert b.wait_time(1.0) == pytest.approx(2.45)
+    assert b.wait_time(25.0) == pytest.approx(2.5)  # needs only a full pacer again
 
 
-def test_bucket_credit_refunds_up_to_the_burst_and_charges_into_debt() -> None:
+def test_pacer_credit_refunds_up_to_the_capacity_and_charges_into_debt() -> None:
     t = FakeTime()
-    b = TokenBucket(100.0, t.clock)
+    b = TokenBucket(100.0, t.clock)  # capacity 6
     b.take(80.0)
     b.credit(30.0)
-    assert b.level == 50.0
+    assert b.level == pytest.approx(-44.0)
     b.credit(500.0)
-    assert b.level == 100.0  # a refund never exceeds the burst
-    b.credit(-130.0)
-    assert b.level == -30.0  # an under-estimate charged afterwards: debt, no blocking
+    assert b.level == pytest.approx(6.0)  # a refund never exceeds the capacity
+    b.credit(-30.0)
+    assert b.level == pytest.approx(-24.0)  # an under-estimate charged afterwards
 
 
-def test_bucket_cap_only_lowers_the_level() -> None:
+def test_pacer_drain_empties_it_without_forgiving_debt() -> None:
     t = FakeTime()
     b = TokenBucket(10.0, t.clock)
-    b.cap(3.0)
-    assert b.level == 3.0
-    b.cap(7.0)
-    assert b.level == 3.0
+    b.drain()
+    assert b.level == 0.0
+    b.take(3.0)
+    b.drain()
+    assert b.level == -3.0
 
 
-def test_bucket_set_rate_counts_earlier_refill_at_the_old_rate() -> None:
+def test_pacer_set_rate_counts_earlier_refill_at_the_old_rate() -> None:
     t = FakeTime()
     b = TokenBucket(10.0, t.clock)
-    b.take(10.0)
-    t.now += 0.5  # +5 at the old rate
+    b.take(b.capacity)
+    t.now += 0.05  # +0.5 at the old rate
     b.set_rate(2.0)
-    assert b.capacity == 2.0
-    assert b.level == 2.0  # clipped to the new, smaller burst
-    b.take(2.0)
-    t.now += 0.5
+    assert b.capacity == pytest.approx(1.1)
+    assert b.level == pytest.approx(0.5)
+    t.now += 0.25
     b.take(0.0)
     assert b.level == pytest.approx(1.0)  # refilled at the new rate
 
 
-# --------------------------------------------------------------------------- Limiter pacing
+# --------------------------------------------------------------------------- budgets
 
 
-async def test_rpm_60_allows_one_request_then_one_per_second() -> None:
+async def test_a_budget_is_paced_just_under_it_and_spread_evenly() -> None:
     t = FakeTime(start=0.0)
     lim = limiter(t, rpm=60)
     sent = []
-    for _ in range(5):
+    for _ in range(12):
         p = await lim.acquire(100, 50)
         sent.append(p.sent_at)
         lim.finish(p, "ok", 100, 20)
-    assert t.sleeps == [1.0, 1.0, 1.0, 1.0]
-    assert sent == [0.0, 1.0, 2.0, 3.0, 4.0]
+    gaps = [b - a for a, b in zip(sent[2:], sent[3:], strict=False)]
+    assert gaps == pytest.approx([1 / PACE_SHARE] * len(gaps))
 
 
-async def test_rpm_120_allows_a_burst_of_two_then_one_every_half_second() -> None:
+async def test_a_budget_never_bursts_so_no_window_sees_more_than_its_share() -> None:
+    # 600 a minute is 60 in any 6 s, also to a sliding or a clock-aligned window.
     t = FakeTime(start=0.0)
-    lim = limiter(t, rpm=120)
-    sent = []
-    for _ in range(6):
+    lim = limiter(t, concurrency=64, rpm=600)
+
+    async def one() -> float:
         p = await lim.acquire(1, 1)
-        sent.append(p.sent_at)
         lim.finish(p, "ok", 1, 1)
-    assert t.sleeps == [0.5, 0.5, 0.5, 0.5]
-    assert sent == [0.0, 0.0, 0.5, 1.0, 1.5, 2.0]
+        return p.sent_at
+
+    sent = sorted(await asyncio.gather(*(one() for _ in range(200))))
+    credit = lim.buckets["rpm"].capacity  # one request and 50 ms worth
+    for window in (1.0, 6.0, 15.0):
+        assert most_in_any_window(sent, window) <= credit + 10 * PACE_SHARE * window
+    assert most_in_any_window(sent, 6.0) <= 60
 
 
 async def test_concurrent_acquirers_are_paced_one_after_another() -> None:
@@ -174,384 +158,137 @@ async def test_concurrent_acquirers_are_paced_one_after_another() -> None:
         return p.sent_at
 
     sent = sorted(await asyncio.gather(*(one() for _ in range(4))))
-    assert sent == [0.0, 1.0, 2.0, 3.0]  # no thundering herd through one refill
+    assert sent[0] == 0.0
+    assert [b - a for a, b in zip(sent[1:], sent[2:], strict=False)] == pytest.approx(
+        [1 / PACE_SHARE] * 2)  # no thundering herd through one refill
 
 
-async def test_tpm_budget_paces_by_estimated_cost() -> None:
+async def test_a_token_budget_paces_by_estimated_cost() -> None:
     t = FakeTime(start=0.0)
-    lim = limiter(t, tpm=6000)  # 100 tokens/s, burst 100
+    lim = limiter(t, tpm=6000)  # 98 tokens/s paced
     sent = [(await lim.acquire(30, 20)).sent_at for _ in range(4)]  # 50 tokens each
-    assert sent == [0.0, 0.0, 0.5, 1.0]
+    assert [b - a for a, b in zip(sent[1:], sent[2:], strict=False)] == pytest.approx(
+        [50 / 98] * 2)
 
 
-async def test_no_budget_never_waits() -> None:
+async def test_a_user_budget_skips_slow_start() -> None:
     t = FakeTime(start=0.0)
-    lim = limiter(t)
-    for _ in range(100):
-        lim.finish(await lim.acquire(1000, 1000), "ok", 1000, 10)
-    assert t.sleeps == []
+    lim = limiter(t, concurrency=8, rpm=600_000)
+    permits = [await asyncio.wait_for(lim.acquire(1, 1), 1) for _ in range(8)]
+    assert lim.slots.in_flight == 8 and len(permits) == 8
 
 
 async def test_acquire_waits_out_a_pause_first() -> None:
     t = FakeTime(start=0.0)
-    lim = limiter(t)
+    lim = limiter(t, rpm=600_000)
     lim.gate.pause(3.0)
     p = await lim.acquire(1, 1)
     assert p.sent_at == 3.0
 
 
-# --------------------------------------------------------------------------- read_limits
-
-
-def test_read_limits_openai_go_durations() -> None:
-    headers = {
-        "x-ratelimit-limit-requests": "500", "x-ratelimit-remaining-requests": "499",
-        "x-ratelimit-reset-requests": "120ms",
-        "x-ratelimit-limit-tokens": "30000", "x-ratelimit-remaining-tokens": "0",
-        "x-ratelimit-reset-tokens": "6m0s",
-    }
-    assert read_limits(headers) == {"rpm": (500.0, 499.0, pytest.approx(0.12)),
-                                    "tpm": (30000.0, 0.0, 360.0)}
-
-
-@pytest.mark.parametrize("reset, seconds", [("6m0s", 360.0), ("1.5s", 1.5), ("20ms", 0.02),
-                                            ("1m30.5s", 90.5), ("1h2m3s", 3723.0)])
-def test_read_limits_go_duration_forms(reset: str, seconds: float) -> None:
-    limits = read_limits(go(100, 50, reset))
-    assert limits["rpm"] == (100.0, 50.0, pytest.approx(seconds))
-
-
-def test_read_limits_anthropic_rfc3339_resets() -> None:
-    now = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc).timestamp()
-    headers = {}
-    for kind, limit, remaining, reset in [
-        ("requests", "50", "49", "2024-05-01T12:00:01Z"),
-        ("tokens", "100000", "60000", "2024-05-01T12:00:24Z"),
-        ("input-tokens", "80000", "40000", "2024-05-01T12:00:30Z"),
-        ("output-tokens", "20000", "19000", "2024-05-01T12:00:03Z"),
-    ]:
-        headers[f"anthropic-ratelimit-{kind}-limit"] = limit
-        headers[f"anthropic-ratelimit-{kind}-remaining"] = remaining
-        headers[f"anthropic-ratelimit-{kind}-reset"] = reset
-    assert read_limits(headers, now=now) == {
-        "rpm": (50.0, 49.0, 1.0), "tpm": (100000.0, 60000.0, 24.0),
-        "itpm": (80000.0, 40000.0, 30.0), "otpm": (20000.0, 19000.0, 3.0)}
-
-
-def test_read_limits_anthropic_reset_in_the_past_is_zero() -> None:
-    now = datetime(2024, 5, 1, 12, 0, 10, tzinfo=timezone.utc).timestamp()
-    headers = {"anthropic-ratelimit-requests-limit": "50",
-               "anthropic-ratelimit-requests-remaining": "50",
-               "anthropic-ratelimit-requests-reset": "2024-05-01T12:00:00Z"}
-    assert read_limits(headers, now=now) == {"rpm": (50.0, 50.0, 0.0)}
-
-
-def test_read_limits_litellm_prefixed_copies() -> None:
-    headers = {"llm_provider-x-ratelimit-limit-requests": "60",
-               "llm_provider-x-ratelimit-remaining-requests": "12",
-               "llm_provider-x-ratelimit-reset-requests": "48s",
-               "llm_provider-x-ratelimit-limit-tokens": "1000",
-               "llm_provider-x-ratelimit-remaining-tokens": "900",
-               "llm_provider-x-ratelimit-reset-tokens": "6s"}
-    assert read_limits(headers) == {"rpm": (60.0, 12.0, 48.0), "tpm": (1000.0, 900.0, 6.0)}
-
-
-@pytest.mark.parametrize("headers", [
-    {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "12"},  # no reset
-    {"x-ratelimit-limit-requests": "60", "x-ratelimit-reset-requests": "1s"},      # no remaining
-    {"x-ratelimit-limit-requests": "lots", "x-ratelimit-remaining-requests": "1",
-     "x-ratelimit-reset-requests": "1s"},
-    {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "1",
-     "x-ratelimit-reset-requests": "soon"},
-    {"content-type": "text/event-stream"},
-])
-def test_read_limits_ignores_incomplete_or_unreadable_headers(headers: dict[str, str]) -> None:
-    assert read_limits(headers) == {}
-
-
-# --------------------------------------------------------------------------- Limiter.observe
-
-
-async def test_observe_learns_rate_from_limit_minus_remaining_over_reset() -> None:
+async def test_cancel_gives_a_granted_permit_back() -> None:
     t = FakeTime(start=0.0)
-    lim = limiter(t)
-    # 60 short of a 600 limit and full again in 30 s: the server refills 2 a second.
-    lim.observe(go(600, 540, "30s"))
-    bucket = lim.buckets["rpm"]
-    assert bucket.learned
-    assert bucket.rate == pytest.approx(2.0)
-
-
-async def test_observe_caps_the_level_to_what_the_server_says_is_left() -> None:
-    t = FakeTime(start=0.0)
-    lim = limiter(t)
-    lim.observe(go(600, 0, "60s"))  # 10/s, nothing left right now
-    assert lim.buckets["rpm"].level == 0.0
-    sent = [(await lim.acquire(1, 1)).sent_at for _ in range(3)]
-    assert sent == [pytest.approx(0.1), pytest.approx(0.2), pytest.approx(0.3)]
-
-
-async def test_observe_smooths_later_observations() -> None:
-    t = FakeTime(start=0.0)
-    lim = limiter(t)
-    lim.observe(go(100, 90, "10s"))   # 1/s
-    lim.observe(go(100, 80, "5s"))    # 4/s
-    assert lim.buckets["rpm"].rate == pytest.approx(0.7 * 1.0 + 0.3 * 4.0)
-
-
-async def test_observe_learns_token_buckets_too() -> None:
-    t = FakeTime(start=0.0)
-    lim = limiter(t)
-    lim.observe(go(30000, 27000, "6s", kind="tokens"))
-    assert lim.buckets["tpm"].rate == pytest.approx(500.0)
-    assert lim.buckets["tpm"].level == 500.0  # the burst, below the 27000 remaining
-
-
-async def test_observe_never_overrides_a_user_budget_but_believes_remaining() -> None:
-    t = FakeTime(start=0.0)
-    lim = limiter(t, rpm=600)  # 10/s
-    lim.observe(go(6000, 3, "10s"))
-    bucket = lim.buckets["rpm"]
-    assert not bucket.learned
-    assert bucket.rate == 10.0
-    assert bucket.level == 3.0
-
-
-@pytest.mark.parametrize("limit, remaining, reset", [(100, 100, "10s"), (100, 50, "0s")])
-async def test_observe_learns_nothing_from_a_full_bucket_or_zero_reset(
-        limit: int, remaining: int, reset: str) -> None:
-    t = FakeTime(start=0.0)
-    lim = limiter(t)
-    lim.observe(go(limit, remaining, reset))
-    assert lim.buckets == {}
-
-
-# --------------------------------------------------------------------------- reconciliation
-
-
-async def test_ok_refunds_the_unused_max_tokens_reservation() -> None:
-    t = FakeTime(start=0.0)
-    lim = limiter(t, tpm=60_000)  # 1000/s, burst 1000
-    p = await lim.acquire(100, 500)
-    assert (p.cost_in, p.cost_out) == (100, 500)
-    assert lim.buckets["tpm"].level == 400.0
-    lim.finish(p, "ok", 120, 15)  # used 135 of the 600 reserved
-    assert lim.buckets["tpm"].level == 865.0
-
-
-async def test_ok_charges_an_under_estimate() -> None:
-    t = FakeTime(start=0.0)
-    lim = limiter(t, tpm=60_000)
-    p = await lim.acquire(100, 500)
-    lim.finish(p, "ok", 700, 50)  # 750 used, 600 reserved
-    assert lim.buckets["tpm"].level == 250.0
-
-
-async def test_reconciliation_per_input_and_output_bucket() -> None:
-    t = FakeTime(start=0.0)
-    lim = limiter(t, itpm=60_000, otpm=60_000)  # 1000/s each
-    p = await lim.acquire(300, 500)
-    assert (lim.buckets["itpm"].level, lim.buckets["otpm"].level) == (700.0, 500.0)
-    lim.finish(p, "ok", 350, 20)
-    assert (lim.buckets["itpm"].level, lim.buckets["otpm"].level) == (650.0, 980.0)
-
-
-@pytest.mark.parametrize("outcome", ["throttled", "overloaded"])
-async def test_refused_request_refunds_every_token_cost(outcome: str) -> None:
-    t = FakeTime(start=0.0)
-    lim = limiter(t, tpm=600_000, itpm=600_000, otpm=600_000)  # 10 000/s each
-    for b in lim.buckets.values():
-        b.take(5000)
-    p = await lim.acquire(300, 500)
-    lim.finish(p, outcome)
-    assert {n: b.level for n, b in lim.buckets.items()} == {
-        "tpm": 5000.0, "itpm": 5000.0, "otpm": 5000.0}
-
-
-async def test_error_without_usage_refunds_only_the_output_reservation() -> None:
-    t = FakeTime(start=0.0)
-    lim = limiter(t, tpm=600_000, itpm=600_000, otpm=600_000)
-    for b in lim.buckets.values():
-        b.take(5000)
-    p = await lim.acquire(300, 500)
-    lim.finish(p, "error")
-    assert {n: b.level for n, b in lim.buckets.items()} == {
-        "tpm": 4700.0, "itpm": 4700.0, "otpm": 5000.0}
-
-
-async def test_input_scale_converges_to_reported_over_estimated() -> None:
-    t = FakeTime(start=0.0)
-    lim = limiter(t, tpm=6_000_000)
-    for _ in range(100):
-        p = await lim.acquire(1000, 100)
-        lim.finish(p, "ok", 600, 10)  # the server counts 0.6 x the estimate
-    assert lim.input_scale == pytest.approx(0.6, abs=1e-4)
-    p = await lim.acquire(1000, 100)
-    assert (p.cost_in, p.estimate_in) == (600, 1000)  # charged the learned scale
-    # ... and reconciled against what was charged, not the raw estimate.
-    before = lim.buckets["tpm"].level
-    lim.finish(p, "ok", 600, 100)
-    assert lim.buckets["tpm"].level == before
-
-
-async def test_finish_releases_the_concurrency_slot() -> None:
-    t = FakeTime(start=0.0)
-    lim = limiter(t, concurrency=1)
-    p = await lim.acquire(1, 1)
-    assert lim.slots.in_flight == 1
-    lim.finish(p, "error")
+    lim = limiter(t, concurrency=2, rpm=60, tpm=60_000)
+    before = {n: b.level for n, b in lim.buckets.items()}
+    p = await lim.acquire(100, 50)
+    lim.cancel(p)
     assert lim.slots.in_flight == 0
+    assert {n: b.level for n, b in lim.buckets.items()} == pytest.approx(before)
 
 
-# --------------------------------------------------------------------------- AdaptiveRate
+# --------------------------------------------------------------------------- slow start
 
 
-def successes(rate: AdaptiveRate, t: FakeTime, n: int, every: float = 0.1) -> None:
-    for _ in range(n):
-        t.now += every
-        rate.on_success()
-
-
-def test_adaptive_429_without_evidence_creates_no_bucket() -> None:
+async def test_slow_start_lets_one_request_out_first() -> None:
     t = FakeTime(start=0.0)
-    a = AdaptiveRate(t.clock)
-    successes(a, t, 4)
-    assert a.on_throttle(sent_at=t.now) is None
-    assert a.bucket is None
-    # ... and it does not count as a cut: a 429 once there is evidence is not ignored.
-    successes(a, t, 6)
-    assert a.on_throttle(sent_at=t.now - 0.01) is not None
-
-
-def test_adaptive_old_successes_are_no_evidence() -> None:
-    t = FakeTime(start=0.0)
-    a = AdaptiveRate(t.clock)
-    successes(a, t, 10)
-    t.now += 5.0
-    assert a.on_throttle(sent_at=t.now) is None
-
-
-def test_adaptive_first_cut_is_half_the_accepted_rate() -> None:
-    t = FakeTime(start=0.0)
-    a = AdaptiveRate(t.clock)
-    successes(a, t, 10)  # 10 within the last second
-    bucket = a.on_throttle(sent_at=t.now)
-    assert bucket is a.bucket and bucket is not None
-    assert bucket.learned
-    assert bucket.rate == pytest.approx(5.0)
-
-
-def test_adaptive_ignores_429s_for_requests_sent_before_the_cut_settled() -> None:
-    t = FakeTime(start=0.0)
-    a = AdaptiveRate(t.clock)
-    successes(a, t, 10)
-    cut_at = t.now
-    bucket = a.on_throttle(sent_at=cut_at)
-    assert bucket is not None
-    t.now += 0.3
-    assert a.on_throttle(sent_at=cut_at - 0.2) is None           # sent before the cut
-    assert a.on_throttle(sent_at=cut_at + a.settle / 2) is None  # before it settled
-    assert bucket.rate == pytest.approx(5.0)
-    assert a.on_throttle(sent_at=cut_at + a.settle + 0.01) is bucket  # paced at the new rate
-    assert bucket.rate == pytest.approx(2.5)  # still refused within a span: halved
-
-
-def test_adaptive_later_cut_is_gentle() -> None:
-    t = FakeTime(start=0.0)
-    a = AdaptiveRate(t.clock)
-    successes(a, t, 10)
-    bucket = a.on_throttle(sent_at=t.now)
-    assert bucket is not None and bucket.rate == pytest.approx(5.0)
-    t.now += 2.0  # more than a span after the last cut: probing just above the limit
-    assert a.on_throttle(sent_at=t.now) is bucket
-    assert bucket.rate == pytest.approx(0.8 * 5.0)
-
-
-def test_adaptive_cut_never_leaves_the_rate_above_what_the_server_accepted() -> None:
-    t = FakeTime(start=0.0)
-    a = AdaptiveRate(t.clock)
-    successes(a, t, 10)
-    bucket = a.on_throttle(sent_at=t.now)
-    assert bucket is not None
-    t.now += 2.0
-    successes(a, t, 5)  # 5 accepted in the last second; the rate grew to ~6.3
-    assert bucket.rate > 6.0
-    assert a.on_throttle(sent_at=t.now) is bucket
-    assert bucket.rate == pytest.approx(0.95 * 5)  # not 0.8 x 6.3 = 5.04
-
-
-def test_adaptive_rate_has_a_floor() -> None:
-    t = FakeTime(start=0.0)
-    a = AdaptiveRate(t.clock)
-    successes(a, t, 10)
-    bucket = a.on_throttle(sent_at=t.now)
-    assert bucket is not None
-    for _ in range(30):
-        t.now += 2.0
-        a.on_throttle(sent_at=t.now)
-    assert bucket.rate == pytest.approx(0.05)
-
-
-def test_adaptive_successes_raise_the_rate_multiplicatively() -> None:
-    t = FakeTime(start=0.0)
-    a = AdaptiveRate(t.clock)  # gain 0.1: +10% per second without a 429
-    successes(a, t, 10)
-    bucket = a.on_throttle(sent_at=t.now)
-    assert bucket is not None and bucket.rate == pytest.approx(5.0)
-    t.now += 1.0
-    a.on_success()
-    assert bucket.rate == pytest.approx(5.5)
-    t.now += 1.0
-    a.on_success()
-    assert bucket.rate == pytest.approx(6.05)  # compounds
+    lim = limiter(t, concurrency=8)
+    first = await lim.acquire(1, 1)
+    second = asyncio.ensure_future(lim.acquire(1, 1))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not second.done()
     t.now += 0.5
-    a.on_success()
-    assert bucket.rate == pytest.approx(6.05 * 1.05)
+    lim.finish(first, "ok", 1, 1)
+    await asyncio.wait_for(second, 1)
+    assert lim.slots.limit == 2
 
 
-async def test_limiter_installs_the_adaptive_rate_only_without_an_rpm_budget() -> None:
+async def test_slow_start_doubles_the_window_every_round_trip() -> None:
     t = FakeTime(start=0.0)
-    lim = limiter(t)
-    for _ in range(10):
-        t.now += 0.1
-        lim.finish(await lim.acquire(1, 1), "ok", 1, 1)
-    p = await lim.acquire(1, 1)
-    lim.finish(p, "throttled")
-    assert lim.buckets["rpm"] is lim.adaptive.bucket
-    assert lim.buckets["rpm"].rate == pytest.approx(5.0)
-    assert lim.throttled == 1
-
-    budgeted = limiter(t, rpm=600)
-    user_bucket = budgeted.buckets["rpm"]
-    for _ in range(10):
-        t.now += 0.1
-        budgeted.finish(await budgeted.acquire(1, 1), "ok", 1, 1)
-    budgeted.finish(await budgeted.acquire(1, 1), "throttled")
-    assert budgeted.buckets["rpm"] is user_bucket
-    assert user_bucket.rate == 10.0
+    lim = limiter(t, concurrency=12)
+    windows = []
+    for _ in range(5):
+        round_trip = []
+        while lim.slots.in_flight < int(lim.slots.limit):
+            round_trip.append(await lim.acquire(1, 1))
+        windows.append(len(round_trip))
+        t.now += 0.4
+        for p in round_trip:
+            lim.finish(p, "ok", 1, 1)
+    assert windows == [1, 2, 4, 8, 12]  # then the cap of --concurrency
 
 
-async def test_overload_halves_concurrency_not_the_rate() -> None:
+async def test_slow_start_spreads_each_round_trips_sends_over_the_round_trip() -> None:
     t = FakeTime(start=0.0)
-    lim = limiter(t, concurrency=16)
-    for _ in range(10):
-        t.now += 0.1
-        lim.finish(await lim.acquire(1, 1), "ok", 1, 1)
-    lim.finish(await lim.acquire(1, 1), "overloaded")
+    lim = limiter(t, concurrency=64)
+    for _ in range(2):  # window 1, then 2: the round trip is learned (0.4 s)
+        round_trip = [await lim.acquire(1, 1) for _ in range(int(lim.slots.limit))]
+        t.now += 0.4
+        for p in round_trip:
+            lim.finish(p, "ok", 1, 1)
+    assert lim.slots.limit == 4
+    sent = [(await lim.acquire(1, 1)).sent_at for _ in range(4)]
+    assert sent[-1] - sent[0] >= 0.25  # over the round trip of 0.4 s, not four at once
+
+
+async def test_slow_start_ends_at_a_429_one_below_what_was_in_flight() -> None:
+    t = FakeTime(start=0.0)
+    lim = limiter(t, concurrency=64)
+    lim.slots.limit = 9.0  # as slow start left it
+    permits = [await lim.acquire(1, 1) for _ in range(9)]
+    lim.finish(permits[-1], "throttled")  # the ninth in flight was refused
+    assert not lim.slots.slow_start
     assert lim.slots.limit == 8.0
-    assert "rpm" not in lim.buckets
 
 
-# --------------------------------------------------------------------------- AdaptiveConcurrency
+# --------------------------------------------------------------------------- window
 
 
-def test_concurrency_halves_once_per_cooldown() -> None:
+def test_a_refusal_with_the_window_full_cuts_it_to_one_below() -> None:
     t = FakeTime(start=0.0)
-    c = AdaptiveConcurrency(16, t.clock, cooldown=1.0)
+    c = AdaptiveConcurrency(16, t.clock)
+    c.slow_start, c.limit = False, 6.0
+    c.on_refused(in_flight=3)  # the window was not full: a rate, not a cap
+    assert c.limit == 6.0
+    c.on_refused(in_flight=6)
+    assert c.limit == 5.0 and c.capped
+
+
+def test_after_finding_a_cap_the_window_probes_for_more_ever_more_rarely() -> None:
+    t = FakeTime(start=0.0)
+    c = AdaptiveConcurrency(16, t.clock)
+    c.slow_start, c.limit = False, 5.0
+    c.on_refused(in_flight=5)  # capped at 4
+    successes = 0
+    while c.limit < 5.0:
+        c.on_success()
+        successes += 1
+    assert 4 * 64 <= successes <= 5 * 64  # ~64 round trips of 4 or 5 for one more
+    c.on_refused(in_flight=5)  # found the cap again
+    successes = 0
+    while c.limit < 5.0:
+        c.on_success()
+        successes += 1
+    assert 4 * 128 <= successes <= 5 * 128  # half as often
+
+
+def test_overload_halves_the_window_once_per_cooldown() -> None:
+    t = FakeTime(start=0.0)
+    c = AdaptiveConcurrency(16, t.clock, cooldown=1.0, initial=16)
     c.on_throttle()
     assert c.limit == 8.0
     t.now += 0.5
-    c.on_throttle()  # the same burst of 429s
+    c.on_throttle()  # the same burst of 529s
     assert c.limit == 8.0
     t.now += 0.5
     c.on_throttle()
@@ -562,23 +299,32 @@ def test_concurrency_halves_once_per_cooldown() -> None:
     assert c.limit == 1.0  # never below one
 
 
-def test_concurrency_grows_by_one_over_limit_per_success_up_to_the_maximum() -> None:
+def test_window_grows_by_one_over_limit_per_success_up_to_the_maximum() -> None:
     t = FakeTime(start=0.0)
-    c = AdaptiveConcurrency(4, t.clock)
+    c = AdaptiveConcurrency(4, t.clock, initial=4)
     c.on_throttle()
     assert c.limit == 2.0
     c.on_success()
     assert c.limit == pytest.approx(2.5)
-    c.on_success()
-    assert c.limit == pytest.approx(2.9)
     for _ in range(100):
         c.on_success()
     assert c.limit == 4.0
 
 
-async def test_concurrency_acquire_blocks_at_the_limit() -> None:
+async def test_after_a_pause_with_nothing_pacing_the_pool_starts_again_from_one() -> None:
     t = FakeTime(start=0.0)
-    c = AdaptiveConcurrency(3, t.clock)
+    lim = limiter(t, concurrency=8)
+    lim.slots.slow_start, lim.slots.limit = False, 8.0
+    lim.pause(2.0)
+    assert lim.slots.limit == 1.0 and lim.slots.slow_start
+    for _ in range(7):
+        lim.slots.on_success()
+    assert lim.slots.limit == 8.0 and not lim.slots.slow_start  # back where it was
+
+
+async def test_window_acquire_blocks_at_the_limit_and_release_admits() -> None:
+    t = FakeTime(start=0.0)
+    c = AdaptiveConcurrency(3, t.clock, initial=3)
     for _ in range(3):
         await c.acquire()
     waiter = asyncio.create_task(c.acquire())
@@ -590,36 +336,7 @@ async def test_concurrency_acquire_blocks_at_the_limit() -> None:
     assert c.in_flight == 3
 
 
-async def test_concurrency_cut_blocks_until_in_flight_drops_below_it() -> None:
-    t = FakeTime(start=0.0)
-    c = AdaptiveConcurrency(4, t.clock)
-    for _ in range(4):
-        await c.acquire()
-    c.on_throttle()  # limit 2 with 4 in flight
-    waiter = asyncio.create_task(c.acquire())
-    c.release()
-    c.release()  # 2 in flight: still at the limit
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert not waiter.done()
-    c.release()
-    await asyncio.wait_for(waiter, 1)
-    assert c.in_flight == 2
-
-
-async def test_concurrency_growth_admits_a_waiter() -> None:
-    t = FakeTime(start=0.0)
-    c = AdaptiveConcurrency(2, t.clock)
-    c.on_throttle()  # limit 1
-    await c.acquire()
-    waiter = asyncio.create_task(c.acquire())
-    await asyncio.sleep(0)
-    c.on_success()  # limit 2: room for one more, no release needed
-    await asyncio.wait_for(waiter, 1)
-    assert c.in_flight == 2
-
-
-async def test_concurrency_cancelled_waiter_passes_its_wakeup_on() -> None:
+async def test_window_cancelled_waiter_passes_its_wakeup_on() -> None:
     t = FakeTime(start=0.0)
     c = AdaptiveConcurrency(1, t.clock)
     await c.acquire()
@@ -639,6 +356,116 @@ async def test_concurrency_cancelled_waiter_passes_its_wakeup_on() -> None:
         await asyncio.gather(second, return_exceptions=True)
 
 
+async def test_only_the_pacers_holder_takes_a_place_while_it_waits() -> None:
+    # A window cut while many wait must hold them: they are not in flight yet.
+    t = FakeTime(start=0.0)
+
+    async def never(seconds: float) -> None:  # the pacer's wait does not end here
+        await asyncio.Event().wait()
+
+    lim = Limiter(Budgets(rpm=6), 8, clock=t.clock, sleep=never)
+    waiters = [asyncio.ensure_future(lim.acquire(1, 1)) for _ in range(5)]
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert lim.slots.in_flight == 2  # the one sent and the one waiting for the pace
+    for w in waiters:
+        w.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert lim.slots.in_flight == sum(1 for w in waiters if not w.cancelled())
+
+
+# --------------------------------------------------------------------------- reconciliation
+
+
+async def test_ok_refunds_the_unused_max_tokens_reservation() -> None:
+    t = FakeTime(start=0.0)
+    lim = limiter(t, tpm=60_000)  # paced 980/s, capacity 50
+    p = await lim.acquire(100, 500)
+    assert (p.cost_in, p.cost_out) == (100, 500)
+    assert lim.buckets["tpm"].level == pytest.approx(50 - 600)
+    lim.finish(p, "ok", 120, 15)  # used 135 of the 600 reserved
+    assert lim.buckets["tpm"].level == pytest.approx(50 - 135)
+
+
+async def test_ok_charges_an_under_estimate() -> None:
+    t = FakeTime(start=0.0)
+    lim = limiter(t, tpm=60_000)
+    p = await lim.acquire(100, 500)
+    lim.finish(p, "ok", 700, 50)  # 750 used, 600 reserved
+    assert lim.buckets["tpm"].level == pytest.approx(50 - 750)
+
+
+async def test_reconciliation_per_input_and_output_bucket() -> None:
+    t = FakeTime(start=0.0)
+    lim = limiter(t, itpm=60_000, otpm=60_000)
+    p = await lim.acquire(300, 500)
+    lim.finish(p, "ok", 350, 20)
+    assert lim.buckets["itpm"].level == pytest.approx(50 - 350)
+    assert lim.buckets["otpm"].level == pytest.approx(50 - 20)
+
+
+@pytest.mark.parametrize("outcome", ["throttled", "overloaded"])
+async def test_refused_request_refunds_every_token_cost(outcome: str) -> None:
+    t = FakeTime(start=0.0)
+    lim = limiter(t, tpm=600_000, itpm=600_000, otpm=600_000)  # capacity 491 each
+    p = await lim.acquire(300, 200)
+    assert [b.level for b in lim.buckets.values()] == pytest.approx([-9, 191, 291])
+    lim.finish(p, outcome)
+    assert [b.level for b in lim.buckets.values()] == pytest.approx([491] * 3)
+
+
+async def test_error_without_usage_refunds_only_the_output_reservation() -> None:
+    t = FakeTime(start=0.0)
+    lim = limiter(t, tpm=600_000, itpm=600_000, otpm=600_000)
+    p = await lim.acquire(300, 200)
+    lim.finish(p, "error")  # the input was spent, the output never came
+    assert [b.level for b in lim.buckets.values()] == pytest.approx([191, 191, 491])
+
+
+async def test_the_first_usage_report_sets_the_input_scale_later_ones_average() -> None:
+    t = FakeTime(start=0.0)
+    lim = limiter(t, tpm=6_000_000)
+    p = await lim.acquire(1000, 100)
+    lim.finish(p, "ok", 600, 10)  # the server counts 0.6 x the estimate
+    assert lim.input_scale == pytest.approx(0.6)
+    p = await lim.acquire(1000, 100)
+    assert (p.cost_in, p.estimate_in) == (600, 1000)  # charged the learned scale
+    lim.finish(p, "ok", 800, 10)
+    assert lim.input_scale == pytest.approx(0.9 * 0.6 + 0.1 * 0.8)
+
+
+async def test_a_permit_is_charged_the_scale_learned_while_it_waited() -> None:
+    t = FakeTime(start=0.0)
+    lim = limiter(t, concurrency=4, tpm=6000)  # 98 tokens/s
+    first = await lim.acquire(1000, 0)
+    waiting = asyncio.ensure_future(lim.acquire(1000, 0))
+    await asyncio.sleep(0)
+    lim.finish(first, "ok", 100, 0)  # the estimate was 10x too high
+    p = await asyncio.wait_for(waiting, 1)
+    assert p.cost_in == 100
+
+
+async def test_finish_releases_the_place_in_flight() -> None:
+    t = FakeTime(start=0.0)
+    lim = limiter(t, concurrency=1)
+    p = await lim.acquire(1, 1)
+    assert lim.slots.in_flight == 1
+    lim.finish(p, "error")
+    assert lim.slots.in_flight == 0
+
+
 def test_permit_defaults() -> None:
     p = Permit(10, 20, 12)
-    assert p.sent_at == 0.0
+    assert p.sent_at == 0.0 and p.in_flight == 0 and p.marks == {}
+
+
+def test_a_cap_found_by_refusals_that_ask_to_wait_is_probed_four_times_as_rarely() -> None:
+    t = FakeTime(start=0.0)
+    c = AdaptiveConcurrency(16, t.clock)
+    c.slow_start, c.limit = False, 5.0
+    c.on_refused(in_flight=5, costly=True)  # a 429 with Retry-After: each probe, a pause
+    successes = 0
+    while c.limit < 5.0:
+        c.on_success()
+        successes += 1
+    assert 4 * 256 <= successes <= 5 * 256

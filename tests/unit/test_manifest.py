@@ -8,7 +8,6 @@ and the lines after it are still read.
 from __future__ import annotations
 
 import random
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -355,16 +354,13 @@ def test_first_rows_of_a_big_manifest_come_without_reading_it_all(big_manifest: 
     assert big_manifest.stat().st_size > 7_000_000
     tracemalloc.start()
     try:
-        t0 = time.perf_counter()
         it = iter(Manifest(big_manifest))
         first = [next(it) for _ in range(10)]
-        elapsed = time.perf_counter() - t0
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert [r.id for r in first] == [f"r{i:06d}" for i in range(10)]
     assert peak < 1_000_000  # far below the file size: it was not read whole
-    assert elapsed < 1.0
 
 
 def test_iterating_200k_rows_keeps_memory_flat(big_manifest: Path) -> None:

@@ -6,6 +6,7 @@ counts attempts already made (1 after the first failure).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -63,9 +64,20 @@ def test_backoff_ceiling_doubles_from_base_with_rand_one() -> None:
     assert [p.next_delay(n) for n in range(1, 7)] == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
 
 
-def test_backoff_is_full_jitter_rand_times_ceiling() -> None:
-    p = RetryPolicy(base=0.5, cap=1000.0, rand=seq(0.5, 0.25, 0.1, 0.0))
-    assert [p.next_delay(n) for n in (1, 2, 3, 4)] == [0.25, 0.25, 0.2, 0.0]
+def test_backoff_jitters_within_the_upper_half_of_each_step() -> None:
+    p = RetryPolicy(base=1.0, cap=1000.0, rand=seq(0.0, 0.5, 1.0, 0.0))
+    assert [p.next_delay(n) for n in (1, 2, 3, 4)] == [0.5, 1.5, 4.0, 4.0]
+
+
+@given(r1=st.floats(0.0, 1.0), r2=st.floats(0.0, 1.0), step=st.integers(1, 30),
+       base=st.floats(0.01, 10.0), cap=st.floats(0.01, 120.0))
+def test_one_rows_backoff_never_shrinks_from_step_to_step(r1: float, r2: float, step: int,
+                                                          base: float, cap: float) -> None:
+    # Below the cap a step never waits less than any earlier step could: retries slow down.
+    first = RetryPolicy(base=base, cap=cap, rand=const(r1)).backoff(step)
+    second = RetryPolicy(base=base, cap=cap, rand=const(r2)).backoff(step + 1)
+    if base * 2 ** step <= cap:
+        assert second >= first
 
 
 def test_backoff_ceiling_stops_at_cap() -> None:
@@ -78,8 +90,8 @@ def test_cap_below_base_bounds_the_first_delay() -> None:
     assert p.next_delay(1) == 2.0
 
 
-def test_delay_before_any_attempt_uses_the_base_ceiling() -> None:
-    assert RetryPolicy(base=3.0, rand=const(1.0)).next_delay(0) == 3.0
+def test_no_step_means_no_backoff() -> None:
+    assert RetryPolicy(base=3.0, rand=const(1.0)).backoff(0) == 0.0
 
 
 def test_zero_base_means_no_backoff() -> None:
@@ -91,12 +103,13 @@ def test_huge_attempt_count_stays_at_cap() -> None:
     assert RetryPolicy(base=1.0, cap=60.0, rand=const(1.0)).next_delay(200) == 60.0
 
 
-@given(attempt=st.integers(1, 40), r=st.floats(0.0, 1.0, exclude_max=True),
+@given(attempt=st.integers(1, 40), r=st.floats(0.0, 1.0),
        base=st.floats(0.0, 10.0), cap=st.floats(0.0, 120.0))
-def test_backoff_stays_within_zero_and_the_ceiling(attempt: int, r: float, base: float,
-                                                   cap: float) -> None:
+def test_backoff_stays_within_half_and_the_whole_ceiling(attempt: int, r: float, base: float,
+                                                         cap: float) -> None:
     d = RetryPolicy(base=base, cap=cap, rand=const(r)).next_delay(attempt)
-    assert 0.0 <= d <= min(cap, base * 2 ** (attempt - 1))
+    ceiling = min(cap, base * 2 ** (attempt - 1))
+    assert ceiling / 2 <= d <= ceiling
 
 
 # --------------------------------------------------------------------------- Retry-After
@@ -117,8 +130,12 @@ def test_retry_after_is_limited_to_max_server_wait() -> None:
     assert p.next_delay(1, retry_after=3600.0) == 600.0
 
 
-def test_retry_after_zero_means_retry_now() -> None:
-    assert RetryPolicy(rand=never).next_delay(3, retry_after=0.0) == 0.0
+@pytest.mark.parametrize("bad", [0.0, -1.0, -0.001, math.nan, math.inf, -math.inf, None])
+def test_retry_after_zero_negative_or_unusable_is_no_guidance(bad: float | None) -> None:
+    p = RetryPolicy(base=1.0, cap=60.0, rand=const(1.0))
+    assert p.server_wait(bad) is None
+    assert p.next_delay(3, retry_after=bad) == 4.0  # the backoff, never a zero wait
+    assert p.rate_delay(3, retry_after=bad) == 4.0
 
 
 def test_retry_after_does_not_depend_on_attempt_number() -> None:
@@ -126,14 +143,45 @@ def test_retry_after_does_not_depend_on_attempt_number() -> None:
     assert {p.next_delay(n, retry_after=2.5) for n in range(1, 6)} == {2.5}
 
 
-def test_negative_retry_after_falls_back_to_backoff() -> None:
-    p = RetryPolicy(base=1.0, cap=60.0, rand=const(1.0))
-    assert p.next_delay(3, retry_after=-1.0) == 4.0
-
-
 def test_missing_retry_after_uses_backoff() -> None:
     p = RetryPolicy(base=2.0, cap=60.0, rand=const(0.5))
-    assert p.next_delay(2, retry_after=None) == 2.0
+    assert p.next_delay(2, retry_after=None) == 3.0  # within [2, 4]
+
+
+# --------------------------------------------------------------------------- rate limiting
+
+
+def test_a_rate_refusal_honours_retry_after_the_first_time() -> None:
+    p = RetryPolicy(base=1.0, cap=60.0, rand=never)
+    assert p.rate_delay(1, retry_after=0.2) == 0.2
+
+
+def test_repeated_rate_refusals_wait_at_least_the_previous_steps_backoff() -> None:
+    # A server that keeps saying "in 1 s" and keeps refusing is slowed down anyway.
+    p = RetryPolicy(base=1.0, cap=60.0, rand=const(1.0))
+    assert [p.rate_delay(n, retry_after=1.0) for n in range(1, 7)] == [1, 1, 2, 4, 8, 16]
+
+
+def test_an_unguided_rate_refusal_backs_off_like_any_failure() -> None:
+    p = RetryPolicy(base=1.0, cap=60.0, rand=const(1.0))
+    assert [p.rate_delay(n) for n in range(1, 5)] == [1.0, 2.0, 4.0, 8.0]
+
+
+def test_the_pool_pause_grows_by_half_per_refusal_in_a_row() -> None:
+    p = RetryPolicy(base=1.0, cap=60.0, rand=const(1.0))
+    assert [p.pool_delay(n) for n in range(1, 5)] == [1.0, 1.5, 2.25, 3.375]
+    assert p.pool_delay(200) == 60.0
+
+
+def test_the_pool_pause_honours_retry_after_then_grows_from_it() -> None:
+    p = RetryPolicy(base=1.0, cap=60.0, rand=const(1.0))
+    assert [p.pool_delay(n, retry_after=2.0) for n in range(1, 5)] == [2.0, 2.0, 2.0, 2.25]
+
+
+def test_rate_waiting_has_its_own_bound_of_tens_of_minutes() -> None:
+    p = RetryPolicy()
+    assert p.max_rate_wait == 1800.0
+    assert p.retries == 5  # unrelated: rate refusals do not use them up
 
 
 # --------------------------------------------------------------------------- value semantics

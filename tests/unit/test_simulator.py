@@ -30,6 +30,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from pipeline.simulator import app as simulator
+from pipeline.simulator import cli as simulator_cli
 from pipeline.simulator.captions import claude_image_tokens, split_tokens
 from pipeline.simulator.app import STATS, SimConfig, SimStats, go_duration, start
 
@@ -434,6 +435,85 @@ async def test_rate_limit_headers_can_be_disabled(serve: Serve) -> None:
     assert not [name for name in headers if name.lower().startswith("x-ratelimit")]
 
 
+async def test_sliding_limiter_refuses_until_the_oldest_request_ages_out(serve: Serve) -> None:
+    sim = await serve(limiter="sliding", rpm=2, window=30.0)
+    replies = [await sim.chat(chat_body(stream=False)) for _ in range(3)]
+    status, headers, _ = replies[2]
+    assert [r[0] for r in replies] == [200, 200, 429]
+    assert 29.0 <= float(headers["Retry-After"]) <= 30.1  # a bucket would say ~15 s
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_fixed_limiter_reports_the_time_until_its_window_turns(serve: Serve) -> None:
+    sim = await serve(limiter="fixed", rpm=5, window=3600.0)
+    _, headers, _ = await sim.chat(chat_body(stream=False))
+    left = 3600.0 - time.monotonic() % 3600.0
+    reset = headers["x-ratelimit-reset-requests"]
+    assert GO_DURATION.fullmatch(reset) and headers["x-ratelimit-remaining-requests"] == "4"
+    assert abs(_go_seconds(reset) - left) < 2.0
+
+
+async def test_concurrency_limiter_refuses_while_full_and_sends_no_rate_headers(
+    serve: Serve,
+) -> None:
+    sim = await serve(limiter="concurrency", max_in_flight=1, latency=0.3)
+    first = asyncio.ensure_future(sim.chat(chat_body(stream=False)))
+    await asyncio.sleep(0.1)
+    status, headers, text = await sim.chat(chat_body(stream=False))
+    assert status == 429 and headers["Retry-After"] == "1"
+    assert "concurrent" in json.loads(text)["error"]["message"]
+    assert not [h for h in headers if h.lower().startswith("x-ratelimit")]
+    assert (await first)[0] == 200
+    assert (await sim.chat(chat_body(stream=False)))[0] == 200  # its place was given back
+
+
+async def test_retry_after_none_sends_neither_the_header_nor_the_hint(serve: Serve) -> None:
+    sim = await serve(rpm=1, window=60.0, retry_after="none")
+    await sim.chat(chat_body(stream=False))
+    status, headers, text = await sim.chat(chat_body(stream=False))
+    assert status == 429 and "Retry-After" not in headers
+    assert "try again" not in json.loads(text)["error"]["message"]
+    assert headers["x-ratelimit-remaining-requests"] == "0"  # headers are another flag
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon"])
+async def test_retry_after_literal_values_are_sent_as_given(serve: Serve, value: str) -> None:
+    sim = await serve(rpm=1, window=60.0, retry_after=value)
+    await sim.chat(chat_body(stream=False))
+    status, headers, text = await sim.chat(chat_body(stream=False))
+    assert status == 429 and headers["Retry-After"] == value
+    assert "try again" not in json.loads(text)["error"]["message"]
+
+
+async def test_a_storm_answers_429_for_its_seconds_from_the_first_request(serve: Serve) -> None:
+    sim = await serve(storm=0.4)
+    first = await sim.chat(chat_body(stream=False))
+    second = await sim.chat(chat_body(stream=False))
+    await asyncio.sleep(0.45)
+    after = await sim.chat(chat_body(stream=False))
+    assert [first[0], second[0], after[0]] == [429, 429, 200]
+    assert first[1]["Retry-After"] == "1"
+    assert sim.stats.requests_429 == 2
+
+
+async def test_rate_headers_tell_the_state_at_admission_not_when_the_head_goes_out(
+    serve: Serve,
+) -> None:
+    # Both requests are admitted before either head is sent (0.3 s to first token):
+    # the first one's headers must not count the second.
+    sim = await serve(rpm=10, window=600.0, latency=0.3)
+    first = asyncio.ensure_future(sim.chat(chat_body()))
+    await asyncio.sleep(0.1)
+    second = await sim.chat(chat_body())
+    assert (await first)[1]["x-ratelimit-remaining-requests"] == "9"
+    assert second[1]["x-ratelimit-remaining-requests"] == "8"
+
+
+def _go_seconds(text: str) -> float:
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text))
+
+
 @pytest.mark.parametrize(
     ("seconds", "text"),
     [(0.02, "20ms"), (1.5, "1.5s"), (360.0, "6m0s"), (3725.0, "1h2m5s"), (0.0, "0s")],
@@ -525,12 +605,13 @@ def test_split_tokens_pieces_rejoin_to_the_text() -> None:
 
 
 @pytest.mark.parametrize(
-    "argv", [["--fail-rate", "2"], ["--bogus"], ["--fail-modes", "nope"], ["--rpm", "x"]]
+    "argv", [["--fail-rate", "2"], ["--bogus"], ["--fail-modes", "nope"], ["--rpm", "x"],
+             ["--limiter", "leaky"], ["--limiter", "concurrency"], ["--storm", "-1"]],
 )
 def test_cli_bad_flags_exit_2_with_one_line(
     argv: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert simulator.main(argv) == 2
+    assert simulator_cli.main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
 

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from loopback import AppServer
+from fake_gateway import Exchange, LoopbackServer
 
 from pipeline.batch.ledger import Entry
 from pipeline.batch.providers import OpenAIBatches, TooLarge
@@ -30,26 +30,26 @@ def _api(t: Transport, line_cap: int = 1 << 20) -> OpenAIBatches:
     return OpenAIBatches(t, POLICY, line_cap)
 
 
-async def _lines(server: AppServer, line_cap: int) -> list[bytes]:
+async def _lines(server: LoopbackServer, line_cap: int) -> list[bytes]:
     async with Transport(server.origin + "/v1", {"Authorization": "Bearer k"}, 2, 5, 5) as t:
         return [x async for x in _api(t, line_cap).lines("/files/f/content")]
 
 
 def test_a_result_line_over_the_cap_is_skipped_whole_and_the_rest_is_read() -> None:
-    async def handler(_: AppServer, request: web.Request) -> web.StreamResponse:
+    async def handler(ex: Exchange) -> web.StreamResponse:
         resp = web.StreamResponse()
-        await resp.prepare(request)
+        await resp.prepare(ex.request)
         for piece in (b'{"a":1}\n{"big":"', b"x" * 5000, b'"}\n{"b"', b":2}\n{\"c\":3}"):
             await resp.write(piece)  # lines cut across chunks; the last has no newline
         return resp
 
-    with AppServer(handler) as server:
+    with LoopbackServer(handler) as server:
         got = asyncio.run(_lines(server, line_cap=1000))
     assert got == [b'{"a":1}', b'{"b":2}', b'{"c":3}']
 
 
 def test_a_results_url_on_another_origin_gets_no_credentials() -> None:
-    async def handler(_: AppServer, request: web.Request) -> web.Response:
+    async def handler(ex: Exchange) -> web.Response:
         return web.Response(text="{}\n")
 
     async def go(origin: str) -> None:
@@ -57,14 +57,14 @@ def test_a_results_url_on_another_origin_gets_no_credentials() -> None:
             async for _ in _api(t).lines("", url=origin + "/results"):
                 pass
 
-    with AppServer(handler) as other:
+    with LoopbackServer(handler) as other:
         with pytest.raises(RunFatal, match="refusing to send credentials"):
             asyncio.run(go(other.origin))
         assert other.requests() == []
 
 
 def test_an_upload_refused_as_too_large_is_reported_for_splitting(tmp_path: Any) -> None:
-    async def handler(_: AppServer, request: web.Request) -> web.Response:
+    async def handler(ex: Exchange) -> web.Response:
         return web.json_response({"error": {"message": "too big"}}, status=413)
 
     path = tmp_path / "r.jsonl"
@@ -74,11 +74,11 @@ def test_an_upload_refused_as_too_large_is_reported_for_splitting(tmp_path: Any)
         async with Transport(base, {}, 2, 5, 5) as t:
             await _api(t).upload(Entry("cpa", "openai", "m", "r", sha256="0" * 64), path)
 
-    with AppServer(handler) as server:
+    with LoopbackServer(handler) as server:
         with pytest.raises(TooLarge):
             asyncio.run(go(server.origin + "/v1"))
         [seen] = server.requests()
-        assert seen.path == "/v1/files" and b'name="purpose"' in seen.body
+        assert seen.path == "/v1/files" and b'name="purpose"' in seen.raw
 
 
 # ---------------------------------------------------------------- the simulator

@@ -37,7 +37,7 @@ def endless(prefix: bytes, piece: bytes, sent: list[int]) -> Any:
         total = 0
         sent.append(0)
         try:
-            while total < SERVER_MAX and not ctx.gw._stopping:
+            while total < SERVER_MAX and not ctx.gw.stopping:
                 await resp.write(piece)
                 total += len(piece)
                 sent[-1] = total
@@ -117,7 +117,7 @@ def test_a_trickle_that_never_ends_is_cut_by_the_attempt_timeout(caption, gatewa
     async def trickle(ctx: Ctx) -> Any:
         resp = await ctx.start_stream()
         await resp.write(sse(chunk("", role=True)))
-        while not ctx.gw._stopping:  # a comment well within the idle timeout, forever
+        while not ctx.gw.stopping:  # a comment well within the idle timeout, forever
             await resp.write(b": still working\n\n")
             await asyncio.sleep(0.05)
         return resp

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import API_KEY, REPO, SAMPLES, caption_cmd, subprocess_env, write_manifest
+from conftest import REPO, SAMPLES, caption_cmd, subprocess_env, write_manifest
 from fake_gateway import LOCAL_CAPTION, PARTIAL, RETRY_CAPTION, default_caption, img
 
 
@@ -15,31 +15,9 @@ def one(scenario: str, **query: object) -> list[dict]:
     return [{"id": "r1", "image": img(scenario, **query)}]
 
 
-# --------------------------------------------------------------------------- 429 pool pause
-
-
-def test_429_retry_after_pauses_every_worker(caption, gateway):
-    limited = img("C28", ra=2)
-    others = [img("slow", f"{i:02d}.jpg", n=5, pace=0.05) for i in range(7)]
-    rows = [{"id": "limited", "image": limited}] + [
-        {"id": f"o{i:02d}", "image": u} for i, u in enumerate(others)]
-    res = caption(rows, concurrency=3)
-    assert res.code == 0, res.stderr
-    assert res.row("limited")["attempts"] == 2
-    assert res.row("limited")["retry_after_s"] == pytest.approx(2.0)
-    assert all(res.row(f"o{i:02d}")["caption"] == default_caption(u)
-               for i, u in enumerate(others))
-
-    first, second = gateway.calls(limited)
-    t429 = first.t_end
-    assert second.t - t429 >= 1.95, "retried before Retry-After elapsed"
-    # pool-level pause: no other image may start while the pause is in force
-    # (0.25 s of slack for requests already being sent when the 429 arrived)
-    started_in_pause = [c.url for c in gateway.calls()
-                        if c.url != limited and t429 + 0.25 < c.t < t429 + 1.95]
-    assert started_in_pause == [], "other workers kept sending during the 429 pause"
-    later = [c for c in gateway.calls() if c.url != limited and c.t >= t429 + 1.95]
-    assert len(later) >= 3, "test precondition: work was still pending after the 429"
+# --------------------------------------------------------------------------- 429: a pause ends
+# (The pool-wide pause itself: tests/unit/test_worker.py at the seam, and
+# tests/wire/test_conformance.py::test_c28_retry_after_pauses_the_whole_pool.)
 
 
 def test_one_early_429_does_not_throttle_the_rest_of_the_run(gateway, tmp_path):
@@ -63,13 +41,13 @@ def test_one_early_429_does_not_throttle_the_rest_of_the_run(gateway, tmp_path):
 # --------------------------------------------------------------------------- server errors
 
 
-def test_529_overloaded_until_retries_run_out(caption, gateway):
-    res = caption(one("s529"))
+def test_529s_do_not_use_up_the_retries_and_end_at_the_rate_wait_bound(caption, gateway):
+    res = caption(one("s529"), "--max-rate-wait", "0.3")  # retries=2: 3 attempts if counted
     assert res.code == 1, res.stderr
     r = res.row("r1")
     assert r["status"] == "error" and r["error_class"] == "overloaded"
-    assert r["http_status"] == 529
-    assert r["attempts"] == 3 and gateway.count() == 3
+    assert r["http_status"] == 529 and "--max-rate-wait 0.3" in r["error"]
+    assert r["attempts"] > 3 and gateway.count() == r["attempts"]
     assert not r["caption"]
 
 
@@ -98,44 +76,6 @@ def test_500_json_body_exhausted(caption, gateway):
     r = res.row("r1")
     assert r["error_class"] == "server" and r["attempts"] == 2 and r["http_status"] == 500
     assert "The server had an error" in r["error"]
-
-
-# --------------------------------------------------------------------------- fatal 401
-
-
-def test_401_stops_the_run_and_leaves_unfinished_rows_pending(caption, gateway):
-    # one long stream is in flight when the 401 arrives; it must not produce a row
-    inflight = img("slow", "inflight.jpg", n=20, pace=0.15)
-    fast = [img("ok", f"f{i}.jpg") for i in range(3)]
-    rows = ([{"id": "inflight", "image": inflight}]
-            + [{"id": f"f{i}", "image": u} for i, u in enumerate(fast)]
-            + [{"id": "deny", "image": img("deny")}]
-            + [{"id": f"t{i}", "image": img("ok", f"t{i}.jpg")} for i in range(8)])
-    res = caption(rows, concurrency=2)   # one worker on the long stream, one on the rest
-    assert res.code == 3, res.stderr
-    assert "Traceback" not in res.stderr
-    cause = [ln for ln in res.stderr_lines() if "401" in ln or "auth" in ln.lower()]
-    assert len(cause) == 1, res.stderr   # (exactly-one-line: tests/cli)
-    assert API_KEY not in res.stderr and API_KEY not in res.stdout
-    assert gateway.count(img("deny")) == 1
-    done_before = {c.url for c in gateway.calls() if c.outcome == "ok"
-                   and c.t_end is not None and c.t_end < gateway.calls(img("deny"))[0].t}
-    assert set(fast) <= done_before, "test precondition: fast rows finished before the 401"
-    assert "inflight" not in res.ids and "deny" not in res.ids
-    assert set(res.ids) <= {f"f{i}" for i in range(3)} | {f"t{i}" for i in range(8)}
-    assert {"f0", "f1", "f2"} <= set(res.ids), "finished rows must be kept"
-    assert all(s == "ok" for s in res.df["status"])
-
-    # the key is fixed: the rerun captions exactly what is missing
-    gateway.on("deny", lambda ctx: ctx.ok(RETRY_CAPTION))
-    gateway.clear()
-    res2 = caption(rows, concurrency=3)
-    assert res2.code == 0, res2.stderr
-    assert sorted(res2.ids) == sorted(r["id"] for r in rows)
-    assert (res2.df["status"] == "ok").all()
-    assert gateway.count(fast[0]) == 0
-    assert gateway.count(inflight) == 1 and res2.row("inflight")["caption"] == \
-        default_caption(inflight)
 
 
 # --------------------------------------------------------------------------- broken streams
@@ -169,23 +109,26 @@ def test_connection_reset_every_time(caption, gateway):
     assert not r["caption"]
 
 
-def test_stall_longer_than_read_timeout_is_retried_quickly(caption, gateway):
-    res = caption(one("C39"))      # stalls 30 s unless the client gives up
+@pytest.mark.timeout(20)  # the server would stall for 30 s: a client that waits fails here
+def test_a_stream_silent_longer_than_the_read_timeout_is_given_up_and_retried(caption,
+                                                                            gateway):
+    res = caption(one("C39"))  # --read-timeout 1
     assert res.code == 0, res.stderr
     r = res.row("r1")
     assert r["caption"] == RETRY_CAPTION and r["attempts"] == 2
-    first, second = gateway.calls()
-    assert 0.9 <= second.t - first.t <= 3.0     # --read-timeout 1 plus a little backoff
-    assert res.seconds < 6
+    first, _ = gateway.calls()
+    assert first.outcome == "client_gone"  # the client hung up, not the server
+    assert sum(c.t < first.t + 1.0 for c in gateway.calls()) == 1  # not before 1 s of silence
 
 
-def test_stall_every_time_is_a_timeout_error(caption, gateway):
+@pytest.mark.timeout(20)
+def test_a_stream_silent_every_time_is_a_timeout_error(caption, gateway):
     res = caption(one("C39", fail=99), retries=1)
     assert res.code == 1
     r = res.row("r1")
     assert r["status"] == "error" and r["error_class"] == "timeout"
     assert r["attempts"] == 2 and not r["caption"]
-    assert res.seconds < 8
+    assert [c.outcome for c in gateway.calls()] == ["client_gone"] * 2
 
 
 @pytest.mark.parametrize("scenario,classes", [("C20", {"stream_broken", "connection"}),

@@ -2,32 +2,27 @@
 API, over real TCP on 127.0.0.1.
 
 The client runs in-process (``caption`` fixture). OpenAI-compatible requests go to the
-fake gateway (tests/fake_gateway.py), with scenarios scripted here via ``gateway.on``;
-the Anthropic-native side is a small aiohttp server defined in this file
-(``AnthropicServer``, route ``POST /v1/messages``). Every assertion about options is made
-on the request body the server actually received.
+fake gateway (tests/fake_gateway/), with scenarios scripted here via ``gateway.on``;
+the Anthropic-native side is its ``AnthropicGateway`` (route ``POST /v1/messages``),
+scripted per test. Every assertion about options is made on the request body the server
+actually received.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import hashlib
 import io
 import json
 import re
-import threading
-from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from fake_gateway import SERVER_LOG
 from conftest import API_KEY, clean
-from fake_gateway import USAGE_OK, Ctx, chunk, done, img, sse, usage_chunk
+from fake_gateway import (A_MODEL, A_VERSION, PING, USAGE_OK, AnthropicGateway, ARequest, Ctx,
+                          a_delta, a_event, a_start, a_stream, chunk, done, img, sse,
+                          usage_chunk)
 from PIL import Image
 
 # Every option key the client may add to an OpenAI request body.
@@ -73,7 +68,7 @@ def assert_rejected_before_any_request(res: Any, gateway: Any, *servers: Any,
         assert mentions in lines[0], lines[0]
     assert gateway.count() == 0, [r.path for r in gateway.calls()]
     for s in servers:
-        assert s.requests == [], s.requests
+        assert s.count() == 0, s.requests()
     assert res.df.empty
 
 
@@ -442,156 +437,7 @@ def test_prompt_template_naming_the_prompt_column_is_filled_or_rejected_up_front
 
 # --------------------------------------------------------------------------- Anthropic server
 
-A_MODEL = "claude-test-model"
-A_VERSION = "2023-06-01"
 ANTHROPIC_KEY = "sk-ant-test-0077"
-PING = b'event: ping\ndata: {"type": "ping"}\n\n'
-
-
-@dataclass
-class ARequest:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: Any
-    key: str          # the image (url, or sha256 of base64 data)
-    attempt: int
-
-    @property
-    def content(self) -> list[dict[str, Any]]:
-        (msg,) = self.body["messages"]
-        assert msg["role"] == "user"
-        return msg["content"]
-
-    def header(self, name: str) -> str | None:
-        return next((v for k, v in self.headers.items() if k.lower() == name.lower()), None)
-
-
-Script = Callable[[ARequest], list[bytes]]
-
-
-class AnthropicServer:
-    """An Anthropic-style ``POST /v1/messages`` on 127.0.0.1, in a background thread.
-
-    ``script(request) -> pieces``: the SSE body, written piece by piece with a short
-    pause so the client sees each piece as its own read (awkward boundaries survive).
-    """
-
-    def __init__(self) -> None:
-        self.requests: list[ARequest] = []
-        self.script: Script = lambda req: a_stream(["Default caption."])
-        self.pause = 0.001
-        self._attempts: dict[str, int] = defaultdict(int)
-        self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="anthropic-fake",
-                                        daemon=True)
-        self._runner: web.AppRunner | None = None
-        self.port = 0
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self) -> AnthropicServer:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    async def _start(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, logger=SERVER_LOG, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    def stop(self) -> None:
-        try:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._loop.close()
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            body = None
-        key = _image_key(body)
-        with self._lock:
-            self._attempts[key] += 1
-            rec = ARequest(request.method, request.path, dict(request.headers), body, key,
-                           self._attempts[key])
-            self.requests.append(rec)
-        if request.method != "POST" or request.path != "/v1/messages":
-            return web.json_response({"type": "error", "error": {
-                "type": "not_found_error", "message": f"no route {request.path}"}}, status=404)
-        pieces = self.script(rec)
-        resp = web.StreamResponse(status=200, headers={
-            "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-            "request-id": f"req_{rec.attempt}"})
-        await resp.prepare(request)
-        try:
-            for p in pieces:
-                await resp.write(p)
-                if self.pause:
-                    await asyncio.sleep(self.pause)
-            await resp.write_eof()
-        except ConnectionError:  # the client may hang up once it has message_stop
-            pass
-        return resp
-
-
-def _image_key(body: Any) -> str:
-    try:
-        for block in body["messages"][0]["content"]:
-            if block.get("type") == "image":
-                src = block["source"]
-                if src.get("type") == "url":
-                    return src["url"]
-                return "b64:" + hashlib.sha256(src.get("data", "").encode()).hexdigest()
-    except (KeyError, IndexError, TypeError, AttributeError):
-        pass
-    return "?"
-
-
-def a_event(name: str, obj: dict[str, Any]) -> bytes:
-    return f"event: {name}\ndata: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
-
-
-def a_start(msg_id: str = "msg_01", input_tokens: int = 1523) -> bytes:
-    return a_event("message_start", {"type": "message_start", "message": {
-        "id": msg_id, "type": "message", "role": "assistant", "model": A_MODEL, "content": [],
-        "stop_reason": None, "stop_sequence": None,
-        "usage": {"input_tokens": input_tokens, "cache_creation_input_tokens": 0,
-                  "cache_read_input_tokens": 0, "output_tokens": 1}}})
-
-
-def a_delta(text: str) -> bytes:
-    return a_event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                           "delta": {"type": "text_delta", "text": text}})
-
-
-def a_stream(texts: list[str], *, msg_id: str = "msg_01", input_tokens: int = 1523,
-             output_tokens: int = 17, stop_reason: str = "end_turn") -> list[bytes]:
-    """A complete Messages stream, a ping after the block start and after each delta."""
-    evs = [a_start(msg_id, input_tokens),
-           a_event("content_block_start", {"type": "content_block_start", "index": 0,
-                                           "content_block": {"type": "text", "text": ""}}),
-           PING]
-    for t in texts:
-        evs += [a_delta(t), PING]
-    evs += [a_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
-            a_event("message_delta", {"type": "message_delta",
-                                      "delta": {"stop_reason": stop_reason,
-                                                "stop_sequence": None},
-                                      "usage": {"output_tokens": output_tokens}}),
-            a_event("message_stop", {"type": "message_stop"})]
-    return evs
 
 
 def awkward(body: bytes, *marks: bytes) -> list[bytes]:
@@ -615,14 +461,11 @@ def awkward(body: bytes, *marks: bytes) -> list[bytes]:
 def anthropic(monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.delenv("CAPTION_API_KEY", raising=False)
     monkeypatch.setenv("ANTHROPIC_API_KEY", ANTHROPIC_KEY)
-    server = AnthropicServer().start()
-    try:
+    with AnthropicGateway() as server:
         yield server
-    finally:
-        server.stop()
 
 
-def a_caption(caption: Any, server: AnthropicServer, rows: Any, *args: str,
+def a_caption(caption: Any, server: AnthropicGateway, rows: Any, *args: str,
               **kw: Any) -> Any:
     return caption(rows, "--api", "anthropic", "--model", A_MODEL, *args,
                    base_url=server.base_url, **kw)
@@ -646,8 +489,8 @@ def test_anthropic_request_headers_and_body(caption, gw, anthropic, tmp_path):
                     "--max-tokens", "222", "--system", "Be terse.", "--prompt", "Caption it.")
     assert res.code == 0, res.stderr
     assert gw.count() == 0
-    reqs = {("local" if r.key.startswith("b64:") else "remote"): r for r in anthropic.requests}
-    assert sorted(reqs) == ["local", "remote"] and len(anthropic.requests) == 2
+    reqs = {("local" if r.key.startswith("b64:") else "remote"): r for r in anthropic.messages}
+    assert sorted(reqs) == ["local", "remote"] and len(anthropic.messages) == 2
     for req in reqs.values():
         assert (req.method, req.path) == ("POST", "/v1/messages")
         assert req.header("x-api-key") == ANTHROPIC_KEY
@@ -685,7 +528,7 @@ def test_anthropic_caption_api_key_wins_over_anthropic_api_key(caption, gw, anth
     monkeypatch.setenv("CAPTION_API_KEY", API_KEY)
     res = a_caption(caption, anthropic, [{"id": "r1", "image": REMOTE}])
     assert res.code == 0, res.stderr
-    (req,) = anthropic.requests
+    (req,) = anthropic.messages
     assert req.header("x-api-key") == API_KEY
 
 
@@ -727,7 +570,7 @@ def test_anthropic_mid_stream_error_event_is_retried(caption, gw, anthropic):
     anthropic.script = script
     res = a_caption(caption, anthropic, [{"id": "r1", "image": REMOTE}], retries=2)
     assert res.code == 0, res.stderr
-    assert len(anthropic.requests) == 2
+    assert len(anthropic.messages) == 2
     r = row(res, "r1")
     assert r["status"] == "ok" and r["attempts"] == 2
     assert r["caption"] == "Second attempt caption."

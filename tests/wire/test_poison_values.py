@@ -8,15 +8,13 @@ and a rerun sends nothing (the error is permanent, or the row was ok).
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from aiohttp import web
-from fake_gateway import Ctx, done, img, sse
+from fake_gateway import Ctx, RawServer, done, img, sse
 
 HEALTHY = [{"id": f"ok{i}", "image": img("ok", f"{i}.jpg")} for i in range(3)]
 
@@ -143,57 +141,14 @@ def test_an_anthropic_stop_reason_that_is_a_number_fails_only_its_row(caption: A
 # ---------------------------------------------------------------- a raw byte in a header
 
 
-class RawServer:
-    """A real HTTP/1.1 server on 127.0.0.1 that answers every request with fixed bytes
-    (aiohttp's own server cannot put a 0xff byte into a header value)."""
-
-    def __init__(self, response: bytes) -> None:
-        self.response = response
-        self.requests = 0
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
-        self.thread.start()
-        ready.wait(5)
-
-    def _run(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.server = self.loop.run_until_complete(
-            asyncio.start_server(self._serve, "127.0.0.1", 0))
-        self.port = self.server.sockets[0].getsockname()[1]
-        ready.set()
-        self.loop.run_forever()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)
-                await reader.readexactly(length)
-                self.requests += 1
-                writer.write(self.response)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 @pytest.fixture
 def raw_header_server() -> Iterator[RawServer]:
     body = _stream([_chunk(role=True, content=""), _chunk(content="A caption."),
                     _chunk(finish="stop")])
     response = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                 b"x-request-id: req-\xff\xfe-1\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
-    server = RawServer(response)
-    yield server
-    server.stop()
+    with RawServer(response) as server:  # aiohttp cannot put a 0xff byte into a header
+        yield server
 
 
 def test_an_undecodable_byte_in_a_header_is_replaced(caption: Any,
@@ -207,4 +162,4 @@ def test_an_undecodable_byte_in_a_header_is_replaced(caption: Any,
     rid.encode("utf-8")
     again = caption([{"id": f"r{i}", "image": img("ok", f"{i}.jpg")} for i in range(4)],
                     base_url=url)
-    assert again.code == 0 and raw_header_server.requests == 4
+    assert again.code == 0 and raw_header_server.count() == 4

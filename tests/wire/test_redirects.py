@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from conftest import API_KEY, REPO, caption_cmd, read_out, subprocess_env, write_manifest
-from fake_gateway import img
-from loopback import AppServer
+from fake_gateway import Exchange, LoopbackServer, img
 from PIL import Image
 
 CAPTION = "A caption that came the long way."
@@ -52,13 +51,13 @@ STREAMS = {"openai": openai_stream, "anthropic": anthropic_stream}
 
 
 def answering(api: str) -> Any:
-    async def handler(server: AppServer, request: web.Request) -> web.StreamResponse:
+    async def handler(ex: Exchange) -> web.StreamResponse:
         return web.Response(body=STREAMS[api](), content_type="text/event-stream")
     return handler
 
 
 def redirecting(status: int, location: str) -> Any:
-    async def handler(server: AppServer, request: web.Request) -> web.StreamResponse:
+    async def handler(ex: Exchange) -> web.StreamResponse:
         return web.Response(status=status, headers={"Location": location}, text="moved")
     return handler
 
@@ -78,8 +77,8 @@ ROWS = [{"id": "r1", "image": img("ok")}]
 @pytest.mark.parametrize("status", [307, 308])
 def test_a_redirect_to_another_origin_stops_the_run_and_sends_it_nothing(caption, api,
                                                                          status):
-    with AppServer(answering(api)) as other, \
-            AppServer(redirecting(status, "")) as endpoint:
+    with LoopbackServer(answering(api)) as other, \
+            LoopbackServer(redirecting(status, "")) as endpoint:
         target = other.origin + PATHS[api]
         endpoint.handler = redirecting(status, target)
         res = caption(ROWS, "--api", api, base_url=endpoint.origin + "/v1")
@@ -97,26 +96,26 @@ def test_a_redirect_to_another_origin_stops_the_run_and_sends_it_nothing(caption
 @pytest.mark.parametrize("status", [307, 308])
 def test_a_same_origin_307_or_308_is_followed_with_body_and_credentials(caption, api,
                                                                         status):
-    async def handler(server: AppServer, request: web.Request) -> web.StreamResponse:
-        if request.path.startswith("/v1/"):
-            return web.Response(status=status, headers={"Location": "/v2" + request.path[3:]})
-        return await answering(api)(server, request)
+    async def handler(ex: Exchange) -> web.StreamResponse:
+        if ex.request.path.startswith("/v1/"):
+            return web.Response(status=status, headers={"Location": "/v2" + ex.request.path[3:]})
+        return await answering(api)(ex)
 
-    with AppServer(handler) as endpoint:
+    with LoopbackServer(handler) as endpoint:
         res = caption(ROWS, "--api", api, base_url=endpoint.origin + "/v1")
         first, second = endpoint.requests()
     assert res.code == 0, res.stderr
     assert res.row("r1")["caption"] == CAPTION
     assert (first.method, second.method) == ("POST", "POST")
     assert second.path == "/v2" + PATHS[api][3:]
-    assert second.body == first.body and json.loads(second.body)["model"]
+    assert second.raw == first.raw and second.json()["model"]
     assert credentials(second.headers) == credentials(first.headers) != {}
     assert API_KEY in "".join(credentials(second.headers).values())
 
 
 @pytest.mark.parametrize("status", [301, 302, 303])
 def test_a_301_302_or_303_on_the_post_stops_the_run_naming_the_target(caption, status):
-    with AppServer(redirecting(status, "")) as endpoint:
+    with LoopbackServer(redirecting(status, "")) as endpoint:
         endpoint.handler = redirecting(status, endpoint.origin + "/api/v1/chat/completions")
         res = caption(ROWS + [{"id": "r2", "image": img("ok", "b.jpg")}],
                       base_url=endpoint.origin + "/v1", concurrency=1)
@@ -129,7 +128,7 @@ def test_a_301_302_or_303_on_the_post_stops_the_run_naming_the_target(caption, s
 
 
 def test_a_301_on_the_post_exits_3_with_one_line_from_the_command(tmp_path):
-    with AppServer(redirecting(301, "")) as endpoint:
+    with LoopbackServer(redirecting(301, "")) as endpoint:
         target = "https://api.example.invalid/v1/chat/completions"
         endpoint.handler = redirecting(301, target)
         manifest = write_manifest(tmp_path / "m.csv", ROWS)
@@ -143,10 +142,10 @@ def test_a_301_on_the_post_exits_3_with_one_line_from_the_command(tmp_path):
 
 
 def test_a_same_origin_redirect_loop_stops_the_run(caption):
-    async def handler(server: AppServer, request: web.Request) -> web.StreamResponse:
-        return web.Response(status=307, headers={"Location": request.path})
+    async def handler(ex: Exchange) -> web.StreamResponse:
+        return web.Response(status=307, headers={"Location": ex.request.path})
 
-    with AppServer(handler) as endpoint:
+    with LoopbackServer(handler) as endpoint:
         res = caption(ROWS, base_url=endpoint.origin + "/v1")
         hops = len(endpoint.requests())
     assert res.code == 3, res.stderr
@@ -155,10 +154,10 @@ def test_a_same_origin_redirect_loop_stops_the_run(caption):
 
 
 def test_a_redirect_without_location_stops_the_run(caption):
-    async def handler(server: AppServer, request: web.Request) -> web.StreamResponse:
+    async def handler(ex: Exchange) -> web.StreamResponse:
         return web.Response(status=302)
 
-    with AppServer(handler) as endpoint:
+    with LoopbackServer(handler) as endpoint:
         res = caption(ROWS, base_url=endpoint.origin + "/v1")
     assert res.code == 3, res.stderr
     assert "HTTP 302 without a Location" in res.stderr_lines()[0]
@@ -174,13 +173,13 @@ def jpeg() -> bytes:
 
 
 def image_host() -> Any:
-    async def handler(server: AppServer, request: web.Request) -> web.StreamResponse:
+    async def handler(ex: Exchange) -> web.StreamResponse:
         return web.Response(body=jpeg(), content_type="image/jpeg")
     return handler
 
 
 def test_download_redirects_are_followed_without_user_info_or_api_key(caption, gateway):
-    with AppServer(image_host()) as cdn, AppServer(redirecting(302, "")) as site:
+    with LoopbackServer(image_host()) as cdn, LoopbackServer(redirecting(302, "")) as site:
         # the site sends the client on, with credentials of its own in the Location
         site.handler = redirecting(302, f"http://evil:stolen@127.0.0.1:{cdn.port}/x.jpg")
         url = f"http://alice:pw-for-site@127.0.0.1:{site.port}/a.jpg"
@@ -198,10 +197,10 @@ def test_download_redirects_are_followed_without_user_info_or_api_key(caption, g
 
 
 def test_a_download_error_names_the_url_without_its_password(caption):
-    async def missing(server: AppServer, request: web.Request) -> web.StreamResponse:
+    async def missing(ex: Exchange) -> web.StreamResponse:
         return web.Response(status=404)
 
-    with AppServer(missing) as site:
+    with LoopbackServer(missing) as site:
         url = f"http://alice:hunter2-pass@127.0.0.1:{site.port}/gone.jpg"
         res = caption([{"id": "r1", "image": url}], "--fetch-urls")
     assert res.code == 1, res.stderr
@@ -214,17 +213,17 @@ def test_a_download_error_names_the_url_without_its_password(caption):
 
 
 def test_a_download_redirect_loop_is_a_bad_image_row(caption):
-    async def loop(server: AppServer, request: web.Request) -> web.StreamResponse:
-        return web.Response(status=302, headers={"Location": request.path})
+    async def loop(ex: Exchange) -> web.StreamResponse:
+        return web.Response(status=302, headers={"Location": ex.request.path})
 
-    with AppServer(loop) as site:
+    with LoopbackServer(loop) as site:
         res = caption([{"id": "r1", "image": site.origin + "/a.jpg"}], "--fetch-urls")
     assert res.code == 1, res.stderr
     assert "redirected more than 10 times" in res.row("r1")["error"]
 
 
 def test_a_download_redirect_to_another_scheme_is_a_bad_image_row(caption):
-    with AppServer(redirecting(302, "file:///etc/passwd")) as site:
+    with LoopbackServer(redirecting(302, "file:///etc/passwd")) as site:
         res = caption([{"id": "r1", "image": site.origin + "/a.jpg"}], "--fetch-urls")
     assert res.code == 1, res.stderr
     assert res.row("r1")["error_class"] == "bad_image"

@@ -165,17 +165,12 @@ def finish_completion(text: str, raw_finish: str, model: str | None, rid: str | 
     if finish == "error":
         raise Retryable("stream ended with finish_reason 'error'", "stream_error",
                         http_status=200)
-    failure = None
-    if finish == "content_filter":
-        failure = RowFailed(f"the model declined (finish_reason {raw_finish!r})", "refused",
-                            http_status=200)
-    elif not text.strip():
-        failure = RowFailed(f"empty caption (finish_reason {raw_finish!r})", "empty",
-                            http_status=200)
-    if failure is not None:
-        failure.finish_reason_raw = raw_finish  # the row keeps how the stream ended
-        failure.usage = usage
-        raise failure
+    if finish == "content_filter":  # the row keeps how the stream ended and its usage
+        raise RowFailed(f"the model declined (finish_reason {raw_finish!r})", "refused",
+                        http_status=200, finish_reason_raw=raw_finish, usage=usage)
+    if not text.strip():
+        raise RowFailed(f"empty caption (finish_reason {raw_finish!r})", "empty",
+                        http_status=200, finish_reason_raw=raw_finish, usage=usage)
     return Completion(text, finish, raw_finish, model, rid, usage, terminal, quirks)
 
 
