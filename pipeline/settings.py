@@ -31,6 +31,8 @@ ATTEMPT_FLOOR, ATTEMPT_PER_TOKEN = 600.0, 0.1        # seconds for one whole att
 MAX_CONCURRENCY = 4096
 # Per batch, as the providers publish them (docs/protocol.md §14): OpenAI 50 000 requests
 # and 200 MB per input file; Anthropic 100 000 requests or 256 MB per batch.
+# OpenAI advises a 15-minute timeout for flex requests, which may wait for capacity.
+FLEX_QUEUE_S = 900.0
 BATCH_CAPS = {"openai": (50_000, 200 * 1000 * 1000), "anthropic": (100_000, 256 * 1000 * 1000)}
 
 
@@ -116,6 +118,7 @@ class Settings:
     poll_interval: float = 60.0     # seconds between polls at most
     batch_price_in: float | None = None   # USD per million; None = half the online price
     batch_price_out: float | None = None
+    flex_fallback_after: int = 2    # flex capacity refusals before a row's standard tier
 
     def __post_init__(self) -> None:
         _positive("--concurrency", self.concurrency)
@@ -185,6 +188,10 @@ class Settings:
             if getattr(self, name) is not None:
                 _non_negative(f"--{name.replace('_', '-')}", getattr(self, name))
         _positive("--poll-interval", self.poll_interval)
+        _non_negative("--flex-fallback-after", self.flex_fallback_after)
+        if self.lane == "batch" and self.options.service_tier is not None:
+            raise RunFatal("--service-tier is for the online lane (a batch has its own "
+                           "price and window)", "config", exit_code=2)
         if self.lane == "batch" and self.engine != "local":
             raise RunFatal("--lane batch runs in this process: drop --engine "
                            f"{self.engine}", "config", exit_code=2)
@@ -234,7 +241,27 @@ class Settings:
         None when --attempt-timeout 0 turned it off."""
         if self.attempt_timeout is not None:
             return self.attempt_timeout or None
-        return max(ATTEMPT_FLOOR, ATTEMPT_PER_TOKEN * self.max_tokens)
+        return max(ATTEMPT_FLOOR, ATTEMPT_PER_TOKEN * self.max_tokens,
+                   FLEX_QUEUE_S if self.flex else 0.0)
+
+    @property
+    def flex(self) -> bool:
+        return self.options.service_tier == "flex"
+
+    @property
+    def idle_timeout(self) -> float:
+        """Seconds with no byte before an attempt is retried. On the flex tier a request
+        may sit in the provider's queue before its first byte: that is not idleness,
+        so the timeout is at least ``FLEX_QUEUE_S`` there (docs/protocol.md §15)."""
+        return max(self.read_timeout, FLEX_QUEUE_S) if self.flex else self.read_timeout
+
+    def tier_price(self, tier: str | None) -> Price | None:
+        """The price of a row served on ``tier``: flex at the batch price (half the
+        online price unless --batch-price-* say otherwise), any other at the online."""
+        online = price_for(self.model, self.price_in, self.price_out)
+        if tier == "flex":
+            return batch_price_for(online, self.batch_price_in, self.batch_price_out)
+        return online
 
     @property
     def request_spec(self) -> RequestSpec:

@@ -219,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="batch lane price per million input tokens (default: half of --price-in)")
     a("--batch-price-out", type=float, metavar="USD",
       help="batch lane price per million output tokens (default: half of --price-out)")
+    a("--service-tier", choices=["flex", "default", "auto", "priority"],
+      help="OpenAI service_tier; flex: about half the price, slower, may answer 429 "
+           "'Resource Unavailable' (no rate limit: the row retries, then falls back)")
+    a("--flex-fallback-after", type=int, default=2, metavar="N",
+      help="with --service-tier flex: capacity refusals of a row before it is sent on "
+           "the standard tier (2; the cost budget still applies)")
     a("-v", "--verbose", action="count", default=0,
       help="debug logging: -v this tool's (retries, failures), -vv also libraries'")
     return p
@@ -269,7 +275,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         ray_actors=ns.ray_actors, lane=ns.lane, batch_max_bytes=ns.batch_max_bytes,
         batch_max_requests=ns.batch_max_requests, batch_max_tokens=ns.batch_max_tokens,
         wait=ns.wait, poll_interval=ns.poll_interval, batch_price_in=ns.batch_price_in,
-        batch_price_out=ns.batch_price_out,
+        batch_price_out=ns.batch_price_out, flex_fallback_after=ns.flex_fallback_after,
     )
 
 
@@ -299,7 +305,7 @@ def options_from_args(ns: argparse.Namespace) -> RequestOptions:
         presence_penalty=ns.presence_penalty, frequency_penalty=ns.frequency_penalty,
         logit_bias={str(k): v for k, v in bias.items()} if bias is not None else None,
         user=ns.user, seed=ns.seed, response_format=load_response_format(ns.response_format),
-        extra_body=extra)
+        extra_body=extra, service_tier=ns.service_tier)
 
 
 def caption(argv: Sequence[str]) -> int:

@@ -42,11 +42,11 @@ __all__ = ["SECTIONS", "JobKey", "job_argv", "job_key", "job_keys"]
 SECTIONS: dict[str, tuple[str, ...]] = {
     "api": ("base_url", "api", "model", "prompt", "system", "max_tokens", "temperature",
             "top_p", "n", "stop", "presence_penalty", "frequency_penalty", "logit_bias",
-            "user", "seed", "response_format", "extra_body"),
+            "user", "seed", "response_format", "extra_body", "service_tier"),
     "limits": ("concurrency", "rpm", "tpm", "itpm", "otpm", "max_cost", "limit", "retries",
                "read_timeout", "connect_timeout", "backoff_base", "backoff_max",
                "max_retry_wait", "max_rate_wait", "grace", "attempt_timeout", "max_line_bytes",
-               "max_response_bytes"),
+               "max_response_bytes", "flex_fallback_after"),
     "images": ("max_edge", "max_image_bytes", "fetch_urls", "max_download_bytes",
                "download_timeout", "no_dedupe", "max_file_bytes", "image_timeout"),
     "output": ("flush_rows", "flush_seconds", "retry_errors", "allow_mixed", "no_progress",

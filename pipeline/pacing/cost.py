@@ -70,15 +70,16 @@ class CostBudget:
         self.spent = spent
         self.reserved = 0.0
 
-    def check(self, est_in: int, est_out: int) -> None:
-        """Before waiting for a permit: stop at once if even an idle run could not pay."""
-        est = self.price.cost(est_in, est_out)
+    def check(self, est_in: int, est_out: int, price: Price | None = None) -> None:
+        """Before waiting for a permit: stop at once if even an idle run could not pay.
+        ``price``: this request's, when it is not the run's (a service tier's)."""
+        est = (price or self.price).cost(est_in, est_out)
         if self.max_cost is not None and self.spent + est > self.max_cost:
             raise BudgetReached(f"cost budget reached: spent ${self.spent:.4f} of --max-cost "
                                 f"${self.max_cost:.4f}; the next row needs ${est:.4f}")
 
-    def reserve(self, est_in: int, est_out: int) -> float:
-        est = self.price.cost(est_in, est_out)
+    def reserve(self, est_in: int, est_out: int, price: Price | None = None) -> float:
+        est = (price or self.price).cost(est_in, est_out)
         if self.max_cost is not None and self.spent + self.reserved + est > self.max_cost:
             raise BudgetReached(f"cost budget reached: spent ${self.spent:.4f}, "
                                 f"${self.reserved:.4f} in flight, of --max-cost "
@@ -86,9 +87,10 @@ class CostBudget:
         self.reserved += est
         return est
 
-    def settle(self, reserved: float, tokens_in: int | None, tokens_out: int | None) -> float:
+    def settle(self, reserved: float, tokens_in: int | None, tokens_out: int | None,
+               price: Price | None = None) -> float:
         """Replace a reservation by what was really spent; returns the actual cost."""
         self.reserved -= reserved
-        actual = self.price.cost(tokens_in, tokens_out)
+        actual = (price or self.price).cost(tokens_in, tokens_out)
         self.spent += actual
         return actual

@@ -63,6 +63,8 @@ def _arg_parser() -> _Parser:
     add("--storm", type=float, default=d.storm, metavar="SECONDS",
         help="answer every request 429 for SECONDS from the first one")  # fmt: skip
     batch_api.add_arguments(add)
+    add("--flex-unavailable-rate", type=float, default=d.flex_unavailable_rate,
+        help="fraction of service_tier=flex requests refused 429 'Resource Unavailable'")
     return parser
 
 
@@ -75,6 +77,7 @@ def _config_from(args: argparse.Namespace) -> SimConfig:
         tpm=args.tpm, window=args.window, limiter=args.limiter,
         max_in_flight=args.max_in_flight, rate_limit_headers=args.rate_limit_headers,
         retry_after=args.retry_after, storm=args.storm, batch=batch_api.config_from(args),
+        flex_unavailable_rate=args.flex_unavailable_rate,
     )  # fmt: skip
 
 

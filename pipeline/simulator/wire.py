@@ -32,6 +32,7 @@ from .captions import (
     parse_openai_messages,
 )
 from .errors import ApiError, retry_after_header
+from .flex import served_tier
 from .limits import RateLimits, go_duration
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ class Job:
     response_id: str
     created: int
     json_mode: bool = False  # response_format asked for JSON: answer {"caption": ...}
+    service_tier: str | None = None  # OpenAI: the tier answers say they were served on
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ class OpenAIDialect:
         fmt = body.get("response_format")
         json_mode = isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
         return Job(request_id, model, prompt, stream, include_usage, limit, n, response_id,
-                   created, json_mode)
+                   created, json_mode, served_tier(body.get("service_tier")))
 
     def error(self, err: ApiError, request_id: str) -> web.Response:
         detail = {"message": err.message, "type": err.openai_type}
@@ -191,6 +193,7 @@ class OpenAIDialect:
             "id": job.response_id, "object": "chat.completion", "created": job.created,
             "model": job.model, "system_fingerprint": "fp_simulator",
             "choices": [choice(c) for c in choices], "usage": self._usage(job, choices),
+            **({"service_tier": job.service_tier} if job.service_tier else {}),
         }  # fmt: skip
 
     def limit_headers(self, limits: RateLimits) -> dict[str, str]:
@@ -209,6 +212,8 @@ class OpenAIDialect:
         }  # fmt: skip
         if job.include_usage:  # OpenAI sends usage: null on every chunk but the last
             obj["usage"] = usage
+        if job.service_tier:
+            obj["service_tier"] = job.service_tier
         return _sse(obj)
 
     @staticmethod

@@ -24,6 +24,9 @@ def _bad(message: str) -> RunFatal:
     return RunFatal(message, "config", exit_code=2)
 
 
+SERVICE_TIERS = ("flex", "default", "auto", "priority")  # docs/protocol.md §15
+
+
 @dataclass(frozen=True)
 class RequestOptions:
     temperature: float | None = None
@@ -37,6 +40,7 @@ class RequestOptions:
     seed: int | None = None
     response_format: dict[str, Any] | None = None
     extra_body: dict[str, Any] | None = None
+    service_tier: str | None = None  # OpenAI's service_tier: flex, default, auto, priority
 
     def __post_init__(self) -> None:
         _between("--temperature", self.temperature, 0, 2)
@@ -45,6 +49,9 @@ class RequestOptions:
         _between("--frequency-penalty", self.frequency_penalty, -2, 2)
         if not 1 <= self.n <= 128:
             raise _bad(f"--n must be between 1 and 128, got {self.n}")
+        if self.service_tier is not None and self.service_tier not in SERVICE_TIERS:
+            raise _bad(f"--service-tier must be one of {', '.join(SERVICE_TIERS)}, got "
+                       f"{self.service_tier!r}")
         if len(self.stop) > 4:
             raise _bad(f"--stop may be given at most 4 times, got {len(self.stop)}")
         for token, bias in (self.logit_bias or {}).items():

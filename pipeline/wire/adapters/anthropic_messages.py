@@ -187,6 +187,9 @@ class AnthropicMessages:
         for name in self._UNSUPPORTED:
             if getattr(options, name) is not None:
                 raise unavailable(self.name, name, "the Messages API has no such option")
+        if options.service_tier is not None:
+            raise unavailable(self.name, "service_tier", "flex is OpenAI's tier; Anthropic's "
+                              "service_tier values differ")
         if options.n != 1:
             raise RunFatal("--n > 1 is not available with --api anthropic (the Messages "
                            "API returns one answer per request)", "config", exit_code=2)
