@@ -5,12 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RAY_STAMP := $(VENV)/.installed-ray
 BENCH_STAMP := $(VENV)/.installed-bench
+DEV_STAMP := $(VENV)/.installed-dev
 MANIFEST ?=
 OUT ?=
 JOB ?=
 ARGS ?=
 
-.PHONY: help setup demo demo-batch caption test test-ray bench bench-ratelimit bench-images bench-crash clean bench-ray \
+.PHONY: help setup demo demo-batch caption lint test test-ray bench bench-ratelimit bench-images bench-crash clean bench-ray \
 	bench-export docs-screenshot
 
 help: ## list targets
@@ -37,6 +38,14 @@ demo-batch: $(STAMP) ## the same photos online and through the batch lane; compa
 caption: $(STAMP) ## caption MANIFEST=images.csv [OUT=dir] [ARGS="..."], or JOB=jobs/NAME.toml
 	@test -n "$(MANIFEST)$(JOB)" || { echo "usage: make caption MANIFEST=images.csv [OUT=dir] [ARGS=...] | JOB=jobs/NAME.toml [ARGS=...]" >&2; exit 2; }
 	$(if $(JOB),$(BIN)/python -m pipeline run "$(JOB)" $(if $(OUT),--out "$(OUT)") $(ARGS),$(BIN)/python -m pipeline caption "$(MANIFEST)" $(if $(OUT),--out "$(OUT)") $(ARGS))
+
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[test,dev]'
+	@touch $(DEV_STAMP)
+
+lint: $(DEV_STAMP) ## ruff over everything, mypy --strict over pipeline/
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 test: $(STAMP) ## run the test suite (the Ray engine's tests: make test-ray)
 	$(BIN)/python -m pytest -m "not ray"

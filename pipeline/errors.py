@@ -163,7 +163,9 @@ def _error_fields(doc: Any) -> tuple[str, str, str]:
     err = doc.get("error", doc) if isinstance(doc, dict) else {}
     if not isinstance(err, dict):
         return "", "", ""
-    details = err.get("details") if isinstance(err.get("details"), dict) else {}
+    details = err.get("details")
+    if not isinstance(details, dict):
+        details = {}
     return (str(err.get("type") or "").lower(), str(err.get("code") or "").lower(),
             str(details.get("error_code") or "").lower())
 

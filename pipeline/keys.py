@@ -104,7 +104,7 @@ class KeySet:
         if self._recent:
             recent = np.fromiter(self._recent, dtype=np.int64, count=len(self._recent))
             found |= np.isin(hashes, recent)
-        return found
+        return np.asarray(found, dtype=bool)
 
     def add_many(self, hashes: np.ndarray) -> None:
         self._merge()
@@ -150,7 +150,7 @@ class ImageRefs:
         # An id may appear once per prompt name, all with the same image: compare the
         # first occurrence (an already mixed dataset only makes this more cautious).
         i, known = self._find(ids)
-        return known & (self._images[i] != images)
+        return np.asarray(known & (self._images[i] != images), dtype=bool)
 
     def classify(self, ids: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(known, conflicting) masks: is the id in OUT, and for another image?"""

@@ -102,8 +102,8 @@ def setup_logging(verbose: int | bool, json_lines: bool, stream: TextIO | None =
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if level >= 2 else logging.WARNING)
     logging.getLogger("pipeline").setLevel(logging.DEBUG if level else logging.NOTSET)
-    for h in root.handlers:
-        h.addFilter(_REDACT)  # the same instance: a second call adds nothing
+    for each in root.handlers:
+        each.addFilter(_REDACT)  # the same instance: a second call adds nothing
     logging.captureWarnings(True)
     # Pillow warns of images above its pixel limit; the image stage refuses those with
     # a row error of its own, so the warning (process-wide, per image) is noise.

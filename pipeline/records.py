@@ -19,10 +19,6 @@ import pyarrow as pa
 DEFAULT_PROMPT_NAME = "default"
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 
-def output_schema(extra_columns: list[str]) -> pa.Schema:
-    extras = [pa.field(c, pa.string()) for c in extra_columns if c not in BASE_NAMES]
-    return pa.schema(BASE_FIELDS + extras)
-
 
 @dataclass(frozen=True, slots=True)
 class ManifestRow:
@@ -54,7 +50,7 @@ class PreparedImage:
     orig_height: int | None = None
     sha256: str | None = None       # of the original bytes; None when never downloaded
 
-    def columns(self) -> dict[str, object]:
+    def columns(self) -> dict[str, Any]:
         return {"width": self.orig_width, "height": self.orig_height,
                 "sent_width": self.width, "sent_height": self.height,
                 "sent_bytes": self.sent_bytes, "image_sha256": self.sha256}
@@ -229,7 +225,7 @@ def _base(row: ManifestRow) -> dict[str, Any]:
 
 def ok_row(row: ManifestRow, c: Completion, **columns: Any) -> ResultRow:
     u = c.usage
-    usage = {} if u is None else {
+    usage: dict[str, Any] = {} if u is None else {
         "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
         "total_tokens": u.total_tokens, "cached_tokens": u.cached_tokens}
     return ResultRow(

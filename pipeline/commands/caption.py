@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import difflib
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit

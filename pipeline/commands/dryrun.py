@@ -15,19 +15,19 @@ import sys
 from collections import OrderedDict
 from typing import Any, TextIO
 
-from ..wire.adapters import get_adapter
-from ..store.checkpoint import Checkpoint, KeySet
-from ..images.dedupe import RECENT_MAX, ImageIndex, dedup_key
 from ..errors import RowFailed
-from ..images.prepare import ImagePolicy
+from ..images.dedupe import RECENT_MAX, ImageIndex, dedup_key
 from ..images.load import ImageSource, ReadLimits, default_executor
+from ..images.prepare import ImagePolicy
 from ..logs import json_line
+from ..records import ManifestRow, PreparedImage
+from ..run.progress import Counters
+from ..settings import Settings
 from ..sources.manifest import Manifest
 from ..sources.manifest_format import base_dir
 from ..sources.plan import Plan
-from ..run.progress import Counters
-from ..records import ManifestRow, PreparedImage
-from ..settings import Settings
+from ..store.checkpoint import Checkpoint, KeySet
+from ..wire.adapters import get_adapter
 
 _COLUMNS = ("id", "prompt_name", "image", "sent", "est_input_tokens", "max_output_tokens",
             "est_cost_usd")

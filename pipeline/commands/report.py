@@ -30,9 +30,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from ..store.checkpoint import KeySet, key_hash
-from ..sources.manifest_format import base_dir
 from ..records import BASE_NAMES
+from ..sources.manifest_format import base_dir
+from ..store.checkpoint import KeySet, key_hash
 from .report_page import CSS, FOOT, card, controls
 
 WANTED = ["id", "prompt_name", "image", "status", "caption", "captions", "error",

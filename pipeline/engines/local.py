@@ -22,7 +22,7 @@ from ..pacing.limiter import Budgets
 from ..records import ManifestRow, PreparedImage
 from ..run.session import RunSession, Stop
 from ..run.stack import build_worker
-from ..run.worker import Interrupted, Worker
+from ..run.worker import Interrupted
 
 __all__ = ["LocalEngine"]
 
@@ -82,7 +82,7 @@ class LocalEngine:
                 # A budget stop lets the requests it reserved cost for finish (each is one
                 # attempt, bounded by --attempt-timeout); the other stops give the grace.
                 grace = None if session.stop is Stop.BUDGET else session.settings.grace
-                cancel = asyncio.create_task(session.cancel_now.wait())
+                cancel: asyncio.Future[Any] = asyncio.create_task(session.cancel_now.wait())
                 await asyncio.wait([workers, cancel], timeout=grace,
                                    return_when=asyncio.FIRST_COMPLETED)
                 cancel.cancel()

@@ -158,7 +158,7 @@ class CaptionActor:
                                         daemon=True)
         self._thread.start()
         self._stack = contextlib.AsyncExitStack()
-        self.worker = self._run(self._build())
+        self.worker: Worker = self._run(self._build())
 
     def _run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()

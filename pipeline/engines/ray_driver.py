@@ -95,7 +95,9 @@ class RayEngine:
         n = max(1, min(n, s.concurrency))
         self.report = {"ray_actors": n}
         per = max(1, s.concurrency // n)
-        split = lambda v: None if v is None else v / n  # noqa: E731
+        def split(v: float | None) -> float | None:
+            return None if v is None else v / n
+
         extras = tuple(c for c in columns if c not in BASE_NAMES)
         share = Share(per, split(s.rpm), split(s.tpm), split(s.itpm), split(s.otpm),
                       split(s.max_cost), IMAGE_THREADS, extras)
@@ -144,7 +146,7 @@ class RayEngine:
             session.halt(Stop.FATAL, _unwrap(e))
         finally:
             with contextlib.suppress(Exception):
-                batches.close()  # type: ignore[attr-defined]  # stops the actors
+                batches.close()  # stops the actors
 
     def _on_chunk(self, session: RunSession, kind: str, payload: bytes | None,
                   info: str | None) -> None:

@@ -135,7 +135,8 @@ class ImageIndex:
         with self._lock:  # lookups run in worker threads; one cached part at a time
             if self._cache is None or self._cache[0] != part:
                 self._cache = (part, pq.read_table(self.parts[part], columns=_ORIGINAL))
-            return self._cache[1].slice(row, 1).to_pylist()[0]
+            found: dict[str, Any] = self._cache[1].slice(row, 1).to_pylist()[0]
+            return found
 
 
 _ORIGINAL = ["id", "dedup_key", "caption", "finish_reason", "finish_reason_raw", "model",

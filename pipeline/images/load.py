@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .pool import DaemonPool, JobTimeout, PoolExhausted
 from ..errors import RowFailed
-from .prepare import ImagePolicy, ImageProblem, Prepared, b64_len, prepare, sniff_mime
 from ..records import ManifestRow, PreparedImage
+from .pool import DaemonPool, JobTimeout, PoolExhausted
+from .prepare import ImagePolicy, ImageProblem, Prepared, b64_len, prepare, sniff_mime
 
 __all__ = ["ImageSource", "ReadLimits", "b64_len", "default_executor", "read_file",
            "sniff_mime"]

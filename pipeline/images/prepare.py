@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -218,8 +219,8 @@ def _encode_to_fit(frame: Image.Image, policy: ImagePolicy) -> tuple[bytes, str,
 
 
 def _has_transparency(frame: Image.Image) -> bool:
-    lo, _ = frame.getchannel("A").getextrema()
-    return bool(lo < 255)
+    lo, _ = cast(tuple[int, int], frame.getchannel("A").getextrema())  # one band: (min, max)
+    return lo < 255
 
 
 def _on_white(frame: Image.Image) -> Image.Image:

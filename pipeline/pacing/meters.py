@@ -300,8 +300,9 @@ class AdaptiveRate:
         slow start's rate if it ends with this refusal. Returns the provisional pacer
         when it makes one."""
         self._cycle.refused += 1
-        if self._since_exit is not None and sent_at >= self._since_exit.start:
-            self._since_exit.refused += 1
+        since = self._since_exit
+        if since is not None and since.start is not None and sent_at >= since.start:
+            since.refused += 1
         if self._episode is None:
             self._episode = self.clock()
             self._episode_rate = self.bucket.rate if self.bucket is not None else (ramp or 0.0)

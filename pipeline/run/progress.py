@@ -23,10 +23,9 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from ..logs import json_line
 from ..records import ResultRow
 from ..sources.plan import PlanCounts
-
-from ..logs import json_line
 
 _MAX_REASONS = 50
 _RESERVOIR = 10_000  # latency samples kept: percentiles stay exact-ish in flat memory
@@ -56,7 +55,9 @@ class Reservoir:
         vals = sorted(self.values)
         if not vals:
             return {"p50": None, "p95": None, "p99": None}
-        pick = lambda q: round(vals[min(len(vals) - 1, int(q * len(vals)))], 4)  # noqa: E731
+        def pick(q: float) -> float:
+            return round(vals[min(len(vals) - 1, int(q * len(vals)))], 4)
+
         return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99)}
 
 
@@ -170,7 +171,7 @@ class Progress:
                             smoothing=0.1, mininterval=bar_interval)
             # tqdm asks this before every frame: the width follows a resized terminal,
             # and a terminal that reports 0 columns still gets a bar.
-            self.bar.dynamic_ncols = terminal_size
+            self.bar.dynamic_ncols = terminal_size  # type: ignore[assignment]  # tqdm accepts a callable
 
     def set_total(self, total: int) -> None:
         self.total = total
@@ -213,8 +214,8 @@ class Progress:
     def status_line(self) -> str:
         waiting = self.waiting()
         if self.json_lines:
-            return json_line("progress", **self.stats(),
-                             **({"waiting": waiting} if waiting else {}))
+            fields = self.stats() | ({"waiting": waiting} if waiting else {})
+            return json_line("progress", **fields)
         wall = max(self.clock() - self.started, 1e-9)
         total = f"/{self.total}" if self.total is not None else ""
         rpm, tpm = self.rates.per_minute()

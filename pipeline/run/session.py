@@ -39,7 +39,7 @@ from ..records import ResultRow, now_utc
 from ..settings import Settings
 from ..sources.manifest import Manifest
 from ..sources.plan import Plan
-from ..store.dataset import Opened, close_dataset, open_dataset
+from ..store.dataset import close_dataset, open_dataset
 from ..store.journal import SYNC_SECONDS, Journal
 from ..store.sink import Batch, ParquetSink, write_run_report
 from ..wire.options import template_fields

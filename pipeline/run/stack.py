@@ -9,27 +9,27 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
 
-from ..wire.adapters import get_adapter
-from ..pacing.cost import CostBudget
-from ..images.pool import DaemonPool
 from ..images.dedupe import Dedupe
 from ..images.download import ImageFetcher
-from ..images.prepare import ImagePolicy
 from ..images.load import ImageSource, ReadLimits
+from ..images.pool import DaemonPool
+from ..images.prepare import ImagePolicy
 from ..keys import ImageRefs
-from ..sources.manifest_format import base_dir
+from ..pacing.cost import CostBudget
 from ..pacing.limiter import Budgets, Limiter
 from ..pacing.retry import RetryPolicy
+from ..records import Original
 from ..settings import Settings
+from ..sources.manifest_format import base_dir
+from ..wire.adapters import get_adapter
 from ..wire.transport import Transport
 from .worker import Worker
 
 
 async def build_worker(stack: contextlib.AsyncExitStack, s: Settings, *, concurrency: int,
                        budgets: Budgets, max_cost: float | None, executor: DaemonPool,
-                       lookup_done: Callable[[str], dict[str, Any] | None] | None,
+                       lookup_done: Callable[[str], Original | None] | None,
                        should_stop: Callable[[], bool],
                        image_refs: ImageRefs | None = None) -> Worker:
     """Protocol, transport, image preparation, limits, cost budget and dedupe."""

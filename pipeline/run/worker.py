@@ -261,8 +261,8 @@ class Worker:
         finally:
             tries.latency = self.clock() - start
             cost = self._settle(reserved, usage, price)
-            self.limiter.finish(permit, outcome, usage and usage.prompt_tokens,
-                                usage and usage.completion_tokens, retry_after)
+            self.limiter.finish(permit, outcome, usage.prompt_tokens if usage else None,
+                                usage.completion_tokens if usage else None, retry_after)
         return ok_row(row, completion, attempts=tries.sent, latency_s=tries.latency,
                       ttft_s=ttft, request_id=head.request_id, http_status=head.status,
                       retry_after_s=tries.waited, cost_usd=cost, **structured)

@@ -26,11 +26,9 @@ import json
 import math
 import random
 import secrets
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiohttp import web
 
@@ -38,8 +36,8 @@ from . import batch as batch_api
 from . import flex
 from .captions import BadRequest, caption_for, split_tokens
 from .delivery import Exchange, complete, stream
-from .limits import LIMITER_KINDS, RateLimits, Refusal, TokenBucket, go_duration
 from .errors import ApiError, fault_error, rate_limit_error, with_retry_after
+from .limits import LIMITER_KINDS, RateLimits, Refusal, TokenBucket, go_duration
 from .wire import ANTHROPIC, DIALECTS, OPENAI, Choice, Dialect, Job
 
 __all__ = [
@@ -193,7 +191,7 @@ def _in_storm(app: web.Application) -> bool:
         return False
     if not started:
         started.append(time.monotonic())
-    return time.monotonic() - started[0] < seconds
+    return bool(time.monotonic() - started[0] < seconds)
 
 
 async def _parse(request: web.Request, dialect: Dialect, request_id: str) -> Job:

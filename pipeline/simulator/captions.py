@@ -22,7 +22,7 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlparse
 
 from PIL import Image, ImageStat
@@ -197,10 +197,11 @@ def _flatten(image: Image.Image) -> Image.Image:
 def _dominant_colours(thumb: Image.Image) -> tuple[str, ...]:
     """Two or three colour names covering most of the (quantized) thumbnail."""
     quantized = thumb.quantize(colors=8)
-    palette = quantized.getpalette() or []
+    palette: list[int] = quantized.getpalette() or []
     shares: Counter[str] = Counter()
     for count, index in quantized.getcolors() or []:
-        rgb = tuple(palette[3 * index : 3 * index + 3])
+        i = int(cast(int, index))  # a "P" image's colours are palette indices
+        rgb = tuple(palette[3 * i : 3 * i + 3])
         shares[_nearest_colour(rgb)] += count
     total = sum(shares.values()) or 1
     # Ties are broken by name so the result never depends on dict order.

@@ -65,7 +65,8 @@ def rate_limit_error(refusal: Refusal, model: str, advise: bool = True) -> ApiEr
                         retry_after=wait)  # fmt: skip
     unit = "requests per min (RPM)" if refusal.kind == "requests" else "tokens per min (TPM)"
     counts = f"Limit {refusal.limit}, Requested {refusal.requested}."
-    if refusal.retry_after is None:  # a correct client never retries this (docs/protocol.md §5.2, §6.1)
+    # No wait: a correct client never retries this (docs/protocol.md §5.2, §6.1).
+    if refusal.retry_after is None:
         message = f"Request too large for {model} on {unit}: {counts}"
         return ApiError(429, message, "tokens", "rate_limit_error", "rate_limit_exceeded")
     hint = _advice(refusal.retry_after, advise)

@@ -155,7 +155,7 @@ class OpenAIDialect:
                    created, json_mode, served_tier(body.get("service_tier")))
 
     def error(self, err: ApiError, request_id: str) -> web.Response:
-        detail = {"message": err.message, "type": err.openai_type}
+        detail: dict[str, str | None] = {"message": err.message, "type": err.openai_type}
         detail |= {"param": err.param, "code": err.code}
         headers = {self.request_id_header: request_id}
         if err.retry_after is not None:
@@ -262,7 +262,8 @@ class AnthropicDialect:
         choice = choices[0]
         usage = {"input_tokens": job.prompt.tokens, "cache_creation_input_tokens": 0,
                  "cache_read_input_tokens": 0, "output_tokens": 1}  # fmt: skip
-        message = {"id": job.response_id, "type": "message", "role": "assistant", "content": [],
+        message: dict[str, Any] = {
+                   "id": job.response_id, "type": "message", "role": "assistant", "content": [],
                    "model": job.model, "stop_reason": None, "stop_sequence": None,
                    "usage": usage}  # fmt: skip
         block = {"type": "text", "text": ""}
@@ -353,4 +354,4 @@ def _positive_int(body: dict[str, Any], name: str, high: int | None = None) -> i
     if not valid or (high is not None and value > high):
         bound = f" and <= {high}" if high else ""
         raise BadRequest(f"Invalid value for '{name}': expected an integer >= 1{bound}", name)
-    return value
+    return int(value)

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import RunFatal
-from .manifest_format import ManifestFormat, column_problem, is_stdin, is_stream, sniff_delimiter
 from ..records import BASE_NAMES, ManifestRow
+from .manifest_format import ManifestFormat, column_problem, is_stdin, is_stream, sniff_delimiter
 
 __all__ = ["Manifest", "ManifestFormat", "derive_id"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
@@ -73,7 +73,8 @@ class Plan:
         self.limit = limit
         self.counts = counts if counts is not None else PlanCounts()
         self._matched = KeySet()  # ids whose first line agreed with OUT's image
-        self.log_duplicate = lambda row: None
+        # Told of each row whose id repeats an earlier one (the run logs a warning).
+        self.log_duplicate: Callable[[ManifestRow], object] = lambda row: None
         # A stream gives its rows as they come: a block would wait for 4096 of them.
         self.block = 1 if getattr(manifest, "one_shot", False) else _BLOCK
 
@@ -113,14 +114,14 @@ class Plan:
             counts.skipped_done += sum(int(d.sum()) for d in done)
             open_rows = np.flatnonzero(~np.logical_and.reduce(done))  # not all done
             ids = key_hashes((block[k].id for k in open_rows), "")
-            for k, h in zip(open_rows, ids):
+            for k, h in zip(open_rows, ids.tolist()):  # Python ints
                 row = block[k]
                 names = {p.name for j, p in enumerate(self.prompts) if not done[j][k]}
-                if int(h) in seen:
+                if h in seen:
                     counts.skipped_duplicate += 1
                     self.log_duplicate(row)
                     continue
-                seen.add(int(h))
+                seen.add(h)
                 group = []
                 for variant in self._variants(row, names):
                     if self.limit is not None and counts.pending >= self.limit:
@@ -165,7 +166,7 @@ class _Handoff:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.queue: asyncio.Queue[list[ManifestRow] | None | BaseException] = asyncio.Queue()
         self.room = threading.Semaphore(_AHEAD)
         self.stopped = False
 

@@ -228,7 +228,8 @@ def _transient(t: pa.RecordBatch, ok: pa.Array) -> np.ndarray:
     if "error_class" not in t.schema.names:
         return np.zeros(len(t), dtype=bool)
     is_transient = pc.is_in(t["error_class"], value_set=_TRANSIENT).fill_null(False)
-    return pc.and_(pc.invert(ok), is_transient).to_numpy(zero_copy_only=False)
+    return np.asarray(pc.and_(pc.invert(ok), is_transient).to_numpy(zero_copy_only=False),
+                      dtype=bool)
 
 
 def _rank_key(rank: tuple[bool, object, int, int]) -> tuple[bool, float, int, int]:

@@ -18,14 +18,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from . import record as dataset_record
-from .checkpoint import Checkpoint, ResumeState
 from ..errors import output_error
-from ..sources.manifest import Manifest
-from ..sources.manifest_format import base_dir
-from .outdir import quarantine, union_schema, unify
 from ..records import output_schema
 from ..settings import Settings
+from ..sources.manifest import Manifest
+from ..sources.manifest_format import base_dir
+from . import record as dataset_record
+from .checkpoint import Checkpoint, ResumeState
+from .outdir import quarantine, unify, union_schema
 from .sink import compact, recover_journal
 
 __all__ = ["Opened", "open_dataset", "close_dataset", "wanted_settings"]

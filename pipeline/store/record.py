@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RunFatal
-from .outdir import RECORD, tmp_name
 from ..records import now_utc
+from .outdir import RECORD, tmp_name
 
 __all__ = ["load", "check", "updated", "write", "prompt_settings"]
 

@@ -28,6 +28,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..redact import redact_obj
+from ..validate import RowConformer
 from .journal import Journal, recover, segments
 from .outdir import (
     JOURNAL,
@@ -39,8 +41,6 @@ from .outdir import (
     quarantine,
     tmp_name,
 )
-from ..redact import redact_obj
-from ..validate import RowConformer
 
 __all__ = ["ParquetSink", "Batch", "commit_table", "part_files", "compact",
            "write_run_report", "recover_journal"]

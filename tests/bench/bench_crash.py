@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.simulator.thread import SimThread
 from pipeline.simulator.app import SimConfig
+from pipeline.simulator.thread import SimThread
 
 
 def kept(out: Path) -> int:

@@ -24,8 +24,8 @@ import aiohttp
 import numpy as np
 from PIL import Image
 
-from pipeline.images.prepare import ImagePolicy
 from pipeline.images.load import ImageSource, default_executor
+from pipeline.images.prepare import ImagePolicy
 from pipeline.records import ManifestRow
 
 

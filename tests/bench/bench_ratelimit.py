@@ -144,7 +144,6 @@ def run_real(case: Case, a: argparse.Namespace, manifest: Path, out: Path
 
 def run_virtual(case: Case, a: argparse.Namespace, manifest: Path, out: Path
                 ) -> tuple[int, SimStats, float]:
-    import asyncio
     import logging
 
     from pipeline.commands.caption import build_parser, settings_from_args
@@ -195,7 +194,8 @@ def print_table(rows: list[Result], a: argparse.Namespace) -> None:
           f"(tpm-bound), or {a.in_flight} in flight" + (" [VIRTUAL CLOCK]" if a.virtual else ""))
     print("targets: budget >= 95 % used, <= 0.5 % 429s; headers >= 95 %, <= 1 %; "
           "adaptive >= 85 %, <= 5 %\n")
-    print("| limiter | bound | mode | % of limit used | % 429 | requests | exit | wall s | target |")
+    print("| limiter | bound | mode | % of limit used | % 429 | requests | exit | wall s "
+          "| target |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         c = r.case

@@ -67,8 +67,8 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--cache", type=Path, help="folder to keep the generated JPEGs in")
     args = p.parse_args()
-    from pipeline.simulator.thread import SimThread
     from pipeline.simulator.app import SimConfig
+    from pipeline.simulator.thread import SimThread
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.cache or Path(tmp) / "images"

@@ -208,8 +208,8 @@ class ResumeSample:
 
 def bench_resume(sizes: tuple[int, ...] = (1000, 1_000_000), repeats: int = 3,
                  log: Any = print) -> list[ResumeSample]:
-    from pipeline.simulator.thread import SimThread
     from pipeline.simulator.app import SimConfig
+    from pipeline.simulator.thread import SimThread
 
     samples = []
     with tempfile.TemporaryDirectory(prefix="bench-resume-") as tmp:

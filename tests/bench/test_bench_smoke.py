@@ -20,8 +20,8 @@ import bench_client  # noqa: E402
 import bench_ratelimit  # noqa: E402
 import bench_scale  # noqa: E402
 
-from pipeline.store.checkpoint import Checkpoint  # noqa: E402
 from pipeline.records import output_schema  # noqa: E402
+from pipeline.store.checkpoint import Checkpoint  # noqa: E402
 
 
 def test_client_throughput_table_pipeline_only(capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import read_out, write_manifest
 
-from pipeline.simulator.thread import SimThread
 from pipeline.simulator.app import SimConfig
+from pipeline.simulator.thread import SimThread
 
 ROWS = 12
 PRICES = ["--price-in", "3", "--price-out", "15"]

@@ -17,9 +17,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from conftest import read_out
-from fake_gateway import Ctx, img
 from aiohttp import web
+from fake_gateway import Ctx, img
 
 LONG = " ".join(["A long caption that fills the disk quickly."] * 30)
 

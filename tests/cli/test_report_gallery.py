@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.records import output_schema
 from pipeline.commands.report import first_images, main, run_line
+from pipeline.records import output_schema
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "data" / "sample"

@@ -8,8 +8,8 @@ import sys
 
 from conftest import REPO, subprocess_env
 
-from pipeline.simulator.help import FAULT_HELP
 from pipeline.simulator.app import FAULT_MODES, INVALID_KEY
+from pipeline.simulator.help import FAULT_HELP
 
 
 def readme_simulator_section() -> str:

@@ -56,7 +56,7 @@ def test_sigkill_at_random_moments_then_resume(gateway, tmp_path):
     # a later run (or was on the wire when the process died, for a row it had not
     # finished), so none of them may be for a committed id
     committed: list[tuple[int, set[str]]] = []
-    for k in range(KILLS):
+    for _ in range(KILLS):
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
         try:
@@ -89,7 +89,7 @@ def test_sigkill_at_random_moments_then_resume(gateway, tmp_path):
     assert sorted(ids) == [f"id{i:03d}" for i in range(N_IMAGES)], "missing or duplicate ids"
     assert len(set(zip(df["id"], df["prompt_name"]))) == len(df) == N_IMAGES
     assert (df["status"] == "ok").all()
-    for id_, cap, image in zip(df["id"], df["caption"], df["image"]):
+    for cap, image in zip(df["caption"], df["image"]):
         assert cap == default_caption(image)
 
     # resume: a row that was committed before a kill is never requested again

@@ -24,8 +24,8 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from pipeline.simulator.thread import SimThread  # noqa: E402
 from pipeline.simulator.app import SimConfig  # noqa: E402
+from pipeline.simulator.thread import SimThread  # noqa: E402
 
 from .helpers import (  # noqa: E402
     API_KEY,

@@ -26,9 +26,8 @@ import pytest
 
 from pipeline import cli
 from pipeline.commands.caption import build_parser, settings_from_args
-from pipeline.errors import RunFatal
-from pipeline.simulator.thread import SimThread
 from pipeline.simulator.app import SimConfig
+from pipeline.simulator.thread import SimThread
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = sorted(p for p in (REPO / "data" / "sample").iterdir()

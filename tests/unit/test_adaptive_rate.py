@@ -11,8 +11,8 @@ import asyncio
 
 import pytest
 
-from pipeline.pacing.meters import AdaptiveRate
 from pipeline.pacing.limiter import Budgets, Limiter
+from pipeline.pacing.meters import AdaptiveRate
 
 
 class Clock:

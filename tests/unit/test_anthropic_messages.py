@@ -15,12 +15,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from pipeline.wire.adapters.anthropic_messages import AnthropicMessages, MessagesStreamState
 from pipeline.errors import Retryable, RowFailed
 from pipeline.records import Completion, ManifestRow, PreparedImage
-from pipeline.wire.options import RequestOptions
 from pipeline.settings import Secret, Settings
 from pipeline.simulator.app import SimConfig, start
+from pipeline.wire.adapters.anthropic_messages import AnthropicMessages, MessagesStreamState
+from pipeline.wire.options import RequestOptions
 from pipeline.wire.sse import SSEDecoder
 
 SAMPLES = Path(__file__).resolve().parents[2] / "data" / "sample"

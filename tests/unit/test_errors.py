@@ -13,7 +13,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
@@ -30,7 +30,7 @@ from pipeline.errors import (
     parse_retry_after,
 )
 
-NOW = datetime(2026, 9, 27, 12, 30, 0, tzinfo=timezone.utc).timestamp()
+NOW = datetime(2026, 9, 27, 12, 30, 0, tzinfo=UTC).timestamp()
 
 
 def body(doc: Any) -> bytes:
@@ -247,7 +247,7 @@ def test_429_with_no_hint_at_all_has_no_server_wait() -> None:
 
 
 def test_429_retry_after_http_date_is_measured_from_injected_now() -> None:
-    when = format_datetime(datetime.fromtimestamp(NOW + 3, timezone.utc), usegmt=True)
+    when = format_datetime(datetime.fromtimestamp(NOW + 3, UTC), usegmt=True)
     e = classify_http(429, {"retry-after": when}, RATE_LIMIT, now=NOW)
     assert e.retry_after == pytest.approx(3.0)
 
@@ -266,7 +266,7 @@ def test_429_with_only_openai_reset_header_waits_that_duration() -> None:
 
 
 def test_429_with_only_anthropic_reset_header_waits_until_that_time() -> None:
-    at = datetime.fromtimestamp(NOW + 2, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    at = datetime.fromtimestamp(NOW + 2, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     e = classify_http(429, {"anthropic-ratelimit-tokens-remaining": "0",
                             "anthropic-ratelimit-tokens-reset": at},
                       anthropic_error("rate_limit_error", "tokens per minute exceeded"),

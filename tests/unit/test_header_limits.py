@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
 from pipeline.pacing.headerlimits import PACE_HORIZON, HeaderCeiling, read_limits
-from pipeline.pacing.meters import PACE_SHARE
 from pipeline.pacing.limiter import Budgets, Limiter
+from pipeline.pacing.meters import PACE_SHARE
 
 
 class Clock:
@@ -72,7 +72,7 @@ def test_read_limits_go_duration_forms(reset: str, seconds: float) -> None:
 
 
 def test_read_limits_anthropic_rfc3339_resets() -> None:
-    now = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc).timestamp()
+    now = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC).timestamp()
     headers = {}
     for kind, limit, remaining, reset in [
         ("requests", "50", "49", "2024-05-01T12:00:01Z"),
@@ -89,7 +89,7 @@ def test_read_limits_anthropic_rfc3339_resets() -> None:
 
 
 def test_read_limits_anthropic_reset_in_the_past_is_zero() -> None:
-    now = datetime(2024, 5, 1, 12, 0, 10, tzinfo=timezone.utc).timestamp()
+    now = datetime(2024, 5, 1, 12, 0, 10, tzinfo=UTC).timestamp()
     headers = {"anthropic-ratelimit-requests-limit": "50",
                "anthropic-ratelimit-requests-remaining": "50",
                "anthropic-ratelimit-requests-reset": "2024-05-01T12:00:00Z"}

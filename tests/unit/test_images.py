@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.images import load as images_module
-from pipeline.images.pool import DaemonPool
 from pipeline.errors import RowFailed
-from pipeline.images.prepare import ImagePolicy
+from pipeline.images import load as images_module
 from pipeline.images.load import ImageSource, ReadLimits, _read_capped, b64_len, sniff_mime
+from pipeline.images.pool import DaemonPool
+from pipeline.images.prepare import ImagePolicy
 from pipeline.records import ManifestRow, PreparedImage
 
 SAMPLES = Path(__file__).resolve().parents[2] / "data" / "sample"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.store.journal import Journal, decode, encode, recover, segments
 from pipeline.records import output_schema
+from pipeline.store.journal import Journal, decode, encode, recover, segments
 from pipeline.store.sink import ParquetSink, recover_journal
 
 ROW = {"id": "a", "prompt_name": "default", "status": "ok", "caption": "A kayak \U0001f680.",

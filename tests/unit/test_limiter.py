@@ -13,8 +13,8 @@ import asyncio
 
 import pytest
 
-from pipeline.pacing.meters import PACE_SHARE
 from pipeline.pacing.limiter import AdaptiveConcurrency, Budgets, Limiter, Permit, TokenBucket
+from pipeline.pacing.meters import PACE_SHARE
 
 
 class FakeTime:

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import RunFatal
-from pipeline.sources.manifest import Manifest, derive_id
 from pipeline.records import output_schema
+from pipeline.sources.manifest import Manifest, derive_id
 
 SAMPLE_PNG = Path(__file__).resolve().parents[2] / "data" / "sample" / "horse.png"
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from pipeline.wire.adapters.openai_chat import ChatStreamState, OpenAIChat
 from pipeline.errors import Retryable, RowFailed, RunFatal
 from pipeline.records import Completion
+from pipeline.wire.adapters.openai_chat import ChatStreamState, OpenAIChat
 from pipeline.wire.sse import Event
 
 

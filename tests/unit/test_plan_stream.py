@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.store.checkpoint import KeySet
 from pipeline.sources.manifest import Manifest
 from pipeline.sources.plan import NamedPrompt, Plan
+from pipeline.store.checkpoint import KeySet
 
 PROMPTS = (NamedPrompt("default", "Caption it."),)
 

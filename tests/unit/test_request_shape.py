@@ -22,16 +22,16 @@ import pytest
 from aioresponses import aioresponses
 from yarl import URL
 
-from pipeline.images.prepare import ImagePolicy
-from pipeline.wire.adapters import get_adapter
 from pipeline.images.load import ImageSource
+from pipeline.images.prepare import ImagePolicy
 from pipeline.pacing import limiter as ratelimit
-from pipeline.records import ManifestRow
 from pipeline.pacing.retry import RetryPolicy
-from pipeline.wire.options import RequestOptions
-from pipeline.settings import Secret, Settings
-from pipeline.wire.transport import Transport
+from pipeline.records import ManifestRow
 from pipeline.run.worker import Worker
+from pipeline.settings import Secret, Settings
+from pipeline.wire.adapters import get_adapter
+from pipeline.wire.options import RequestOptions
+from pipeline.wire.transport import Transport
 
 SAMPLES = Path(__file__).resolve().parents[2] / "data" / "sample"
 BASE_URL = "http://gateway.test/v1"
@@ -92,7 +92,8 @@ class Harness:
             self.sleeps.append(seconds)
 
         self.worker = Worker(s, adapter, self.transport,
-                             ImageSource(s.manifest.parent, ImagePolicy(max_bytes=s.max_image_bytes)),
+                             ImageSource(s.manifest.parent,
+                                         ImagePolicy(max_bytes=s.max_image_bytes)),
                              pacing(s, fake_sleep),
                              RetryPolicy(s.retries, s.backoff_base, s.backoff_max,
                                          s.max_retry_after, rand=lambda: 0.5),

@@ -9,8 +9,15 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.simulator.limits import FixedWindow, RateLimits, Refusal, SlidingLog, Ticket, TokenBucket
 from pipeline.simulator.app import SimConfig
+from pipeline.simulator.limits import (
+    FixedWindow,
+    RateLimits,
+    Refusal,
+    SlidingLog,
+    Ticket,
+    TokenBucket,
+)
 
 
 class Clock:

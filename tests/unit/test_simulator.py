@@ -7,7 +7,6 @@ share code.
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import base64
 import io
@@ -29,10 +28,9 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from pipeline.simulator import app as simulator
 from pipeline.simulator import cli as simulator_cli
-from pipeline.simulator.captions import claude_image_tokens, split_tokens
 from pipeline.simulator.app import STATS, SimConfig, SimStats, go_duration, start
+from pipeline.simulator.captions import claude_image_tokens, split_tokens
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "data" / "sample"

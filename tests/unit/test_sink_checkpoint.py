@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline.store.sink as sink_mod
-from pipeline.store.checkpoint import Checkpoint, KeySet, key_hash
 from pipeline.records import (
     Completion,
     ManifestRow,
@@ -30,10 +29,11 @@ from pipeline.records import (
     ok_row,
     output_schema,
 )
+from pipeline.store.checkpoint import Checkpoint, KeySet, key_hash
 from pipeline.store.sink import ParquetSink, commit_table, compact, part_files
 
 SCHEMA = output_schema(["source"])
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def mrow(rid: str, prompt_name: str = "default", line: int = 2) -> ManifestRow:

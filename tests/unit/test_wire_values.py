@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from pipeline.wire.adapters.anthropic_messages import AnthropicMessages, MessagesStreamState
-from pipeline.wire.adapters.openai_chat import ChatStreamState, OpenAIChat
 from pipeline.errors import Retryable, RowFailed
 from pipeline.records import Completion
+from pipeline.wire.adapters.anthropic_messages import AnthropicMessages, MessagesStreamState
+from pipeline.wire.adapters.openai_chat import ChatStreamState, OpenAIChat
 from pipeline.wire.sse import Event, SSEDecoder
 
 DONE = Event("message", "[DONE]")

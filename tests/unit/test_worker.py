@@ -8,17 +8,17 @@ from typing import Any
 
 import pytest
 
-from pipeline.images.prepare import ImagePolicy
-from pipeline.wire.adapters.openai_chat import OpenAIChat
 from pipeline.errors import Retryable, RunFatal
-from pipeline.pacing.cost import BudgetReached, CostBudget, Price
 from pipeline.images.load import ImageSource
+from pipeline.images.prepare import ImagePolicy
+from pipeline.pacing.cost import BudgetReached, CostBudget, Price
 from pipeline.pacing.limiter import Budgets, Limiter
-from pipeline.records import ManifestRow
 from pipeline.pacing.retry import RetryPolicy
-from pipeline.settings import Secret, Settings
-from pipeline.wire.channel import ScriptedTransport
+from pipeline.records import ManifestRow
 from pipeline.run.worker import Worker
+from pipeline.settings import Secret, Settings
+from pipeline.wire.adapters.openai_chat import OpenAIChat
+from pipeline.wire.channel import ScriptedTransport
 
 
 def sse(*docs: Any, done: bool = True) -> list[bytes]:

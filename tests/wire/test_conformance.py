@@ -15,8 +15,19 @@ import shutil
 
 import pytest
 from conftest import API_KEY, SAMPLES
-from fake_gateway import (C24_MESSAGE, C27_USAGE, C32_MESSAGE, C40_MESSAGE, MODEL, PARTIAL,
-                          RETRY_CAPTION, SCENARIOS, decode_data_uri, default_caption, img)
+from fake_gateway import (
+    C24_MESSAGE,
+    C27_USAGE,
+    C32_MESSAGE,
+    C40_MESSAGE,
+    MODEL,
+    PARTIAL,
+    RETRY_CAPTION,
+    SCENARIOS,
+    decode_data_uri,
+    default_caption,
+    img,
+)
 
 C01_CAPTION = "A quiet harbour at dusk."
 

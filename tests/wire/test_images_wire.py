@@ -22,6 +22,7 @@ from conftest import API_KEY
 from fake_gateway import Ctx, ImageHost, decode_data_uri, default_caption
 from PIL import Image
 
+
 @pytest.fixture
 def images() -> Any:
     with ImageHost() as host:

@@ -20,9 +20,24 @@ from typing import Any
 import pytest
 from aiohttp import web
 from conftest import API_KEY, clean
-from fake_gateway import (A_MODEL, A_VERSION, PING, USAGE_OK, AnthropicGateway, ARequest, Ctx,
-                          a_delta, a_event, a_start, a_stream, chunk, done, img, sse,
-                          usage_chunk)
+from fake_gateway import (
+    A_MODEL,
+    A_VERSION,
+    PING,
+    USAGE_OK,
+    AnthropicGateway,
+    ARequest,
+    Ctx,
+    a_delta,
+    a_event,
+    a_start,
+    a_stream,
+    chunk,
+    done,
+    img,
+    sse,
+    usage_chunk,
+)
 from PIL import Image
 
 # Every option key the client may add to an OpenAI request body.

@@ -26,8 +26,8 @@ import pytest
 from aiohttp import web
 from conftest import read_out, write_manifest
 
-from pipeline.simulator.thread import SimThread
 from pipeline.simulator.app import SimConfig
+from pipeline.simulator.thread import SimThread
 
 STORM = float(os.environ.get("CAPTION_STORM_SECONDS", "5"))
 ROWS = 20

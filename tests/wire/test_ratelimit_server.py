@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 from conftest import read_out, write_manifest
 
-from pipeline.simulator.thread import SimThread
 from pipeline.simulator.app import SimConfig, SimStats
+from pipeline.simulator.thread import SimThread
 
 WINDOW = 2.0  # the server's limits are per WINDOW seconds
 PER_MINUTE = 60.0 / WINDOW  # server limit per window -> client budget per minute

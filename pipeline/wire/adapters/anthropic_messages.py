@@ -11,13 +11,12 @@ with the OpenAI adapter (``finish_completion``).
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ...errors import Retryable, RowFailed, RunFatal, bad_response, classify_stream_error
 from ...records import ApiRequest, Completion, ManifestRow, PreparedImage, Usage
-from ..sse import Event
 from ...validate import as_count
+from ..sse import Event
 from .base import (
     RequestSpec,
     content_text,
@@ -165,7 +164,8 @@ class MessagesStreamState:
 
     def finish(self) -> Completion:
         if not self.stopped and not self.stop_reason:
-            # EOF before message_delta (docs/protocol.md §10 C38): the partial text is not a caption.
+            # EOF before message_delta (docs/protocol.md §10 C38): the partial text is not
+            # a caption.
             raise _broken("stream ended without stop_reason or message_stop")
         # A stop_reason followed by a clean EOF is complete, as for OpenAI's missing [DONE].
         terminal = "message_stop" if self.stopped else "eof_after_finish"
@@ -179,7 +179,7 @@ class AnthropicMessages:
 
     name = "anthropic"
     path = "/messages"
-    key_env = ("CAPTION_API_KEY", "ANTHROPIC_API_KEY")
+    key_env: tuple[str, ...] = ("CAPTION_API_KEY", "ANTHROPIC_API_KEY")
     _UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "seed",
                     "response_format")
 

@@ -18,7 +18,6 @@ from ..options import RequestOptions
 from ..sse import Event
 from ..tokens import image_tokens, text_tokens
 
-
 # docs/protocol.md §9.2: one vocabulary for finish reasons, raw value kept beside it.
 _FINISH = {
     "stop": "stop", "end_turn": "stop", "stop_sequence": "stop",

@@ -216,7 +216,7 @@ class OpenAIChat:
 
     name = "openai"
     path = "/chat/completions"
-    key_env = ("CAPTION_API_KEY", "OPENAI_API_KEY")
+    key_env: tuple[str, ...] = ("CAPTION_API_KEY", "OPENAI_API_KEY")
 
     def check(self, options: RequestOptions) -> None:
         return None  # every option of RequestOptions has its chat-completions field
