@@ -32,7 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         Say(wants_json(args))("error", _unknown_command(args[0]), exit_code=2)
         return 2
     if not args or args[0] in ("-h", "--help"):
-        print("usage: python -m pipeline {caption,run,status,report,export,cancel,simulate,demo} ...\n"
+        print("usage: python -m pipeline "
+              "{caption,run,status,report,export,cancel,simulate,demo} ...\n"
               "  caption MANIFEST [options]   caption a manifest (see caption --help)\n"
               "  run JOB.toml [options]       run a job file; options override it\n"
               "  status OUT [--manifest M]    done / failed / pending and the last runs\n"

@@ -37,12 +37,14 @@ __all__ = ["Builder", "batch_body"]
 
 log = logging.getLogger("pipeline")
 _STREAM_FIELDS = ("stream", "stream_options")
+# A row's request: (body, row record, estimated tokens, estimated cost, dedup key).
+_Line = tuple[dict[str, Any], dict[str, Any], int, float, str | None]
 
 
 def batch_body(body: bytes) -> dict[str, Any]:
     """The online request body as a batch request: no streaming (the fold is a JSON
     completion, read by the adapter's ``from_json``)."""
-    doc = json.loads(body)
+    doc: dict[str, Any] = json.loads(body)
     for name in _STREAM_FIELDS:
         doc.pop(name, None)
     return doc
@@ -112,9 +114,8 @@ class Builder:
                         current, copies = None, {}
                     if current is None:
                         current = self._open()
-                    cid = current.next_id()
-                    payload = self.api.line(cid, payload)
-                    index = current.add(payload, record, tokens, cost)
+                    index = current.add(self.api.line(current.next_id(), payload), record,
+                                        tokens, cost)
                     if key is not None:
                         copies[key] = index
         finally:
@@ -146,19 +147,18 @@ class Builder:
         await sealed(entry)
 
     async def _row(self, row: ManifestRow, prepared: asyncio.Future[PreparedImage] | None,
-                   done: Built) -> tuple[dict[str, Any], dict[str, Any], int, float,
-                                         str | None] | None:
+                   done: Built) -> _Line | None:
         """(body, row record, est. tokens, est. cost, dedup key), or None when the row
         was kept at once."""
         if row.error or prepared is None:
-            return self._kept(error_row(row, row.error or "unusable row", "bad_input"), done)
+            return self._kept_none(error_row(row, row.error or "unusable row", "bad_input"), done)
         try:
             image = await asyncio.shield(prepared)
         except RowFailed as e:
-            return self._kept(error_row(row, e.message, e.error_class), done)
+            return self._kept_none(error_row(row, e.message, e.error_class), done)
         except Exception as e:  # an unforeseen input: one row, never the batch
             log.exception("row %s: image stage failed unexpectedly", row.id)
-            return self._kept(error_row(row, f"internal error preparing the image: "
+            return self._kept_none(error_row(row, f"internal error preparing the image: "
                                              f"{type(e).__name__}: {e}", "internal"), done)
         s = self.s
         prompt = row.prompt or ""
@@ -170,12 +170,12 @@ class Builder:
             columns["dedup_key"] = key
             original = self.index.lookup(key) if self.index is not None else None
             if original is not None:
-                return self._kept(copied_row(row, original, **columns), done)
+                return self._kept_none(copied_row(row, original, **columns), done)
         req = self.adapter.build_request(row, image, s.request_spec)
         body = batch_body(req.body)
         size = len(json.dumps(body, ensure_ascii=False).encode()) + 200
         if size + 1024 > self.caps.bytes:
-            return self._kept(error_row(
+            return self._kept_none(error_row(
                 row, f"the request is {size} bytes, more than a batch file may hold "
                      f"({self.caps.bytes}, --batch-max-bytes)", "too_large", **columns), done)
         cost = 0.0
@@ -188,7 +188,8 @@ class Builder:
         record = row_record(row, columns, key_hash(row.id, row.prompt_name))
         return body, record, req.est_input_tokens + req.est_output_tokens, cost, key
 
-    def _kept(self, row: ResultRow, done: Built) -> None:
+    def _kept_none(self, row: ResultRow, done: Built) -> _Line | None:
+        """Keep a row that needs no request (as a batch-lane row); the caller's None."""
         self.keep(replace(row, lane="batch"))
         done.kept += 1
         return None

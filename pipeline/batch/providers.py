@@ -15,6 +15,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import Retryable, RowFailed, classify_http
@@ -97,6 +98,31 @@ class BatchApi:
             return doc
         return await (self._retrying(once) if retry else once())
 
+    # What each API implements (docs/protocol.md §14.1, §14.2).
+    def line(self, cid: str, body: dict[str, Any]) -> bytes:
+        raise NotImplementedError
+
+    async def find_file(self, entry: Entry) -> str | None:
+        raise NotImplementedError
+
+    async def upload(self, entry: Entry, path: Path) -> str:
+        raise NotImplementedError
+
+    async def create(self, entry: Entry, path: Path) -> Remote:
+        raise NotImplementedError
+
+    async def find_batch(self, entry: Entry, known: set[str]) -> Remote | None:
+        raise NotImplementedError
+
+    async def get(self, batch_id: str) -> Remote:
+        raise NotImplementedError
+
+    async def cancel(self, batch_id: str) -> Remote:
+        raise NotImplementedError
+
+    def results(self, entry: Entry) -> AsyncIterator[bytes]:
+        raise NotImplementedError
+
     async def lines(self, path: str, url: str | None = None) -> AsyncIterator[bytes]:
         """A results file, line by line; a line longer than ``line_cap`` is skipped
         whole (its row stays pending) instead of being held in memory."""
@@ -141,15 +167,15 @@ class OpenAIBatches(BatchApi):
         for f in doc.get("data") or []:
             if isinstance(f, dict) and f.get("filename") == _filename(entry) \
                     and f.get("bytes") == entry.bytes and isinstance(f.get("id"), str):
-                return f["id"]
+                return str(f["id"])
         return None
 
-    async def upload(self, entry: Entry, path: Any) -> str:
+    async def upload(self, entry: Entry, path: Path) -> str:
         doc = await self._json("POST", "/files", upload=Upload(
             path, _filename(entry), {"purpose": "batch"}))
         return _text(doc.get("id"), "file id")
 
-    async def create(self, entry: Entry, path: Any) -> Remote:
+    async def create(self, entry: Entry, path: Path) -> Remote:
         body = {"input_file_id": entry.file_id, "endpoint": self.endpoint,
                 "completion_window": "24h",
                 "metadata": {"caption_pipeline": entry.lid, "request_sha256": entry.sha256,
@@ -164,7 +190,7 @@ class OpenAIBatches(BatchApi):
                                     (f"&after={after}" if after else ""))
             data = [b for b in page.get("data") or [] if isinstance(b, dict)]
             for b in data:
-                meta = b.get("metadata") if isinstance(b.get("metadata"), dict) else {}
+                meta = _obj(b.get("metadata"))
                 if meta.get("caption_pipeline") == entry.lid \
                         and meta.get("request_sha256") == entry.sha256:
                     return self._remote(b)
@@ -187,9 +213,8 @@ class OpenAIBatches(BatchApi):
 
     def _remote(self, b: dict[str, Any]) -> Remote:
         status = str(b.get("status") or "")
-        counts = b.get("request_counts") if isinstance(b.get("request_counts"), dict) else {}
-        errors = (b.get("errors") or {}).get("data") if isinstance(b.get("errors"), dict) \
-            else None
+        counts = _obj(b.get("request_counts"))
+        errors = _obj(b.get("errors")).get("data")
         note = "; ".join(str(e.get("message"))[:200] for e in errors[:3]
                          if isinstance(e, dict)) if isinstance(errors, list) else None
         return Remote(_text(b.get("id"), "batch id"), status,
@@ -211,10 +236,10 @@ class AnthropicBatches(BatchApi):
     async def find_file(self, entry: Entry) -> str | None:
         return None  # no upload step: the requests go in the create body
 
-    async def upload(self, entry: Entry, path: Any) -> str:
+    async def upload(self, entry: Entry, path: Path) -> str:
         raise NotImplementedError("Anthropic batches take their requests in the body")
 
-    async def create(self, entry: Entry, path: Any) -> Remote:
+    async def create(self, entry: Entry, path: Path) -> Remote:
         return self._remote(await self._json("POST", "/messages/batches", retry=False,
                                              body=lambda: _wrapped(path)))
 
@@ -230,7 +255,7 @@ class AnthropicBatches(BatchApi):
             data = [b for b in page.get("data") or [] if isinstance(b, dict)]
             for b in data:
                 created = _epoch(b.get("created_at"))
-                total = sum(v for v in (b.get("request_counts") or {}).values()
+                total = sum(v for v in _obj(b.get("request_counts")).values()
                             if isinstance(v, int))
                 if created is not None and created >= since and total == entry.requests \
                         and b.get("id") not in known:
@@ -254,13 +279,13 @@ class AnthropicBatches(BatchApi):
 
     def _remote(self, b: dict[str, Any]) -> Remote:
         status = str(b.get("processing_status") or "")
-        counts = b.get("request_counts") if isinstance(b.get("request_counts"), dict) else {}
+        counts = _obj(b.get("request_counts"))
         return Remote(_text(b.get("id"), "batch id"), status, ended=status == "ended",
                       results_url=_opt(b.get("results_url")),
                       counts={k: v for k, v in counts.items() if isinstance(v, int)})
 
 
-async def _wrapped(path: Any) -> AsyncIterator[bytes]:
+async def _wrapped(path: Path) -> AsyncIterator[bytes]:
     """``{"requests": [line, line, ...]}`` streamed from the request file."""
     yield b'{"requests":['
     first = True
@@ -269,6 +294,10 @@ async def _wrapped(path: Any) -> AsyncIterator[bytes]:
             yield (b"" if first else b",") + line.rstrip(b"\n")
             first = False
     yield b"]}"
+
+
+def _obj(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
 
 
 def _filename(entry: Entry) -> str:

@@ -94,8 +94,8 @@ def _anthropic(doc: dict[str, Any], adapter: Adapter, out: Outcome) -> None:
         out.http_status = 200
         out.completion = adapter.from_json(result.get("message"))
     elif kind == "errored":
-        body = result.get("error") if isinstance(result.get("error"), dict) else {}
-        inner = body.get("error") if isinstance(body.get("error"), dict) else body
+        body = _obj(result.get("error"))
+        inner = _obj(body.get("error")) or body
         status = _ANTHROPIC_STATUS.get(str(inner.get("type")), 500)
         out.http_status = status
         raise classify_http(status, {}, json.dumps(body).encode()[:65536])
@@ -105,3 +105,7 @@ def _anthropic(doc: dict[str, Any], adapter: Adapter, out: Outcome) -> None:
         raise RowFailed("the batch was canceled before this request ran", "canceled")
     else:
         raise bad_response(f"a batch result of unknown type {str(kind)[:40]!r}")
+
+
+def _obj(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}

@@ -1,7 +1,8 @@
 """Engines turn a run session's pending rows into result rows; the session does the rest.
 
 ``local`` (this process: a worker pool on one event loop), ``ray`` (caption actors
-on a Ray cluster) and ``batch`` (``--lane batch``: the provider's batch API). Each is imported when chosen: Ray is an optional extra.
+on a Ray cluster) and ``batch`` (``--lane batch``: the provider's batch API). Each is
+imported when chosen: Ray is an optional extra.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from .batch_work import (
     DIALECTS,
@@ -125,7 +125,8 @@ def _finish(state: BatchState, b: SimBatch) -> None:
     b.ended = True
     if b.api != "openai":
         return
-    out, err = [], []
+    out: list[bytes] = []
+    err: list[bytes] = []
     for a in b.answers or []:
         kind, line = openai_line(a, b.cancelled, not b.cancelled)
         (out if kind == "output" else err).append(line)
@@ -173,6 +174,8 @@ async def upload_file(request: web.Request) -> web.Response:
     reader = await request.multipart()
     purpose, name, data = None, "upload.jsonl", b""
     while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            return _error(400, "a nested multipart body is not a batch upload", "openai")
         if part.name == "purpose":
             purpose = (await part.text()).strip()
         elif part.name == "file":

@@ -122,15 +122,15 @@ def openai_line(a: Answer, cancelled: bool, expired: bool) -> tuple[str, bytes]:
     rid = f"batch_req_{secrets.token_hex(8)}"
     if a.status == 0:
         code = "batch_cancelled" if cancelled else "batch_expired"
-        doc = {"id": rid, "custom_id": a.custom_id, "response": None,
+        doc: dict[str, Any] = {"id": rid, "custom_id": a.custom_id, "response": None,
                "error": {"code": code, "message": "This request could not be executed "
                          "before the batch " + ("was cancelled." if cancelled else
                                                 "expired.")}}
         return "error", _line(doc)
-    doc = {"id": rid, "custom_id": a.custom_id, "error": None,
+    ok: dict[str, Any] = {"id": rid, "custom_id": a.custom_id, "error": None,
            "response": {"status_code": a.status, "request_id": f"req_{secrets.token_hex(8)}",
                         "body": a.body}}
-    return ("output" if a.status == 200 else "error"), _line(doc)
+    return ("output" if a.status == 200 else "error"), _line(ok)
 
 
 def anthropic_line(a: Answer, cancelled: bool) -> bytes:
@@ -147,4 +147,4 @@ def _line(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
 
 
-DIALECTS = {"openai": OPENAI, "anthropic": ANTHROPIC}
+DIALECTS: dict[str, Dialect] = {"openai": OPENAI, "anthropic": ANTHROPIC}

@@ -5,9 +5,9 @@ costs the flex (half) or the standard price accordingly."""
 from __future__ import annotations
 
 import pytest
-
-from conftest import FAST, read_out
 from batchlane.helpers import images_manifest, run_cli
+from conftest import FAST, read_out
+
 from pipeline.simulator.app import SimConfig
 from pipeline.simulator.flex import FLEX_REFUSED
 from pipeline.simulator.thread import SimThread
