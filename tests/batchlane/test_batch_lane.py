@@ -20,7 +20,7 @@ def _ledger(out: Path) -> list[dict]:
 
 def _online(manifest: Path, out: Path, base_url: str, *args: str) -> int:
     return run_cli(["caption", str(manifest), "--out", str(out), "--base-url", base_url,
-                    "--model", MODEL, "--concurrency", "32", *FAST, *args])
+                    "--model", MODEL, "--concurrency", "64", *FAST, *args])
 
 
 @pytest.mark.parametrize("api,rows", [("openai", 2000), ("anthropic", 300)])
