@@ -77,7 +77,7 @@ class LocalEngine:
             producer.cancel()
             if session.stop is not None and session.stop.with_grace:
                 for t in self.workers:  # rows mid-request get the grace, the others go
-                    if t not in self.worker.in_request:
+                    if not self.worker.sending(t):
                         t.cancel()
                 # A budget stop lets the requests it reserved cost for finish (each is one
                 # attempt, bounded by --attempt-timeout); the other stops give the grace.
@@ -100,8 +100,7 @@ class LocalEngine:
             # Start preparing the image now, once for all of the row's prompts, so it is
             # ready when a worker takes the row (the queue bounds how many are ahead).
             first = group[0]
-            prepared = None if first.error else asyncio.ensure_future(
-                self.worker.images.load(first))
+            prepared = None if first.error else self.worker.prepare(first)
             for row in group:
                 await self.queue.put((row, prepared))
         session.progress.set_total(session.plan.pending)

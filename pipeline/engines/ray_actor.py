@@ -207,7 +207,7 @@ class CaptionActor:
             if not row.error:  # one preparation for all prompts of a manifest row
                 image = prepared.get((row.line, row.id))
                 if image is None:
-                    image = asyncio.ensure_future(self.worker.images.load(row))
+                    image = self.worker.prepare(row)
                     prepared[(row.line, row.id)] = image
             tasks.append(asyncio.create_task(self._one(row, image)))
         self.tasks.update(tasks)

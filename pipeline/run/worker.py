@@ -101,6 +101,15 @@ class Worker:
         self.reader = ResponseReader(adapter, settings.options.n, settings.line_cap,
                                      settings.response_cap, clock)
 
+    def prepare(self, row: ManifestRow) -> asyncio.Future[PreparedImage]:
+        """Start preparing ``row``'s image now (for all of its prompts); ``process``
+        takes the future, so the image is ready when a worker takes the row."""
+        return asyncio.ensure_future(self.images.load(row))
+
+    def sending(self, task: asyncio.Task[Any]) -> bool:
+        """True while ``task`` has a request open: a stop gives it the grace."""
+        return task in self.in_request
+
     async def process(self, row: ManifestRow,
                       prepared: Awaitable[PreparedImage] | None = None) -> ResultRow:
         """The result row for ``row``; ``prepared`` is its image if already under way."""
