@@ -23,7 +23,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import RowFailed
 from ..images.dedupe import ImageIndex, dedup_key
-from ..images.load import ImageSource
 from ..keys import KeySet, key_hash
 from ..pacing.cost import BudgetReached, CostBudget
 from ..records import ManifestRow, PreparedImage, ResultRow, copied_row, error_row, prompt_sha256
@@ -60,10 +59,11 @@ class Built:
 
 class Builder:
     def __init__(self, s: Settings, ledger: Ledger, api: BatchApi, adapter: Adapter,
-                 images: ImageSource, run_id: str, keep: Callable[[ResultRow], None],
+                 prepare: Callable[[ManifestRow], asyncio.Future[PreparedImage]],
+                 run_id: str, keep: Callable[[ResultRow], None],
                  index: ImageIndex | None, budget: CostBudget | None) -> None:
         self.s, self.ledger, self.api, self.adapter = s, ledger, api, adapter
-        self.images, self.run_id, self.keep = images, run_id, keep
+        self.prepare, self.run_id, self.keep = prepare, run_id, keep
         self.index, self.budget = index, budget
         requests, size = s.batch_caps
         self.caps = Caps(requests, size, s.batch_max_tokens)
@@ -95,7 +95,7 @@ class Builder:
                     if group:
                         first = group[0]
                         ahead.append((group, None if first.error else
-                                      asyncio.ensure_future(self.images.load(first))))
+                                      self.prepare(first)))
                 if not ahead or halting() or done.budget_note:
                     break
                 group, prepared = ahead.popleft()

@@ -25,7 +25,7 @@ from ..keys import KeySet
 from ..logs import json_line
 from ..pacing.cost import CostBudget
 from ..pacing.retry import RetryPolicy
-from ..records import ResultRow
+from ..records import ManifestRow, PreparedImage, ResultRow
 from ..settings import Settings
 from ..sources.manifest import Manifest
 from ..sources.manifest_format import base_dir
@@ -58,7 +58,10 @@ async def batch_plan(s: Settings, stream: TextIO | None = None) -> int:
 
     price = s.price
     api = get_api(s.api, None, RetryPolicy(), 1)  # type: ignore[arg-type]  # lines only
-    builder = Builder(s, Ledger(scratch), api, get_adapter(s.api), images, "dry-run", keep,
+    def prepare(row: ManifestRow) -> asyncio.Future[PreparedImage]:
+        return asyncio.ensure_future(images.load(row))
+
+    builder = Builder(s, Ledger(scratch), api, get_adapter(s.api), prepare, "dry-run", keep,
                       index if index is not None and len(index) else None,
                       CostBudget(price, None) if price else None)
     try:

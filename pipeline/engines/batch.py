@@ -67,7 +67,7 @@ class BatchEngine:
             self.api: BatchApi = get_api(s.api, worker.transport, worker.policy,  # type: ignore[arg-type]
                                          s.response_cap + 64 * 1024)
             price = s.price
-            self.builder = Builder(s, self.ledger, self.api, self.adapter, worker.images,
+            self.builder = Builder(s, self.ledger, self.api, self.adapter, worker.prepare,
                                    session.run_id, self._keep, await session.dedupe_index(),
                                    CostBudget(price, s.max_cost) if price else None)
             self.ledger.remove_orphans()  # files of a request file a kill left unsealed
