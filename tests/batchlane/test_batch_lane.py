@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 from conftest import FAST, clean, read_out
 
-from .helpers import MODEL, batch_argv, images_manifest, one_row_per_key, run_cli
+from .helpers import (
+    MODEL,
+    batch_argv,
+    images_manifest,
+    one_row_per_key,
+    run_cli,
+    run_subprocess,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +36,16 @@ def test_the_batch_lane_writes_the_online_lanes_dataset_in_files_under_the_cap(
     server = sim()
     manifest = images_manifest(tmp_path, rows)
     online, batch = tmp_path / "online", tmp_path / "batch"
-    assert _online(manifest, online, server.base_url, "--api", api) == 0
+    # Subprocesses: 2 000 rows would raise this process's peak RSS, which the memory
+    # tests of later subprocesses inherit (ru_maxrss survives vfork + exec).
+    done = run_subprocess(["caption", str(manifest), "--out", str(online), "--base-url",
+                           server.base_url, "--model", MODEL, "--concurrency", "64", "--api",
+                           api, *FAST])
+    assert done.returncode == 0, done.stderr[-2000:]
     cap = 60_000
-    assert run_cli(batch_argv(manifest, batch, server.base_url, "--api", api,
-                              "--batch-max-bytes", str(cap), "--wait")) == 0
+    done = run_subprocess(batch_argv(manifest, batch, server.base_url, "--api", api,
+                                     "--batch-max-bytes", str(cap), "--wait"))
+    assert done.returncode == 0, done.stderr[-2000:]
     a = read_out(online).set_index(["id", "prompt_name"]).sort_index()
     b = one_row_per_key(batch).set_index(["id", "prompt_name"]).sort_index()
     assert list(a.index) == list(b.index) and len(b) == rows
