@@ -57,13 +57,16 @@ def hash_strings(values: Iterable[str], count: int) -> np.ndarray:
 
 
 class KeySet:
-    """A set of 64-bit hashes: one sorted array plus a bounded set of recent adds."""
+    """A set of 64-bit hashes: one sorted array plus bounded recent adds (single ones in
+    a set, vectorised ones as arrays), merged into the array once there are enough."""
 
     _MERGE_AT = 65_536
 
     def __init__(self) -> None:
         self._sorted = np.empty(0, dtype=np.int64)
         self._recent: set[int] = set()
+        self._batches: list[np.ndarray] = []
+        self._batched = 0
 
     @classmethod
     def from_sorted(cls, hashes: np.ndarray) -> KeySet:
@@ -78,14 +81,17 @@ class KeySet:
         return self._sorted
 
     def __len__(self) -> int:
-        return len(self._sorted) + len(self._recent)
+        self._merge()
+        return len(self._sorted)
 
     def __contains__(self, h: int) -> bool:
         if h in self._recent:
             return True
-        arr = self._sorted
-        i = int(np.searchsorted(arr, h))
-        return i < len(arr) and int(arr[i]) == h
+        for arr in (self._sorted, *self._batches):
+            i = int(np.searchsorted(arr, h))
+            if i < len(arr) and int(arr[i]) == h:
+                return True
+        return False
 
     def add(self, h: int) -> None:
         if h not in self:
@@ -93,28 +99,45 @@ class KeySet:
             if len(self._recent) >= self._MERGE_AT:
                 self._merge()
 
+    def add_batch(self, hashes: np.ndarray) -> None:
+        """Add many at once, cheaply: merged into the array later, with other adds."""
+        if len(hashes):
+            self._batches.append(np.unique(hashes.astype(np.int64)))
+            self._batched += len(hashes)
+            if self._batched >= self._MERGE_AT:
+                self._merge()
+
     def contains_many(self, hashes: np.ndarray) -> np.ndarray:
-        """Membership of each hash, vectorised (one searchsorted for the whole array)."""
-        arr = self._sorted
-        if len(arr):
-            i = np.minimum(np.searchsorted(arr, hashes), len(arr) - 1)
-            found = arr[i] == hashes
-        else:
-            found = np.zeros(len(hashes), dtype=bool)
+        """Membership of each hash, vectorised (one searchsorted per sorted array)."""
+        found = np.zeros(len(hashes), dtype=bool)
+        for arr in (self._sorted, *self._batches):
+            if len(arr):
+                i = np.minimum(np.searchsorted(arr, hashes), len(arr) - 1)
+                found |= arr[i] == hashes
         if self._recent:
             recent = np.fromiter(self._recent, dtype=np.int64, count=len(self._recent))
             found |= np.isin(hashes, recent)
-        return np.asarray(found, dtype=bool)
+        return found
 
     def add_many(self, hashes: np.ndarray) -> None:
+        self.add_batch(hashes)
         self._merge()
-        self._sorted = np.union1d(self._sorted, hashes.astype(np.int64))
 
     def _merge(self) -> None:
+        if not (self._recent or self._batches):
+            return
+        parts = [self._sorted, *self._batches]
         if self._recent:
-            new = np.fromiter(self._recent, dtype=np.int64, count=len(self._recent))
-            self._sorted = np.union1d(self._sorted, new)
-            self._recent.clear()
+            parts.append(np.fromiter(self._recent, dtype=np.int64, count=len(self._recent)))
+        # Sorted runs, concatenated: a stable sort (timsort) merges them in about linear
+        # time, where np.union1d would sort from scratch (seconds for a million keys).
+        merged = np.sort(np.concatenate(parts), kind="stable")
+        if len(merged) > 1:
+            merged = merged[np.concatenate(([True], merged[1:] != merged[:-1]))]
+        self._sorted = merged
+        self._recent.clear()
+        self._batches.clear()
+        self._batched = 0
 
 
 class ImageRefs:

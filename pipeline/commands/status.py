@@ -9,17 +9,21 @@ import argparse
 import json
 import sys
 from collections import Counter
+from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..batch.ledger import Ledger
 from ..errors import TRANSIENT, RunFatal
-from ..keys import KeySet, key_hash
+from ..keys import KeySet, key_hashes
 from ..sources.manifest import Manifest
 from ..sources.manifest_format import ManifestFormat
+from ..sources.plan import NamedPrompt, Plan, PlanCounts
+from ..store.checkpoint import Checkpoint
 from ..store.outdir import QUARANTINE, RUNS, check_part, part_files
 
 
@@ -35,7 +39,7 @@ def main(argv: list[str]) -> int:
     if not ns.out.is_dir():
         print(f"error: {ns.out} is not a directory", file=sys.stderr)
         return 2
-    keys, names, counts, classes, unreadable = _scan(ns.out)
+    names, counts, classes, unreadable = _scan(ns.out)
     transient = sum(n for c, n in classes.items() if c in TRANSIENT)
     print(f"{ns.out}: {counts['ok']} ok, {counts['error']} failed"
           + (f" ({', '.join(f'{k}={v}' for k, v in classes.most_common())})" if classes else "")
@@ -49,7 +53,7 @@ def main(argv: list[str]) -> int:
     if ns.manifest is not None:
         try:
             fmt = ManifestFormat.parse(ns.delimiter, ns.image_column, ns.id_column)
-            pending, total = _pending(Manifest(ns.manifest, fmt), keys, names or {"default"})
+            pending, total = _pending(ns.out, Manifest(ns.manifest, fmt), names or {"default"})
         except RunFatal as e:
             print(f"error: {e.message}", file=sys.stderr)
             return 2
@@ -77,9 +81,9 @@ def batch_lines(out: Path) -> list[str]:
     return lines
 
 
-def _scan(out: Path) -> tuple[KeySet, set[str], Counter[str], Counter[str],
-                              list[tuple[Path, str]]]:
-    keys, names = KeySet(), set()
+def _scan(out: Path) -> tuple[set[str], Counter[str], Counter[str], list[tuple[Path, str]]]:
+    """Prompt names, status and error-class counts of the readable parts (vectorised)."""
+    names: set[str] = set()
     counts: Counter[str] = Counter(ok=0, error=0)
     classes: Counter[str] = Counter()
     unreadable = []
@@ -88,7 +92,7 @@ def _scan(out: Path) -> tuple[KeySet, set[str], Counter[str], Counter[str],
         if reason is None:
             try:
                 pf = pq.ParquetFile(part)
-                cols = [c for c in ("id", "prompt_name", "status", "error_class")
+                cols = [c for c in ("prompt_name", "status", "error_class")
                         if c in pf.schema_arrow.names]
                 t = pf.read(columns=cols)
             except (OSError, pa.ArrowException) as e:
@@ -96,33 +100,42 @@ def _scan(out: Path) -> tuple[KeySet, set[str], Counter[str], Counter[str],
         if reason is not None:
             unreadable.append((part, reason))
             continue
-        for rid, name in zip(t["id"].to_pylist(), t["prompt_name"].to_pylist()):
-            keys.add(key_hash(rid or "", name or ""))
-            names.add(name or "")
+        names.update(n or "" for n in pc.unique(t["prompt_name"]).to_pylist())
         for status, n in zip(*_value_counts(t, "status")):
             counts[status or "?"] += n
         if "error_class" in t.column_names:
             for cls, n in zip(*_value_counts(t, "error_class")):
                 if cls:
                     classes[cls] += n
-    return keys, names, counts, classes, unreadable
+    return names, counts, classes, unreadable
 
 
-def _value_counts(t, column: str) -> tuple[list[str | None], list[int]]:  # type: ignore[no-untyped-def]
+def _value_counts(t: pa.Table, column: str) -> tuple[list[str | None], list[int]]:
     vc = pc.value_counts(t[column])
     return vc.field("values").to_pylist(), vc.field("counts").to_pylist()
 
 
-def _pending(manifest: Manifest, keys: KeySet, names: set[str]) -> tuple[int, int]:
-    pending = total = 0
-    seen = KeySet()
-    for row in manifest:
-        if key_hash(row.id, "") in seen:
-            continue
-        seen.add(key_hash(row.id, ""))
-        total += 1
-        pending += sum(key_hash(row.id, n) not in keys for n in names)
-    return pending, total
+def _pending(out: Path, manifest: Manifest, names: set[str]) -> tuple[int, int]:
+    """(keys pending, distinct manifest rows): pending as the next run's planner sees it
+    (transient error rows are pending again), from the same planner."""
+    done = Checkpoint(out).scan().done(retry_errors=False)
+    counts = PlanCounts()
+    plan = Plan(manifest, done, tuple(NamedPrompt(n, "") for n in sorted(names)), None,
+                counts)
+    for _ in plan:
+        pass
+    return counts.pending, _distinct_rows(Manifest(manifest.path, manifest.fmt))
+
+
+def _distinct_rows(manifest: Manifest) -> int:
+    """Manifest rows with an id not seen on an earlier line (8 bytes an id)."""
+    ids, rows, it = KeySet(), 0, iter(manifest)
+    while block := list(islice(it, 4096)):
+        fresh = np.unique(key_hashes((r.id for r in block), ""))
+        new = fresh[~ids.contains_many(fresh)]
+        rows += len(new)
+        ids.add_batch(new)
+    return rows
 
 
 def _runs(out: Path, n: int) -> list[str]:

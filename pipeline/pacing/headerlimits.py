@@ -19,6 +19,9 @@ limit, what remains and the time until the limit is fully replenished
   show such growth: a fixed window frees nothing until it turns, and its readings say
   so within a few of them (and a request let through on that credit and refused
   proves it); then the ceiling waits for resets only, until growth shows again.
+  Growth is measured against what the limit could have freed: a bucket frees at the
+  pace, a sliding window only what was sent one window earlier, so a window after a
+  slow start or a pause (little sent then) is no evidence that nothing refills.
 * **A pace.** ``limit`` per the longest reset seen is the rate the limit sustains,
   whatever the limiter's kind (a bucket's reset from empty, a window's length). Windows
   longer than ``PACE_HORIZON`` (a daily quota) are not paced, only capped: the quota
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import math
 import time
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -39,6 +43,7 @@ from ..errors import parse_duration
 
 Clock = Callable[[], float]
 PACE_HORIZON = 120.0  # seconds: a longer window is a quota to use up, not a rate to hold
+_HISTORY = 8192  # sends remembered (time, cumulative cost) to measure growth against
 
 # header kind → bucket name; OpenAI, Anthropic, and LiteLLM's re-emitted copies.
 HEADER_KINDS = {"requests": "rpm", "tokens": "tpm", "input-tokens": "itpm",
@@ -99,6 +104,8 @@ class HeaderCeiling:
         self.growth = 1.0
         self._ref: tuple[float, float] | None = None  # (at, base) to measure growth from
         self._on_credit: deque[float] = deque(maxlen=256)  # requests sent on credit
+        self._times: list[float] = []   # when each remembered permit was granted ...
+        self._totals: list[float] = []  # ... and ``sent`` just before it
 
     @property
     def refills(self) -> bool:
@@ -108,6 +115,7 @@ class HeaderCeiling:
         """A permit is granted; returns the counter to hand back with its response."""
         r = self.reading
         on_credit = r is not None and not r.after_cap and self._known() < cost
+        self._remember(self.sent)
         self.sent += cost
         if on_credit:
             self._on_credit.append(self.sent)
@@ -134,6 +142,27 @@ class HeaderCeiling:
                 or limit != old.limit:
             self.reading = new
 
+    def _remember(self, total_before: float) -> None:
+        if len(self._times) >= 2 * _HISTORY:  # keep the newest half, in one cut
+            del self._times[:_HISTORY], self._totals[:_HISTORY]
+        self._times.append(self.clock())
+        self._totals.append(total_before)
+
+    def _sent_by(self, t: float) -> float:
+        """Cumulative cost granted before ``t`` (as far as remembered)."""
+        i = bisect_right(self._times, t)
+        if i < len(self._times):
+            return self._totals[i]
+        return self.sent
+
+    def _could_free(self, start: float, end: float, pace: float) -> float:
+        """The most a refilling limit could have freed from ``start`` to ``end``: the
+        pace (a bucket), and no more than what was sent one window earlier (a sliding
+        window frees exactly that)."""
+        w = self.window
+        shifted = self._sent_by(end - w) - self._sent_by(start - w)
+        return min(pace * (end - start), shifted)
+
     def _measure_growth(self, new: _Reading) -> None:
         """Compare the room a reading shows with one a few units of pace earlier."""
         pace = self.pace()
@@ -141,7 +170,9 @@ class HeaderCeiling:
             self._ref = (new.at, new.base)
             return
         at, base = self._ref
-        expected = pace * (new.at - at)
+        if pace * (new.at - at) < max(3.0, 0.05 * self.limit):
+            return  # too little time for the difference to say anything
+        expected = self._could_free(at, new.at, pace)
         if expected < max(3.0, 0.05 * self.limit):
             return  # too little time for the difference to say anything
         self._ref = (new.at, new.base)

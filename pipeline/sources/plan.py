@@ -145,8 +145,7 @@ class Plan:
         ids = hash_strings((r.id for r in usable), len(usable))
         images = hash_strings((r.image for r in usable), len(usable))
         known, clash = self.images.classify(ids, images)
-        for k in np.flatnonzero(known & ~clash):
-            self._matched.add(int(ids[k]))
+        self._matched.add_batch(ids[known & ~clash])
         for k in np.flatnonzero(clash):
             if int(ids[k]) in self._matched:
                 continue  # a duplicate line of an id whose first line agreed

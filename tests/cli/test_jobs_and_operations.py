@@ -556,6 +556,20 @@ def test_status_prints_done_failed_pending_and_the_runs(gateway, tmp_path, capfd
     assert code == 0 and lines(stdout2)[0] == got[0] and len(lines(stdout2)) == 3
 
 
+def test_status_counts_transient_error_rows_as_pending_like_the_next_run(gateway, tmp_path,
+                                                                          capfd):
+    rows = url_rows(2) + [{"id": "busy", "image": img("s500", fail=99)}]
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    out = tmp_path / "out"
+    assert main_run(capfd, "caption", str(manifest), "--out", str(out), "--base-url",
+                    gateway.base_url, "--retries", "0", *FAST)[0] == 1
+    code, stdout, err = main_run(capfd, "status", str(out), "--manifest", str(manifest))
+    assert code == 0, err
+    got = lines(stdout)
+    assert got[0].endswith("1 transient, captioned again by the next run")
+    assert got[1] == f"{manifest}: 3 rows x 1 prompt(s), 1 pending"
+
+
 # --------------------------------------------------------------------------- cost
 
 

@@ -225,6 +225,30 @@ def test_readings_that_show_no_growth_stop_the_refill_credit() -> None:
     assert h.available() == h.reading.base - h.sent  # type: ignore[union-attr]
 
 
+def test_a_sliding_window_after_a_slow_start_still_shows_growth() -> None:
+    # A sliding log frees exactly what was sent one window earlier: after a slow first
+    # window (1 a second) its readings grow slowly, like a fixed window's would if they
+    # were compared with the pace. Compared with what could have been freed, they show
+    # a limit that refills, and the credit between readings stays.
+    c = Clock()
+    h = ceiling(c)
+    sends: list[float] = []
+
+    def send_and_read() -> None:
+        mark = h.charge(1)
+        sends.append(c.now)
+        live = [t for t in sends if t > c.now - 6.0]
+        h.observe(60, 60 - len(live), live[-1] + 6.0 - c.now, mark, sent_at=c.now)
+
+    for _ in range(6):    # slow start: one a second for the first window
+        send_and_read()
+        c.now += 1.0
+    for _ in range(120):  # then the pace, 10 a second, for two windows
+        send_and_read()
+        assert h.refills
+        c.now += 0.1
+
+
 def test_a_refused_request_sent_on_credit_stops_the_credit() -> None:
     c = Clock()
     h = ceiling(c)
