@@ -18,7 +18,7 @@ from .logs import Say, wants_json
 from .redact import add_secret, redacted_std_streams
 from .wire.adapters import key_variables
 
-COMMANDS = ("caption", "run", "status", "report", "export", "simulate", "demo")
+COMMANDS = ("caption", "run", "status", "report", "export", "cancel", "simulate", "demo")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,11 +27,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"caption": caption, "run": _run_job, "status": _status, "report": _report,
                 "simulate": _simulate, "demo": _demo}
     commands["export"] = _export
+    commands["cancel"] = _cancel
     if args and args[0] not in commands and args[0] not in ("-h", "--help"):
         Say(wants_json(args))("error", _unknown_command(args[0]), exit_code=2)
         return 2
     if not args or args[0] in ("-h", "--help"):
-        print("usage: python -m pipeline {caption,run,status,report,export,simulate,demo} ...\n"
+        print("usage: python -m pipeline "
+              "{caption,run,status,report,export,cancel,simulate,demo} ...\n"
               "  caption INPUT [options]      caption a manifest, folder or shards "
               "(caption --help)\n"
               "  run JOB.toml [options]       run a job file; options override it\n"
@@ -39,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "  report OUT [--html PAGE]     write OUT/_report.html, a review gallery\n"
               "  export OUT --to D --format F  captions for trainers (sidecar, hf-*,\n"
               "                               webdataset, jsonl, csv)\n"
+              "  cancel OUT                   cancel the batch lane's batches in flight\n"
               "  simulate [--port P]          serve the local gateway simulator\n"
               "  demo                         caption data/sample with the simulator",
               file=sys.stdout if args else sys.stderr)
@@ -95,6 +98,12 @@ def _export(argv: Sequence[str]) -> int:
     from . import export
 
     return export.main(list(argv))
+
+
+def _cancel(argv: Sequence[str]) -> int:
+    from .commands import cancel
+
+    return cancel.main(list(argv))
 
 
 def _simulate(argv: Sequence[str]) -> int:

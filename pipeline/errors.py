@@ -38,7 +38,11 @@ EXIT_OUTPUT = 6  # the output cannot be written (disk full, no descriptors, read
 # Error classes worth another try on the next run: a plain rerun sends these rows again,
 # permanent classes stay until --retry-errors.
 TRANSIENT = frozenset({"rate_limit", "server", "overloaded", "timeout", "connection",
-                       "stream_broken", "stream_error"})
+                       "stream_broken", "stream_error",
+                       # the batch lane: a request its batch never ran (docs/protocol.md §17)
+                       "expired", "canceled",
+                       # flex tier: no capacity now (docs/protocol.md §18), not a rate limit
+                       "capacity"})
 
 _EXCERPT = 300
 
@@ -110,6 +114,8 @@ def output_error(e: OSError, path: object) -> RunFatal:
                     exit_code=EXIT_OUTPUT)
 
 
+# OpenAI's flex tier answers "429 Resource Unavailable" when it has no capacity.
+_CAPACITY = re.compile(r"resource unavailable", re.I)
 _RETRY_STATUS = {408: "timeout", 409: "server", 425: "server", 429: "rate_limit",
                  500: "server", 502: "server", 503: "server", 504: "timeout",
                  520: "server", 521: "server", 522: "timeout", 524: "timeout",
@@ -192,6 +198,8 @@ def classify_http(status: int, headers: Mapping[str, str], body: bytes,
             return RunFatal(f"quota exhausted ({msg})", "quota", http_status=status)
         if _TOO_LARGE.search(msg):
             return RowFailed(msg, "too_large", **kw)
+        if "resource_unavailable" in (etype, code) or _CAPACITY.search(msg):
+            return Retryable(msg, "capacity", retry_after=retry_after, **kw)
     should_retry = headers.get("x-should-retry", "").lower()
     if should_retry == "false":
         return RowFailed(msg, _row_class(status, msg), **kw)

@@ -95,6 +95,7 @@ class Completion:
     terminal: str
     quirks: dict[str, int]
     texts: tuple[str, ...] = ()  # every choice, in index order, when n > 1
+    service_tier: str | None = None  # the tier the server says it served (OpenAI)
 
 
 def prompt_sha256(system: str | None, prompt: str) -> str:
@@ -167,6 +168,9 @@ class ResultRow:
     image_sha256: str | None = _col(pa.string())
     dedup_key: str | None = _col(pa.string())
     dedup_of: str | None = _col(pa.string())
+    lane: str | None = _col(pa.string(), "online")     # "online" or "batch"
+    batch_id: str | None = _col(pa.string())           # the provider's batch (batch lane)
+    service_tier: str | None = _col(pa.string())       # the tier served (OpenAI flex, ...)
     finished_at: datetime = field(default_factory=now_utc, metadata={"arrow": _TIMESTAMP})
     extra: Mapping[str, str | None] = field(default_factory=dict)
 
@@ -238,6 +242,7 @@ def ok_row(row: ManifestRow, c: Completion, **columns: Any) -> ResultRow:
         captions=tuple(c.texts) if c.texts else (c.text,), finish_reason=c.finish_reason,
         finish_reason_raw=c.finish_reason_raw, model=c.model, response_id=c.response_id,
         terminal=c.terminal, usage_source="reported" if u else "absent",
+        service_tier=c.service_tier,
         quirks=json.dumps(c.quirks, sort_keys=True) if c.quirks else None,
         **usage, **columns)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RunFatal
-from .pacing.cost import Price, price_for
+from .pacing.cost import Price, batch_price_for, price_for
 from .records import DEFAULT_PROMPT_NAME
 from .sources.manifest_format import ManifestFormat
 from .sources.plan import NamedPrompt
@@ -29,6 +29,11 @@ ATTEMPT_FLOOR, ATTEMPT_PER_TOKEN = 600.0, 0.1        # seconds for one whole att
 # Each request in flight holds a socket, a queue slot and its buffers; no API serves one
 # key thousands of parallel streams, so beyond this a value is a typo, not a plan.
 MAX_CONCURRENCY = 4096
+# Per batch, as the providers publish them (docs/protocol.md §17): OpenAI 50 000 requests
+# and 200 MB per input file; Anthropic 100 000 requests or 256 MB per batch.
+# OpenAI advises a 15-minute timeout for flex requests, which may wait for capacity.
+FLEX_QUEUE_S = 900.0
+BATCH_CAPS = {"openai": (50_000, 200 * 1000 * 1000), "anthropic": (100_000, 256 * 1000 * 1000)}
 
 
 class Secret:
@@ -106,6 +111,15 @@ class Settings:
     engine: str = "local"           # or "ray": the same job on a Ray cluster (engine_ray.py)
     ray_address: str | None = None  # None = start a local Ray instance
     ray_actors: int | None = None   # caption actors; None = one per CPU of the cluster
+    lane: str = "online"            # or "batch": the provider's batch API (pipeline/batch/)
+    batch_max_bytes: int | None = None     # per request file; None = the provider's cap
+    batch_max_requests: int | None = None  # per request file; None = the provider's cap
+    batch_max_tokens: int | None = None    # estimated tokens per file (enqueued budget)
+    wait: bool = False              # batch lane: poll until every batch has ended
+    poll_interval: float = 60.0     # seconds between polls at most
+    batch_price_in: float | None = None   # USD per million; None = half the online price
+    batch_price_out: float | None = None
+    flex_fallback_after: int = 2    # flex capacity refusals before a row's standard tier
 
     def __post_init__(self) -> None:
         _positive("--concurrency", self.concurrency)
@@ -154,6 +168,7 @@ class Settings:
                            exit_code=2)
         if self.ray_actors is not None:
             _positive("--ray-actors", self.ray_actors)
+        self._check_batch()
         try:
             get_adapter(self.api).check(self.request_spec)
         except ValueError as e:
@@ -163,9 +178,42 @@ class Settings:
             raise RunFatal(f"--base-url must start with http:// or https://, got "
                            f"{self.base_url!r}", "config", exit_code=2)
 
+    def _check_batch(self) -> None:
+        if self.lane not in ("online", "batch"):
+            raise RunFatal(f"--lane must be online or batch, got {self.lane!r}", "config",
+                           exit_code=2)
+        for name in ("batch_max_bytes", "batch_max_requests", "batch_max_tokens"):
+            if getattr(self, name) is not None:
+                _positive(f"--{name.replace('_', '-')}", getattr(self, name))
+        for name in ("batch_price_in", "batch_price_out"):
+            if getattr(self, name) is not None:
+                _non_negative(f"--{name.replace('_', '-')}", getattr(self, name))
+        _positive("--poll-interval", self.poll_interval)
+        _non_negative("--flex-fallback-after", self.flex_fallback_after)
+        if self.lane == "batch" and self.options.service_tier is not None:
+            raise RunFatal("--service-tier is for the online lane (a batch has its own "
+                           "price and window)", "config", exit_code=2)
+        if self.lane == "batch" and self.engine != "local":
+            raise RunFatal("--lane batch runs in this process: drop --engine "
+                           f"{self.engine}", "config", exit_code=2)
+        if self.lane == "batch" and self.api not in BATCH_CAPS:
+            raise RunFatal(f"--lane batch needs --api openai or anthropic, got {self.api}",
+                           "config", exit_code=2)
+
     @property
     def price(self) -> Price | None:
-        return price_for(self.model, self.price_in, self.price_out)
+        """The price of the lane this run uses (a batch row costs half by default)."""
+        online = price_for(self.model, self.price_in, self.price_out)
+        if self.lane == "batch":
+            return batch_price_for(online, self.batch_price_in, self.batch_price_out)
+        return online
+
+    @property
+    def batch_caps(self) -> tuple[int, int]:
+        """(requests, bytes) per request file: the given caps, else the provider's."""
+        requests, size = BATCH_CAPS[self.api]
+        return (min(self.batch_max_requests or requests, requests),
+                self.batch_max_bytes or size)
 
     @property
     def named_prompts(self) -> tuple[NamedPrompt, ...]:
@@ -194,7 +242,27 @@ class Settings:
         None when --attempt-timeout 0 turned it off."""
         if self.attempt_timeout is not None:
             return self.attempt_timeout or None
-        return max(ATTEMPT_FLOOR, ATTEMPT_PER_TOKEN * self.max_tokens)
+        return max(ATTEMPT_FLOOR, ATTEMPT_PER_TOKEN * self.max_tokens,
+                   FLEX_QUEUE_S if self.flex else 0.0)
+
+    @property
+    def flex(self) -> bool:
+        return self.options.service_tier == "flex"
+
+    @property
+    def idle_timeout(self) -> float:
+        """Seconds with no byte before an attempt is retried. On the flex tier a request
+        may sit in the provider's queue before its first byte: that is not idleness,
+        so the timeout is at least ``FLEX_QUEUE_S`` there (docs/protocol.md §18)."""
+        return max(self.read_timeout, FLEX_QUEUE_S) if self.flex else self.read_timeout
+
+    def tier_price(self, tier: str | None) -> Price | None:
+        """The price of a row served on ``tier``: flex at the batch price (half the
+        online price unless --batch-price-* say otherwise), any other at the online."""
+        online = price_for(self.model, self.price_in, self.price_out)
+        if tier == "flex":
+            return batch_price_for(online, self.batch_price_in, self.batch_price_out)
+        return online
 
     @property
     def request_spec(self) -> RequestSpec:

@@ -225,6 +225,32 @@ def build_parser() -> argparse.ArgumentParser:
            "default: start a local Ray instance")
     a("--ray-actors", type=int, metavar="N",
       help="with --engine ray: caption actors (default: one per CPU of the cluster)")
+    a("--lane", choices=["online", "batch"], default="online",
+      help="online requests (default), or the provider's batch API at half the price "
+           "(--api openai or anthropic; results within 24 h; rerun or --wait to collect)")
+    a("--batch-max-bytes", type=int, metavar="N",
+      help="with --lane batch: largest request file (default: the provider's cap, "
+           "200 MB OpenAI, 256 MB Anthropic)")
+    a("--batch-max-requests", type=int, metavar="N",
+      help="with --lane batch: requests per file (default: the provider's cap, "
+           "50000 OpenAI, 100000 Anthropic)")
+    a("--batch-max-tokens", type=int, metavar="N",
+      help="with --lane batch: estimated tokens per file (an enqueued-token budget)")
+    a("--wait", action="store_true",
+      help="with --lane batch: poll until every batch has ended, resubmitting what "
+           "expired or failed transiently (default: submit, or collect, and exit)")
+    a("--poll-interval", type=float, default=60.0, metavar="S",
+      help="with --wait: seconds between polls of the batches (60)")
+    a("--batch-price-in", type=float, metavar="USD",
+      help="batch lane price per million input tokens (default: half of --price-in)")
+    a("--batch-price-out", type=float, metavar="USD",
+      help="batch lane price per million output tokens (default: half of --price-out)")
+    a("--service-tier", choices=["flex", "default", "auto", "priority"],
+      help="OpenAI service_tier; flex: about half the price, slower, may answer 429 "
+           "'Resource Unavailable' (no rate limit: the row retries, then falls back)")
+    a("--flex-fallback-after", type=int, default=2, metavar="N",
+      help="with --service-tier flex: capacity refusals of a row before it is sent on "
+           "the standard tier (2; the cost budget still applies)")
     a("-v", "--verbose", action="count", default=0,
       help="debug logging: -v this tool's (retries, failures), -vv also libraries'")
     return p
@@ -273,7 +299,10 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         prompts=named_prompts(ns.named_prompt), price_in=ns.price_in, price_out=ns.price_out,
         max_cost=ns.max_cost, dry_run=ns.dry_run, log_format=ns.log_format,
         status_interval=ns.status_interval, engine=ns.engine, ray_address=ns.ray_address,
-        ray_actors=ns.ray_actors,
+        ray_actors=ns.ray_actors, lane=ns.lane, batch_max_bytes=ns.batch_max_bytes,
+        batch_max_requests=ns.batch_max_requests, batch_max_tokens=ns.batch_max_tokens,
+        wait=ns.wait, poll_interval=ns.poll_interval, batch_price_in=ns.batch_price_in,
+        batch_price_out=ns.batch_price_out, flex_fallback_after=ns.flex_fallback_after,
     )
 
 
@@ -321,7 +350,7 @@ def options_from_args(ns: argparse.Namespace) -> RequestOptions:
         logit_bias={str(k): v for k, v in bias.items()} if bias is not None else None,
         user=ns.user, seed=ns.seed, response_format=load_response_format(ns.response_format),
         extra_body=extra, tool_schema=load_tool_schema(ns.tool_schema),
-        reasoning_effort=ns.reasoning_effort, detail=ns.detail)
+        reasoning_effort=ns.reasoning_effort, detail=ns.detail, service_tier=ns.service_tier)
 
 
 def caption(argv: Sequence[str]) -> int:
@@ -335,11 +364,16 @@ def caption(argv: Sequence[str]) -> int:
 
     try:
         settings = settings_from_args(ns)
+        if settings.dry_run and settings.lane == "batch":
+            from .batchplan import batch_plan
+
+            return asyncio.run(batch_plan(settings))
         if settings.dry_run:
             from .dryrun import dry_run
 
             return asyncio.run(dry_run(settings))
-        result = asyncio.run(RunSession(settings, get_engine(settings.engine)).execute())
+        engine = get_engine("batch" if settings.lane == "batch" else settings.engine)
+        result = asyncio.run(RunSession(settings, engine).execute())
     except PipelineError as e:
         say("error", e.message, exit_code=getattr(e, "exit_code", 2))
         return getattr(e, "exit_code", 2)

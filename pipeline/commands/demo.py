@@ -31,6 +31,10 @@ def _start_simulator() -> tuple[subprocess.Popen[str], str]:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--batch"]:  # `make demo-batch`: the batch lane and what it saves
+        from .demo_batch import main as batch_demo
+
+        return batch_demo(argv[1:])
     from .caption import caption
 
     proc, base_url = _start_simulator()

@@ -11,9 +11,11 @@ in the section ``SECTIONS`` gives it, else at the top level:
     [prompts] name = "text"          # one output row per image and prompt
     [limits]  concurrency, rpm, tpm, max_cost, retries, read_timeout, grace, ...
     [price]   input, output          # USD per million tokens (--price-in, --price-out)
+              batch_input, batch_output  # the batch lane's (default: half of those)
     [images]  max_edge, max_image_bytes, fetch_urls, no_dedupe, ...
     [output]  flush_rows, flush_seconds, log_format, status_interval, ...
     [ray]     address, actors        # --ray-address, --ray-actors
+    [batch]   max_bytes, max_requests, max_tokens, wait, poll_interval  # with lane = "batch"
 
 Values: a switch (``--fetch-urls``) takes true/false, a repeatable option (``--stop``)
 a string or a list of strings, a JSON option (``--extra-body``) a table. Arguments
@@ -41,11 +43,11 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "api": ("base_url", "api", "model", "prompt", "system", "max_tokens", "temperature",
             "top_p", "n", "stop", "presence_penalty", "frequency_penalty", "logit_bias",
             "user", "seed", "response_format", "extra_body", "no_stream", "tool_schema",
-            "reasoning_effort", "detail"),
+            "reasoning_effort", "detail", "service_tier"),
     "limits": ("concurrency", "rpm", "tpm", "itpm", "otpm", "max_cost", "limit", "retries",
                "read_timeout", "connect_timeout", "backoff_base", "backoff_max",
                "max_retry_wait", "max_rate_wait", "grace", "attempt_timeout", "max_line_bytes",
-               "max_response_bytes"),
+               "max_response_bytes", "flex_fallback_after"),
     "images": ("max_edge", "max_image_bytes", "fetch_urls", "max_download_bytes",
                "download_timeout", "no_dedupe", "max_file_bytes", "image_timeout"),
     "output": ("flush_rows", "flush_seconds", "retry_errors", "allow_mixed", "no_progress",
@@ -54,6 +56,10 @@ SECTIONS: dict[str, tuple[str, ...]] = {
 # Keys whose name in a job file is not the option's own.
 ALIASES: dict[str, tuple[str, str]] = {
     "price_in": ("price", "input"), "price_out": ("price", "output"),
+    "batch_price_in": ("price", "batch_input"), "batch_price_out": ("price", "batch_output"),
+    "batch_max_bytes": ("batch", "max_bytes"), "batch_max_requests": ("batch", "max_requests"),
+    "batch_max_tokens": ("batch", "max_tokens"), "wait": ("batch", "wait"),
+    "poll_interval": ("batch", "poll_interval"),
     "ray_address": ("ray", "address"), "ray_actors": ("ray", "actors"),
     "named_prompt": ("prompts", "NAME"),  # a table of its own: [prompts] name = "text"
 }

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..batch.ledger import Ledger
 from ..errors import TRANSIENT, RunFatal
 from ..keys import KeySet, key_hashes
 from ..sources.base import Source
@@ -61,9 +62,26 @@ def main(argv: list[str]) -> int:
             return 2
         print(f"{ns.manifest}: {total} rows x {len(names or {'default'})} prompt(s), "
               f"{pending} pending")
+    for line in batch_lines(ns.out):
+        print(line)
     for line in _runs(ns.out, ns.runs):
         print(line)
     return 0
+
+
+def batch_lines(out: Path) -> list[str]:
+    """The batch lane's ledger: a count per state, then one line per batch in flight."""
+    entries = list(Ledger(out / "_batches").entries())
+    if not entries:
+        return []
+    states = Counter(e.state for e in entries)
+    lines = ["batches: " + ", ".join(f"{n} {k}" for k, n in sorted(states.items()))]
+    for e in entries:
+        if e.in_flight:
+            lines.append(f"  batch {e.lid} {e.batch_id or '(not created yet)'}: {e.state}"
+                         f"{f' ({e.status})' if e.status else ''}, {e.requests} requests, "
+                         f"{e.bytes} bytes, est. ${e.est_cost_usd:.4f}")
+    return lines
 
 
 def _scan(out: Path) -> tuple[set[str], Counter[str], Counter[str], list[tuple[Path, str]]]:

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Price", "price_for", "CostBudget", "BudgetReached"]
+__all__ = ["BATCH_DISCOUNT", "Price", "batch_price_for", "price_for", "CostBudget",
+           "BudgetReached"]
+
+# OpenAI Batch and Anthropic Message Batches bill half the online price (docs/protocol.md
+# §17): a batch row costs this share of the online prices unless batch prices are given.
+BATCH_DISCOUNT = 0.5
 
 # USD per million tokens (input, output) as published by the providers; a job file or
 # --price-in/--price-out overrides them (gateways resell at their own prices).
@@ -44,6 +49,16 @@ def price_for(model: str, price_in: float | None, price_out: float | None) -> Pr
     return None
 
 
+def batch_price_for(online: Price | None, batch_in: float | None,
+                    batch_out: float | None) -> Price | None:
+    """The batch lane's prices: the given ones, else half the online price (each side)."""
+    if online is None and batch_in is None and batch_out is None:
+        return None
+    base = online or Price(0.0, 0.0)
+    return Price(batch_in if batch_in is not None else base.input * BATCH_DISCOUNT,
+                 batch_out if batch_out is not None else base.output * BATCH_DISCOUNT)
+
+
 class BudgetReached(Exception):
     """Taking this request could pass ``--max-cost``: stop taking new rows."""
 
@@ -60,15 +75,16 @@ class CostBudget:
         est = self.price.cost(est_in, est_out)
         return self.max_cost is None or self.spent + self.reserved + est <= self.max_cost
 
-    def check(self, est_in: int, est_out: int) -> None:
-        """Before waiting for a permit: stop at once if even an idle run could not pay."""
-        est = self.price.cost(est_in, est_out)
+    def check(self, est_in: int, est_out: int, price: Price | None = None) -> None:
+        """Before waiting for a permit: stop at once if even an idle run could not pay.
+        ``price``: this request's, when it is not the run's (a service tier's)."""
+        est = (price or self.price).cost(est_in, est_out)
         if self.max_cost is not None and self.spent + est > self.max_cost:
             raise BudgetReached(f"cost budget reached: spent ${self.spent:.4f} of --max-cost "
                                 f"${self.max_cost:.4f}; the next row needs ${est:.4f}")
 
-    def reserve(self, est_in: int, est_out: int) -> float:
-        est = self.price.cost(est_in, est_out)
+    def reserve(self, est_in: int, est_out: int, price: Price | None = None) -> float:
+        est = (price or self.price).cost(est_in, est_out)
         if self.max_cost is not None and self.spent + self.reserved + est > self.max_cost:
             raise BudgetReached(f"cost budget reached: spent ${self.spent:.4f}, "
                                 f"${self.reserved:.4f} in flight, of --max-cost "
@@ -76,9 +92,10 @@ class CostBudget:
         self.reserved += est
         return est
 
-    def settle(self, reserved: float, tokens_in: int | None, tokens_out: int | None) -> float:
+    def settle(self, reserved: float, tokens_in: int | None, tokens_out: int | None,
+               price: Price | None = None) -> float:
         """Replace a reservation by what was really spent; returns the actual cost."""
         self.reserved -= reserved
-        actual = self.price.cost(tokens_in, tokens_out)
+        actual = (price or self.price).cost(tokens_in, tokens_out)
         self.spent += actual
         return actual

@@ -205,8 +205,9 @@ class RunSession:
             self.progress.close()
             manifest.close()
         if not self.halting:
+            replaced = resume.rows_retried > 0 or getattr(self.engine, "replaced_errors", False)
             await asyncio.to_thread(close_dataset, self.s, self.sink.parts, self.run_id,
-                                    self.opened.schema, resume.rows_retried > 0)
+                                    self.opened.schema, replaced)
         return self._result()
 
     async def _estimate(self, manifest: Source) -> int | None:

@@ -38,7 +38,7 @@ async def build_worker(stack: contextlib.AsyncExitStack, s: Settings, *, concurr
                          s.max_rate_wait)
     transport = await stack.enter_async_context(Transport(
         s.endpoint, adapter.auth_headers(s.api_key.reveal()), concurrency,
-        s.connect_timeout, s.read_timeout))
+        s.connect_timeout, s.idle_timeout))
     stack.callback(executor.shutdown, wait=False, cancel_futures=True)
     fetcher = None
     if s.fetch_urls:

@@ -19,7 +19,7 @@ from ..errors import PipelineError, Retryable, RowFailed, RunFatal, classify_htt
 from ..images.dedupe import Dedupe, dedup_key
 from ..images.load import ImageSource
 from ..keys import ImageRefs
-from ..pacing.cost import BudgetReached, CostBudget
+from ..pacing.cost import BudgetReached, CostBudget, Price
 from ..pacing.limiter import Limiter, Outcome, Permit
 from ..pacing.retry import RetryPolicy
 from ..records import (
@@ -37,6 +37,7 @@ from ..records import (
 from ..settings import Settings
 from ..sources.plan import variants
 from ..wire.adapters.base import Adapter, normalize_finish
+from ..wire.adapters.openai_chat import with_service_tier
 from ..wire.channel import Channel, Head
 from ..wire.endpoint import EndpointWatch
 from ..wire.response import ResponseReader, structured_columns
@@ -68,6 +69,8 @@ class _Tries:
     sent_at: float | None = None     # when the last attempt was let through the limiter
     latency: float | None = None     # of the last attempt, once it was sent
     request_id: str | None = None    # of the last attempt's response head
+    tier: str | None = None          # the service tier the next attempt asks for
+    capacity: int = 0                # flex capacity refusals (docs/protocol.md §18)
 
 
 class Worker:
@@ -181,7 +184,7 @@ class Worker:
                             ) -> ResultRow:
         """Attempts until one succeeds, the retries run out, or the row has waited
         ``--max-rate-wait`` in total for the rate limit (429/529 never use up retries)."""
-        tries = _Tries()
+        tries = _Tries(tier=self.settings.options.service_tier)
         while True:
             tries.sent += 1
             tries.sent_at = tries.latency = tries.request_id = None
@@ -198,6 +201,7 @@ class Worker:
                 delay, why = self._next_wait(e, tries)
                 if delay is None:
                     return self._failed(row, e, tries, suffix=why)
+                req = self._fallback(row, req, e, tries)
                 if self.should_stop():
                     raise Interrupted from e
                 log.debug("row %s: attempt %d failed (%s: %s); retrying in %.2f s", row.id,
@@ -215,6 +219,20 @@ class Worker:
                         req = bigger
                         continue
                 return self._failed(row, e, tries)
+
+    def _fallback(self, row: ManifestRow, req: ApiRequest, e: Retryable, t: _Tries
+                  ) -> ApiRequest:
+        """A flex row refused for capacity ``--flex-fallback-after`` times goes on the
+        standard tier (at the standard price: the cost budget checks it as such)."""
+        if e.error_class != "capacity" or t.tier != "flex":
+            return req
+        t.capacity += 1
+        if t.capacity < self.settings.flex_fallback_after:
+            return req
+        log.debug("row %s: flex tier refused %d times for capacity; next on the standard "
+                  "tier", row.id, t.capacity)
+        t.tier = "default"
+        return with_service_tier(req, "default")
 
     def _next_wait(self, e: Retryable, t: _Tries) -> tuple[float | None, str]:
         """Seconds until the row's next attempt, or None and why it gives up."""
@@ -249,15 +267,16 @@ class Worker:
         Cost is reserved only once the rate permit is granted: a row waiting for the
         limiter holds no reservation, so a budget stop never has to cancel a row that
         the budget already paid for."""
+        price = self.settings.tier_price(tries.tier) if tries.tier else None
         if self.budget is not None:
-            self.budget.check(req.est_input_tokens, req.est_output_tokens)
+            self.budget.check(req.est_input_tokens, req.est_output_tokens, price)
         permit = await self.limiter.acquire(req.est_input_tokens, req.est_output_tokens)
         if self.should_stop():  # the run stopped while this row waited: send nothing
             self.limiter.cancel(permit)
             raise Interrupted
         try:  # BudgetReached propagates: the run stops taking rows
-            reserved = self.budget.reserve(req.est_input_tokens, req.est_output_tokens) \
-                if self.budget else 0.0
+            reserved = self.budget.reserve(req.est_input_tokens, req.est_output_tokens,
+                                           price) if self.budget else 0.0
         except BaseException:
             self.limiter.cancel(permit)
             raise
@@ -266,6 +285,8 @@ class Worker:
         try:
             completion, head, ttft = await self._attempt(req, start, permit, tries)
             usage = completion.usage
+            if completion.service_tier and tries.tier:  # priced at the tier it was served
+                price = self.settings.tier_price(completion.service_tier)
             structured = structured_columns(completion.text, self.settings.options)
             outcome = Outcome.OK
         except PipelineError as e:
@@ -274,19 +295,20 @@ class Worker:
             raise
         finally:
             tries.latency = self.clock() - start
-            cost = self._settle(reserved, usage)
+            cost = self._settle(reserved, usage, price)
             self.limiter.finish(permit, outcome, usage.prompt_tokens if usage else None,
                                 usage.completion_tokens if usage else None, retry_after)
         return ok_row(row, completion, attempts=tries.sent, latency_s=tries.latency,
                       ttft_s=ttft, request_id=head.request_id, http_status=head.status,
                       retry_after_s=tries.waited, cost_usd=cost, **structured)
 
-    def _settle(self, reserved: float, usage: Usage | None) -> float | None:
+    def _settle(self, reserved: float, usage: Usage | None, price: Price | None = None
+                ) -> float | None:
         if self.budget is None:
             return None
         tokens_in = usage.prompt_tokens if usage else None
         tokens_out = usage.completion_tokens if usage else None
-        return self.budget.settle(reserved, tokens_in, tokens_out)
+        return self.budget.settle(reserved, tokens_in, tokens_out, price)
 
     def _failed(self, row: ManifestRow, e: PipelineError, tries: _Tries, suffix: str = ""
                 ) -> ResultRow:

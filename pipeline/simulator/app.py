@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from . import batch as batch_api
+from . import flex
 from .answers import choices_for
 from .anthropic import ANTHROPIC
 from .captions import BadRequest
@@ -87,6 +89,8 @@ class SimConfig:
     storm: float = 0.0  # answer every request 429 for this many seconds from the first one
     max_tokens_default: int = 300
     split_bytes: int = 0  # write every event in pieces of N bytes (awkward splits); 0: whole
+    batch: batch_api.BatchConfig = field(default_factory=batch_api.BatchConfig)
+    flex_unavailable_rate: float = 0.0  # flex requests refused "429 Resource Unavailable"
 
     def __post_init__(self) -> None:
         problems = _config_problems(self)
@@ -116,6 +120,7 @@ def _config_problems(c: SimConfig) -> list[str]:
         "retry_after must not be empty": bool(c.retry_after.strip()),
         "max_tokens_default must be >= 1": c.max_tokens_default >= 1,
         "split_bytes must be >= 0": c.split_bytes >= 0,
+        "flex_unavailable_rate must be between 0 and 1": 0 <= c.flex_unavailable_rate <= 1,
     }
     return [message for message, ok in checks.items() if not ok]
 
@@ -174,6 +179,8 @@ async def _handle(request: web.Request, dialect: Dialect) -> web.StreamResponse:
             raise ApiError(401, "Incorrect API key provided", "invalid_request_error",
                            "authentication_error", "invalid_api_key")  # fmt: skip
         job = await _parse(request, dialect, request_id)
+        if flex.refused(request.app, job.service_tier, request.app[CONFIG].flex_unavailable_rate):
+            raise flex.capacity_error()  # no capacity on flex: not a rate limit
         if _in_storm(request.app):
             raise fault_error("storm")
         reserved = job.prompt.tokens + job.max_tokens * job.n
@@ -319,6 +326,8 @@ def build_app(config: SimConfig) -> web.Application:
     app.router.add_post("/v1beta/models/{call}", _gemini)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
+    batch_api.install(app, config.batch, config.seed, config)  # files, batches (both APIs)
+    flex.install(app, config.seed)
     app.on_response_prepare.append(_on_prepare)
     app.on_shutdown.append(_on_shutdown)
     return app

@@ -12,6 +12,7 @@ import signal
 import sys
 from typing import Any
 
+from . import batch as batch_api
 from .app import FAULT_MODES, INVALID_KEY, SimConfig, start
 from .help import triggers_help
 from .limits import LIMITER_KINDS
@@ -63,6 +64,9 @@ def _arg_parser() -> _Parser:
         help="answer every request 429 for SECONDS from the first one")  # fmt: skip
     add("--split-bytes", type=int, default=d.split_bytes, metavar="N",
         help="write every stream event in pieces of N bytes (0: whole events)")
+    batch_api.add_arguments(add)
+    add("--flex-unavailable-rate", type=float, default=d.flex_unavailable_rate,
+        help="fraction of service_tier=flex requests refused 429 'Resource Unavailable'")
     return parser
 
 
@@ -75,6 +79,7 @@ def _config_from(args: argparse.Namespace) -> SimConfig:
         tpm=args.tpm, window=args.window, limiter=args.limiter,
         max_in_flight=args.max_in_flight, rate_limit_headers=args.rate_limit_headers,
         retry_after=args.retry_after, storm=args.storm, split_bytes=args.split_bytes,
+        batch=batch_api.config_from(args), flex_unavailable_rate=args.flex_unavailable_rate,
     )  # fmt: skip
 
 

@@ -32,6 +32,7 @@ from .captions import (
     parse_openai_messages,
 )
 from .errors import ApiError, retry_after_header
+from .flex import served_tier
 from .limits import RateLimits, go_duration
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ class Job:
     thoughts: int = 0  # reasoning tokens the simulated model spends before answering
     refuse: bool = False  # the prompt asked for a refusal (simulator trigger)
     gap: bool = False  # Responses: skip a sequence number (simulator trigger)
+    service_tier: str | None = None  # OpenAI: the tier answers say they were served on
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ class OpenAIDialect:
         fmt = body.get("response_format")
         json_mode = isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
         job = Job(request_id, model, prompt, stream, include_usage, limit, n, response_id,
-                  created, json_mode)
+                  created, json_mode, service_tier=served_tier(body.get("service_tier")))
         effort = body.get("reasoning_effort")
         return with_traits(job, effort if isinstance(effort, str) else None,
                            bool(body.get("tools")))
@@ -231,6 +233,7 @@ class OpenAIDialect:
             "id": job.response_id, "object": "chat.completion", "created": job.created,
             "model": job.model, "system_fingerprint": "fp_simulator",
             "choices": [choice(c) for c in choices], "usage": self._usage(job, choices),
+            **({"service_tier": job.service_tier} if job.service_tier else {}),
         }  # fmt: skip
 
     def limit_headers(self, limits: RateLimits) -> dict[str, str]:
@@ -249,6 +252,8 @@ class OpenAIDialect:
         }  # fmt: skip
         if job.include_usage:  # OpenAI sends usage: null on every chunk but the last
             obj["usage"] = usage
+        if job.service_tier:
+            obj["service_tier"] = job.service_tier
         return sse_frame(obj)
 
     @staticmethod

@@ -28,6 +28,9 @@ def _bad(message: str) -> RunFatal:
     return RunFatal(message, "config", exit_code=2)
 
 
+SERVICE_TIERS = ("flex", "default", "auto", "priority")  # docs/protocol.md §18
+
+
 @dataclass(frozen=True)
 class RequestOptions:
     temperature: float | None = None
@@ -44,6 +47,7 @@ class RequestOptions:
     tool_schema: dict[str, Any] | None = None  # --tool-schema: JSON Schema of the arguments
     reasoning_effort: str | None = None        # one of REASONING_EFFORTS
     detail: str | None = None                  # one of DETAILS (OpenAI-style image parts)
+    service_tier: str | None = None  # OpenAI's service_tier: flex, default, auto, priority
 
     def __post_init__(self) -> None:
         _between("--temperature", self.temperature, 0, 2)
@@ -52,6 +56,9 @@ class RequestOptions:
         _between("--frequency-penalty", self.frequency_penalty, -2, 2)
         if not 1 <= self.n <= 128:
             raise _bad(f"--n must be between 1 and 128, got {self.n}")
+        if self.service_tier is not None and self.service_tier not in SERVICE_TIERS:
+            raise _bad(f"--service-tier must be one of {', '.join(SERVICE_TIERS)}, got "
+                       f"{self.service_tier!r}")
         if len(self.stop) > 4:
             raise _bad(f"--stop may be given at most 4 times, got {len(self.stop)}")
         if self.reasoning_effort is not None and self.reasoning_effort not in REASONING_EFFORTS:

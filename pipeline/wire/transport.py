@@ -21,9 +21,12 @@ Two things the library does not do the way a batch client needs:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -35,7 +38,7 @@ from ..records import ApiRequest
 from ..redact import add_secret
 from .channel import MAX_ERROR_BODY, Head, read_capped
 
-__all__ = ["Head", "Transport", "mapped", "MAX_ERROR_BODY"]
+__all__ = ["Head", "Transport", "Upload", "mapped", "MAX_ERROR_BODY"]
 
 log = logging.getLogger("pipeline.transport")
 
@@ -76,6 +79,15 @@ def _endpoint_reason(e: BaseException) -> str | None:
                                                                   ConnectionRefusedError):
         return "refused"
     return None
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A multipart file upload: form ``fields`` and the file, streamed from disk."""
+
+    path: Path
+    filename: str
+    fields: dict[str, str] = field(default_factory=dict)
 
 
 async def _on_reuse(session: Any, ctx: SimpleNamespace, params: Any) -> None:
@@ -137,6 +149,44 @@ class Transport:
                 resp.release()  # fully read: the connection goes back to the pool
             else:
                 resp.close()  # abandoned mid-body: the connection cannot be reused
+
+    @asynccontextmanager
+    async def call(self, method: str, path: str, *, body: bytes | AsyncIterator[bytes] | None
+                   = None, upload: Upload | None = None, url: str | None = None
+                   ) -> AsyncIterator[tuple[Head, AsyncIterator[bytes]]]:
+        """Any other API call (the batch lane's files and batches): ``method`` on
+        ``{base}{path}`` (or on ``url``, the same origin, e.g. a results URL), a JSON
+        ``body`` (bytes, or streamed from an async iterator), or a multipart ``upload``
+        streamed from its file. No redirect is followed (the batch endpoints have none)."""
+        assert self._session is not None, "Transport used outside 'async with'"
+        target = url or self.base_url + path
+        if URL(target).origin() != URL(self.base_url).origin():
+            raise RunFatal(f"refusing to send credentials to {URL(target).origin()} "
+                           f"(not the origin of --base-url)", "redirect")
+        headers = {**self._auth}
+        data: Any = body
+        with contextlib.ExitStack() as files, mapped(self._read_timeout):
+            if upload is not None:
+                form = aiohttp.FormData()
+                for name, value in upload.fields.items():
+                    form.add_field(name, value)
+                form.add_field("file", files.enter_context(upload.path.open("rb")),
+                               filename=upload.filename, content_type="application/jsonl")
+                data = form
+            elif body is not None:
+                headers["Content-Type"] = "application/json"
+            resp = await self._session.request(method, target, data=data, headers=headers,
+                                               allow_redirects=False,
+                                               trace_request_ctx=SimpleNamespace(reused=False))
+        chunks = self._chunks(resp)
+        try:
+            yield Head(resp.status, {k.lower(): v for k, v in resp.headers.items()}), chunks
+        finally:
+            await chunks.aclose()
+            if resp.content.at_eof():
+                resp.release()
+            else:
+                resp.close()
 
     async def _send(self, url: str, req: ApiRequest, headers: dict[str, str]
                     ) -> aiohttp.ClientResponse:

@@ -16,38 +16,35 @@ import pytest
 from conftest import REPO, caption_cmd, read_out, subprocess_env, write_manifest
 from fake_gateway import default_caption, img
 
+# The run is started by a bare interpreter that reports its peak RSS: ``ru_maxrss`` of
+# a process spawned straight from pytest includes pytest's own peak up to the exec
+# (vfork + exec keep the parent's high-water mark), so it would measure the suite.
+_MEASURE = """\
+import os, sys
+pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ)
+_, status, ru = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{os.waitstatus_to_exitcode(status)} {ru.ru_maxrss}")
+"""
 
-def _high_water_mb(pid: int) -> float:
-    """The process's own peak RSS so far (VmHWM), 0 once it has exited."""
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+
+def spawn_measured(cmd: list[str], report: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _MEASURE, str(report), *cmd], cwd=REPO,
+                            env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def wait_peak_rss(proc: subprocess.Popen, timeout: float) -> tuple[int, float]:
-    """Exit code and peak RSS (MB) of ``proc``, which must end within ``timeout``.
-
-    The peak is the child's own high-water mark, read from /proc while it runs: wait4's
-    ru_maxrss of a child started by vfork + exec (how subprocess starts it) includes
-    the RSS of this test process at the fork, which grows with the tests run before."""
-    deadline = time.monotonic() + timeout
-    peak = 0.0
-    while True:
-        try:
-            peak = max(peak, _high_water_mb(proc.pid))
-        except OSError:
-            pass
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            return proc.returncode, peak or usage.ru_maxrss / 1024
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"the run did not end on its own within {timeout} s")
-        time.sleep(0.02)
+def wait_peak_rss(proc: subprocess.Popen, report: Path, timeout: float) -> tuple[int, float]:
+    """Exit code and peak RSS (MB) of the run ``proc`` started, which must end within
+    ``timeout``."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f"the run did not end on its own within {timeout} s")
+    code, maxrss = report.read_text().split()
+    return int(code), int(maxrss) / 1024
 
 
 @pytest.mark.slow
@@ -60,10 +57,9 @@ def test_fifo_dev_zero_and_1_gib_junk_are_bad_image_rows_with_flat_memory(gatewa
             {"id": "junk", "image": "junk.jpg"}, {"id": "ok", "image": img("ok")}]
     manifest = write_manifest(tmp_path / "m.csv", rows)
     out = tmp_path / "out"
-    proc = subprocess.Popen(caption_cmd(manifest, out, gateway.base_url), cwd=REPO,
-                            env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    code, peak = wait_peak_rss(proc, 60)
+    report = tmp_path / "rss.txt"
+    proc = spawn_measured(caption_cmd(manifest, out, gateway.base_url), report)
+    code, peak = wait_peak_rss(proc, report, 60)
     assert code == 1
     df = read_out(out).set_index("id")
     assert df.loc["ok", "status"] == "ok"

@@ -3,7 +3,8 @@
 Data flows one way, stage by stage (docs/protocol.md for the wire; README "How it is
 built" for the packages):
 
-* the stages (``sources``, ``images``, ``wire``, ``pacing``, ``store``, ``export``) and
+* the stages (``sources``, ``images``, ``wire``, ``pacing``, ``store``, ``export``,
+  ``batch``) and
   the shared nouns at the top (``records``, ``errors``, ``settings``, ...) never import
   the orchestration (``run``, ``engines``, ``commands``, ``cli``);
 * ``run`` never imports ``engines`` or ``commands``; ``engines`` never ``commands``;
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "pipeline"
-STAGES = {"sources", "images", "wire", "pacing", "store", "export"}
+STAGES = {"sources", "images", "wire", "pacing", "store", "export", "batch"}
 TOP = {"records", "errors", "settings", "validate", "redact", "logs", "keys", "__init__"}
 ORCHESTRATION = {"run", "engines", "commands", "cli", "__main__"}
 AIOHTTP_CLIENT = {"wire/transport.py", "images/download.py"}
@@ -150,5 +151,6 @@ def test_the_rule_catches_a_forbidden_import(tmp_path: Path) -> None:
     assert _is_forbidden("pipeline.simulator.app", "pipeline.wire.sse")
     assert _is_forbidden("pipeline.wire.sse", "pipeline.simulator.app")
     assert _is_forbidden("pipeline.run.worker", "pipeline.engines.local")
+    assert _is_forbidden("pipeline.batch.build", "pipeline.engines.batch")
     assert not _is_forbidden("pipeline.run.worker", "pipeline.wire.sse")
     assert not _is_forbidden("pipeline.cli", "pipeline.simulator.app")

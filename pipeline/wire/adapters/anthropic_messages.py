@@ -213,6 +213,9 @@ class AnthropicMessages:
         options = spec.options
         refuse_options(self.name, options, self._UNSUPPORTED,
                        "the Messages API has no such option")
+        if options.service_tier is not None:
+            raise unavailable(self.name, "service_tier", "flex is OpenAI's tier; Anthropic's "
+                              "service_tier values differ")
         if options.n != 1:
             raise RunFatal("--n > 1 is not available with --api anthropic (the Messages "
                            "API returns one answer per request)", "config", exit_code=2)

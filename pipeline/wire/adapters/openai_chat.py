@@ -90,7 +90,7 @@ class ChatStreamState:
     fails the attempt (retryable); a trailing usage-only chunk under another id is fine.
     """
 
-    __slots__ = ("parts", "finish_raw", "usage", "model", "response_id", "done",
+    __slots__ = ("parts", "finish_raw", "usage", "model", "response_id", "done", "tier",
                  "first_content_at", "quirks", "_content_seen", "n", "choices",
                  "finishes", "_role_on_content", "_mark", "_id_switch", "tools", "refusal",
                  "reasoning_chars")
@@ -106,6 +106,7 @@ class ChatStreamState:
         self.usage: Any = None
         self.model: str | None = None
         self.response_id: str | None = None
+        self.tier: str | None = None  # the service tier the server says it served
         self.done = False
         self.first_content_at: float | None = None
         self.quirks: dict[str, int] = {}
@@ -163,6 +164,9 @@ class ChatStreamState:
         usage = chunk.get("usage")
         if isinstance(usage, dict) and usage:
             self.usage = usage
+        tier = label(chunk.get("service_tier"), self.quirks, "service_tier")
+        if tier:
+            self.tier = tier
         for choice in choices or ():
             self._choice(obj(choice, "a choice", required=True), now)
 
@@ -248,9 +252,10 @@ class ChatStreamState:
         terminal = "done" if self.done else "eof_after_finish"
         if self.n == 1:
             extras = Extras(self.tools.first(), "".join(self.refusal), self.reasoning_chars)
-            return finish_completion("".join(self.parts), self.finish_raw, self.model,
-                                     self.response_id, parse_usage(self.usage), terminal,
-                                     self.quirks, extras)
+            return replace(finish_completion("".join(self.parts), self.finish_raw, self.model,
+                                             self.response_id, parse_usage(self.usage),
+                                             terminal, self.quirks, extras),
+                           service_tier=self.tier)
         missing = [i for i in range(self.n) if i not in self.finishes]
         if missing:
             raise Retryable(f"stream ended without finish_reason for choice {missing[0]}",
@@ -258,7 +263,7 @@ class ChatStreamState:
         texts = tuple("".join(self.choices.get(i, ())) for i in range(self.n))
         first = finish_completion(texts[0], self.finish_raw, self.model, self.response_id,
                                   parse_usage(self.usage), terminal, self.quirks)
-        return replace(first, texts=texts)
+        return replace(first, texts=texts, service_tier=self.tier)
 
 
 def bad_choices(v: Any) -> PipelineError:
@@ -302,7 +307,7 @@ class OpenAIChat:
     @staticmethod
     def option_fields(o: RequestOptions) -> dict[str, Any]:
         body = o.given("temperature", "top_p", "presence_penalty", "frequency_penalty",
-                       "logit_bias", "user", "seed", "response_format")
+                       "logit_bias", "user", "seed", "response_format", "service_tier")
         if o.n != 1:
             body["n"] = o.n
         if o.stop:
@@ -331,8 +336,18 @@ class OpenAIChat:
         thought = msg.get("reasoning_content") or msg.get("reasoning")
         extras = Extras(tools.first(), content_text(msg.get("refusal"), "message.refusal"),
                         len(thought) if isinstance(thought, str) else 0)
-        return finish_completion(content_text(msg.get("content"), "message.content"),
+        done = finish_completion(content_text(msg.get("content"), "message.content"),
                                  reason(choice.get("finish_reason"), "finish_reason"),
                                  label(doc.get("model"), quirks, "model"),
                                  label(doc.get("id"), quirks, "id"),
                                  parse_usage(doc.get("usage")), "json", quirks, extras)
+        return replace(done, service_tier=label(doc.get("service_tier"), quirks,
+                                                "service_tier"))
+
+
+def with_service_tier(req: ApiRequest, tier: str) -> ApiRequest:
+    """The same request on another service tier (a flex row falling back to the
+    standard tier: docs/protocol.md §18)."""
+    body = json.loads(req.body)
+    body["service_tier"] = tier
+    return replace(req, body=json.dumps(body, ensure_ascii=False).encode())
