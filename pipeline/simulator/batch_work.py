@@ -16,10 +16,12 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from .captions import BadRequest, caption_for, split_tokens
-from .wire import ANTHROPIC, OPENAI, Choice, Dialect, Job
+from .answers import choices_for  # the online routes' answers: same captions either lane
+from .anthropic import ANTHROPIC
+from .captions import BadRequest
+from .wire import OPENAI, Dialect
 
-__all__ = ["Answer", "BatchConfig", "answer_all", "choices_for"]
+__all__ = ["Answer", "BatchConfig", "answer_all"]
 
 MAX_CUSTOM_ID = 64
 
@@ -59,19 +61,6 @@ class Answer:
     body: dict[str, Any] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
-
-
-def choices_for(job: Job, seed: int) -> tuple[Choice, ...]:
-    """The same choices the online routes answer with (app._choices): one caption each."""
-    out = []
-    for index in range(job.n):
-        text = caption_for(job.prompt, seed, index)
-        if job.json_mode:
-            text = json.dumps({"caption": text})
-        pieces = split_tokens(text)
-        finish = "length" if len(pieces) > job.max_tokens else "stop"
-        out.append(Choice(index, tuple(pieces[: job.max_tokens]), finish))
-    return tuple(out)
 
 
 def _error_body(dialect: Dialect, status: int, message: str) -> dict[str, Any]:

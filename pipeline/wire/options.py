@@ -121,7 +121,22 @@ def load_tool_schema(value: str | None) -> dict[str, Any] | None:
     if not isinstance(doc, dict) or doc.get("type", "object") != "object":
         raise _bad(f"--tool-schema {value}: function arguments are a JSON object: the "
                    'schema must be an object with "type": "object"')
+    problem = schema_problem(doc)
+    if problem:
+        raise _bad(f"--tool-schema {value}: not a valid JSON Schema ({problem})")
     return doc
+
+
+def schema_problem(schema: dict[str, Any]) -> str | None:
+    """Why ``schema`` is not a JSON Schema (draft 2020-12), or None."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as e:
+        return f"{'/'.join(map(str, e.path)) or 'top level'}: {e.message[:200]}"
+    return None
 
 
 def parse_json_option(name: str, value: str | None) -> Any:

@@ -8,6 +8,7 @@ paces. Shapes no adapter foresaw become ``bad_response`` (permanent, docs/protoc
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -44,7 +45,42 @@ def structured_columns(text: str, options: RequestOptions) -> dict[str, Any]:
     if options.tool_schema is not None and not isinstance(doc, dict):
         raise Retryable(f"the tool call's arguments are {type(doc).__name__}, not an "
                         "object", "invalid_json", http_status=200)
+    schema, what = _schema_of(options)
+    if schema is not None:
+        mismatch = _first_mismatch(json.dumps(schema, sort_keys=True), doc)
+        if mismatch:
+            raise Retryable(f"the {what} does not match its schema ({mismatch})",
+                            "invalid_json", http_status=200)
     return {"caption_json": json.dumps(doc, ensure_ascii=False), "json_valid": True}
+
+
+def _schema_of(options: RequestOptions) -> tuple[dict[str, Any] | None, str]:
+    if options.tool_schema is not None:
+        return options.tool_schema, "tool call's arguments"
+    rf = options.response_format or {}
+    inner = rf.get("json_schema") if isinstance(rf, dict) else None
+    schema = inner.get("schema") if isinstance(inner, dict) else None
+    return (schema, "caption") if isinstance(schema, dict) else (None, "")
+
+
+@functools.lru_cache(maxsize=8)
+def _validator(schema_text: str) -> Any:
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(json.loads(schema_text))
+
+
+def _first_mismatch(schema_text: str, doc: Any) -> str | None:
+    """The first way ``doc`` breaks the schema, said briefly (path: message), or None."""
+    try:
+        validator = _validator(schema_text)
+    except Exception:  # a schema the library cannot use: parsing alone decides
+        return None
+    error = next(iter(validator.iter_errors(doc)), None)
+    if error is None:
+        return None
+    where = "/".join(map(str, error.absolute_path)) or "top level"
+    return f"{where}: {error.message[:200]}"
 
 
 class ResponseReader:

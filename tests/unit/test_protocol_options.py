@@ -294,3 +294,10 @@ async def test_the_dry_run_warns_when_max_tokens_is_below_known_thinking(
 async def test_the_dry_run_is_quiet_for_a_model_that_does_not_think(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert await _dry(tmp_path, capsys, model="gpt-4o", max_tokens=300) == []
+
+
+def test_a_tool_schema_that_is_no_json_schema_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "bad.schema.json"
+    path.write_text('{"type": "object", "properties": {"caption": {"type": 5}}}')
+    with pytest.raises(RunFatal, match="not a valid JSON Schema .*properties/caption/type"):
+        load_tool_schema(str(path))

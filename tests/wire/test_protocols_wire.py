@@ -114,6 +114,21 @@ def test_a_cut_inside_tool_arguments_is_invalid_json_retried(caption: Any, sim: 
                                                                         False)
 
 
+@pytest.mark.parametrize("api", APIS)
+def test_tool_arguments_that_break_the_schema_are_invalid_json_retried(
+        caption: Any, sim: SimThread, api: str, tmp_path: Path) -> None:
+    # The simulator answers {"caption": "..."}; this schema also requires "tags".
+    schema = tmp_path / "caption.schema.json"
+    schema.write_text('{"type": "object", "required": ["caption", "tags"], '
+                      '"properties": {"caption": {"type": "string"}, '
+                      '"tags": {"type": "array"}}}')
+    res = run(caption, sim, api, "--tool-schema", str(schema), rows=ROWS[:1], retries=1)
+    row = res.row("camera")
+    assert (row["error_class"], row["attempts"], row["json_valid"]) == ("invalid_json", 2,
+                                                                        False)
+    assert "does not match its schema" in row["error"] and "'tags'" in row["error"]
+
+
 @pytest.mark.parametrize("api,reasoning", [("openai", 96), ("anthropic", None),
                                            ("responses", 96), ("gemini", 96)])
 def test_a_thinking_model_at_a_small_max_tokens_gets_one_retry_with_more_room(
