@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 
+from .embedded import EMBEDDED_COLUMNS
+
 if TYPE_CHECKING:
     from .images import Resolver
     from .reader import Committed, Selection
@@ -149,8 +151,10 @@ class Writer:
 
     def read_columns(self) -> list[str]:
         """The columns to read from OUT (the exported ones plus what the format needs)."""
+        have = set(self.job.committed.schema.names)
         return list(dict.fromkeys([*self.job.columns, "id", "prompt_name", "image",
-                                   "caption", "captions"]))
+                                   "caption", "captions",
+                                   *(c for c in EMBEDDED_COLUMNS if c in have)]))
 
     def prepare(self) -> None:
         """Create what the format writes into (``__init__`` has no side effects, so an

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .base import Job, Writer, with_trigger
+from .embedded import Embedded, Found
 from .images import ImageRef
 
 __all__ = ["HfParquetWriter", "IMAGE_TYPE", "features"]
@@ -66,6 +67,7 @@ class HfParquetWriter(Writer):
 
     def __init__(self, job: Job) -> None:
         super().__init__(job)
+        self.embedded = Embedded(MAX_IMAGE_BYTES)
         assert self.spec.dest is not None
         self.data = self.spec.dest / "data"
         self.cols = [c for c in job.columns if c not in self.reserved]
@@ -86,7 +88,9 @@ class HfParquetWriter(Writer):
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         for r in rows:
-            image = self._image(self.job.resolver.resolve(r.get("image")))
+            found = self.embedded.find(r)
+            image = self._embedded(found) if found is not None else \
+                self._image(self.job.resolver.resolve(r.get("image")))
             if image is None:
                 continue
             rec = with_trigger({c: r.get(c) for c in self.cols}, self.spec.trigger)
@@ -96,6 +100,13 @@ class HfParquetWriter(Writer):
             self.job.summary.written += 1
             if self.buf_bytes >= self.group_bytes or len(self.buf) >= ROW_GROUP_ROWS:
                 self._flush()
+
+    def _embedded(self, found: Found) -> dict[str, Any] | None:
+        """An image that lives inside the source (a Parquet struct, a shard member)."""
+        if found.data is None:
+            self.job.summary.skip(found.why, found.rel)
+            return None
+        return {"bytes": found.data, "path": found.rel}
 
     def _image(self, ref: ImageRef) -> dict[str, Any] | None:
         s = self.job.summary
@@ -142,6 +153,7 @@ class HfParquetWriter(Writer):
             self.writer = None
 
     def finish(self) -> None:
+        self.embedded.close()
         self._flush()
         if not self.shards:  # no rows: one empty shard, so the dataset still loads
             self._next_shard()
@@ -154,6 +166,7 @@ class HfParquetWriter(Writer):
         self.shards = []
 
     def abort(self) -> None:
+        self.embedded.close()
         if self.writer is not None:
             try:
                 self.writer.close()

@@ -19,12 +19,23 @@ import json
 import os
 from typing import Any
 
-from .base import ExportError, Job, Writer, json_columns, jsonable, tmp_path, with_trigger
+from .base import (
+    ExportError,
+    Job,
+    Writer,
+    json_columns,
+    jsonable,
+    tmp_path,
+    with_trigger,
+    write_atomic,
+)
+from .embedded import Embedded
 from .images import ImageRef, place
 
 __all__ = ["ImageFolderWriter", "local_file"]
 
 METADATA = "metadata.jsonl"
+MAX_EMBEDDED_BYTES = 256 * 1024 * 1024  # an image read out of the source, at most
 
 
 def local_file(ref: ImageRef, summary: Any) -> bool:
@@ -46,6 +57,7 @@ class ImageFolderWriter(Writer):
 
     def __init__(self, job: Job) -> None:
         super().__init__(job)
+        self.embedded = Embedded(MAX_EMBEDDED_BYTES)
         if self.spec.images == "none":
             raise ExportError("--format hf-imagefolder needs the images in DEST: "
                               "--images copy, hardlink or symlink")
@@ -63,27 +75,48 @@ class ImageFolderWriter(Writer):
     def write(self, rows: list[dict[str, Any]]) -> None:
         s = self.job.summary
         for r in rows:
-            ref = self.job.resolver.resolve(r.get("image"))
-            if not local_file(ref, s):
+            rel = self._place(r)
+            if rel is None:
                 continue
-            assert ref.path is not None and ref.rel is not None
-            if ref.rel == METADATA:
-                s.skip(f"images named {METADATA}", ref.path)
-                continue
-            s.images += place(ref.path, self.dest / ref.rel, self.spec.images)
-            rec = {"file_name": ref.rel,
+            rec = {"file_name": rel,
                    **{c: jsonable(r[c]) if conv else r[c] for c, conv in self.cols}}
             self.f.write(json.dumps(with_trigger(rec, self.spec.trigger),
                                     ensure_ascii=False) + "\n")
             s.written += 1
 
+    def _place(self, r: dict[str, Any]) -> str | None:
+        """Put the row's image under DEST; its path there, or None (skipped, counted)."""
+        s = self.job.summary
+        found = self.embedded.find(r)
+        if found is not None:  # inside the source: written out of it (docs/protocol.md §13)
+            if found.data is None:
+                s.skip(found.why, found.rel)
+                return None
+            dst = self.dest / found.rel
+            if not (dst.is_file() and dst.stat().st_size == len(found.data)):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(dst, found.data)
+                s.images += 1
+            return found.rel
+        ref = self.job.resolver.resolve(r.get("image"))
+        if not local_file(ref, s):
+            return None
+        assert ref.path is not None and ref.rel is not None
+        if ref.rel == METADATA:
+            s.skip(f"images named {METADATA}", ref.path)
+            return None
+        s.images += place(ref.path, self.dest / ref.rel, self.spec.images)
+        return ref.rel
+
     def finish(self) -> None:
+        self.embedded.close()
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
         os.replace(self.tmp, self.final)
 
     def abort(self) -> None:
+        self.embedded.close()
         if hasattr(self, "f"):
             self.f.close()
         self.tmp.unlink(missing_ok=True)
