@@ -88,16 +88,23 @@ class KeySet:
         if h in self._recent:
             return True
         for arr in (self._sorted, *self._batches):
-            i = int(np.searchsorted(arr, h))
-            if i < len(arr) and int(arr[i]) == h:
-                return True
+            if len(arr):  # a NumPy call costs microseconds even on an empty array
+                i = int(np.searchsorted(arr, h))
+                if i < len(arr) and int(arr[i]) == h:
+                    return True
         return False
 
     def add(self, h: int) -> None:
-        if h not in self:
-            self._recent.add(h)
-            if len(self._recent) >= self._MERGE_AT:
-                self._merge()
+        self.add_if_new(h)
+
+    def add_if_new(self, h: int) -> bool:
+        """Add ``h``; False when it was a member already (one lookup for both)."""
+        if h in self:
+            return False
+        self._recent.add(h)
+        if len(self._recent) >= self._MERGE_AT:
+            self._merge()
+        return True
 
     def add_batch(self, hashes: np.ndarray) -> None:
         """Add many at once, cheaply: merged into the array later, with other adds."""

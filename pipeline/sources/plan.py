@@ -130,11 +130,10 @@ class Plan:
             for k, h in zip(open_rows, ids.tolist()):  # Python ints
                 row = block[k]
                 names = {p.name for j, p in enumerate(self.prompts) if not done[j][k]}
-                if h in seen:
+                if not seen.add_if_new(h):
                     counts.skipped_duplicate += 1
                     self.log_duplicate(row)
                     continue
-                seen.add(h)
                 group = []
                 for variant in self._variants(row, names):
                     if self.limit is not None and counts.pending >= self.limit:
