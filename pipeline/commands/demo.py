@@ -9,25 +9,10 @@ stops the simulator. Needs no API key and no network.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository: pipeline/commands/demo.py
-MANIFEST = ROOT / "data" / "sample" / "images.csv"
+from .sample import MANIFEST, ROOT, start_simulator
+
 OUT = ROOT / "out" / "demo"
-
-
-def _start_simulator() -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "simulate", "--port", "0",
-                             "--latency", "0.2", "--tokens-per-second", "80"],
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline().strip()
-    if "listening on " not in line:
-        proc.kill()
-        raise SystemExit(f"demo: the simulator did not start (said {line!r})")
-    return proc, line.rsplit(" ", 1)[-1]
 
 
 def main(argv: list[str]) -> int:
@@ -37,7 +22,7 @@ def main(argv: list[str]) -> int:
         return batch_demo(argv[1:])
     from .caption import caption
 
-    proc, base_url = _start_simulator()
+    proc, base_url = start_simulator("--latency", "0.2", "--tokens-per-second", "80")
     print(f"demo: local gateway simulator at {base_url} (a simulator, not a model)")
     try:
         shutil.rmtree(OUT, ignore_errors=True)

@@ -7,34 +7,19 @@ datasets compared key by key: same captions and token counts, the cost of each l
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository
-MANIFEST = ROOT / "data" / "sample" / "images.csv"
+from .sample import MANIFEST, ROOT, start_simulator
+
 ONLINE, BATCH = ROOT / "out" / "demo-online", ROOT / "out" / "demo-batch"
 MODEL = "claude-3-5-sonnet-20240620"  # priced in the built-in table ($3 / $15 online)
-
-
-def _start_simulator() -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "simulate", "--port", "0",
-                             "--latency", "0.05", "--tokens-per-second", "0",
-                             "--batch-delay", "1", "--batch-fail-rate", "0.15",
-                             "--batch-expire-rate", "0.15", "--seed", "3"],
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline().strip()
-    if "listening on " not in line:
-        proc.kill()
-        raise SystemExit(f"demo: the simulator did not start (said {line!r})")
-    return proc, line.rsplit(" ", 1)[-1]
 
 
 def main(argv: list[str]) -> int:
     from .caption import caption
 
-    proc, base_url = _start_simulator()
+    proc, base_url = start_simulator("--latency", "0.05", "--tokens-per-second", "0",
+                                 "--batch-delay", "1", "--batch-fail-rate", "0.15",
+                                 "--batch-expire-rate", "0.15", "--seed", "3")
     print(f"demo: local simulator at {base_url} (its batch APIs expire and fail 15 % each)")
     common = [str(MANIFEST), "--base-url", base_url, "--model", MODEL, "--no-progress",
               *argv]

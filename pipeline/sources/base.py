@@ -24,7 +24,8 @@ from typing import Any, Protocol
 from ..errors import RunFatal
 from ..records import BASE_NAMES, ManifestRow
 
-__all__ = ["SOURCE_FILE", "SOURCE_MEMBER", "Source", "Wanted", "carried", "count_lines",
+__all__ = ["SOURCE_FILE", "SOURCE_MEMBER", "Reopenable", "Source", "Wanted", "carried",
+           "count_lines",
            "fatal", "text_value"]
 
 SOURCE_FILE, SOURCE_MEMBER = "source_file", "source_member"
@@ -50,6 +51,18 @@ class Source(Protocol):
     def estimate(self) -> int | None: ...
 
     def close(self) -> None: ...
+
+
+class Reopenable:
+    """What a source that reads files it can open again (not a pipe) shares: it may be
+    read more than once, and holds nothing open between reads."""
+
+    @property
+    def one_shot(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
 
 
 def fatal(path: Path | str, problem: str) -> RunFatal:

@@ -28,7 +28,7 @@ from pathlib import Path
 from ..images.prepare import sniff_mime
 from ..records import ManifestRow
 from . import location
-from .base import Wanted, fatal
+from .base import Reopenable, Wanted, fatal
 
 __all__ = ["EXISTING_CAPTION", "FolderSource"]
 
@@ -42,7 +42,7 @@ MAX_SIDECAR = 64 * 1024
 _SNIFF = 32
 
 
-class FolderSource:
+class FolderSource(Reopenable):
     kind = "folder"
     block_rows = 256  # each row may cost a file open: show progress early
 
@@ -63,13 +63,6 @@ class FolderSource:
             self.root = str(path)
         self.columns = ["id", "image", EXISTING_CAPTION]
         self.extra_columns = [EXISTING_CAPTION]
-
-    @property
-    def one_shot(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
 
     def estimate(self) -> int | None:
         return None  # counting would mean a second walk of the tree

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from ..records import ManifestRow
 from . import location
-from .base import SOURCE_FILE, Wanted, carried, fatal, text_value
+from .base import SOURCE_FILE, Reopenable, Wanted, carried, fatal, text_value
 from .manifest import derive_id, image_ref_problem
 from .manifest_format import ManifestFormat
 
@@ -88,7 +88,7 @@ def _holds_binary(t: pa.DataType) -> bool:
     return False
 
 
-class ParquetSource:
+class ParquetSource(Reopenable):
     kind = "parquet"
 
     def __init__(self, path: Path | str, fmt: ManifestFormat | None = None) -> None:
@@ -120,13 +120,6 @@ class ParquetSource:
                                reserved=[SOURCE_FILE])
         self.extra_columns = [name for _, name in self._extras] + [SOURCE_FILE]
         self.block_rows = 64 if self.image_kind != "ref" else 4096
-
-    @property
-    def one_shot(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
 
     def estimate(self) -> int | None:
         total = 0

@@ -32,7 +32,7 @@ from typing import IO, Any, cast
 
 from ..records import ManifestRow
 from . import location, tarstream
-from .base import SOURCE_FILE, SOURCE_MEMBER, Wanted, carried, fatal, text_value
+from .base import SOURCE_FILE, SOURCE_MEMBER, Reopenable, Wanted, carried, fatal, text_value
 from .braces import BraceError, expand, has_braces
 from .folder import EXISTING_CAPTION
 from .manifest_format import ManifestFormat
@@ -94,7 +94,7 @@ class _Sample:
     problem: str | None = None
 
 
-class WebDatasetSource:
+class WebDatasetSource(Reopenable):
     kind = "webdataset"
     block_rows = 64
 
@@ -111,13 +111,6 @@ class WebDatasetSource:
         self._extras = carried(path, fields, {"id", "image", "prompt"}, reserved=reserved)
         self.columns = ["id", "image", EXISTING_CAPTION, *fields]
         self.extra_columns = [name for _, name in self._extras] + reserved
-
-    @property
-    def one_shot(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
 
     def estimate(self) -> int | None:
         return None  # counting keys would mean reading every shard's headers twice

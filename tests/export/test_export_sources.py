@@ -15,9 +15,6 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image as PILImage
-
-from pipeline.simulator.app import SimConfig
-from pipeline.simulator.thread import SimThread
 from sources.helpers import (
     sample_images,
     write_csv,
@@ -26,6 +23,9 @@ from sources.helpers import (
     write_parquet,
     write_shard,
 )
+
+from pipeline.simulator.app import SimConfig
+from pipeline.simulator.thread import SimThread
 
 datasets = pytest.importorskip("datasets")
 
