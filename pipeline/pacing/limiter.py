@@ -189,13 +189,21 @@ class Limiter:
 
     async def _wait_gate(self) -> None:
         if self.gate.remaining > 0:
-            self._set_waiting("the pause after HTTP 429 (Retry-After or backoff)",
-                              self.gate.remaining)
+            self._set_waiting(self._pause_reason(), self.gate.remaining)
             await self.gate.wait()
             # A pacer refilled its credit meanwhile: after a pause it starts empty.
             for bucket in self.buckets.values():
                 if bucket.learned:
                     bucket.drain()
+
+    def _pause_reason(self) -> str:
+        """What the pool's pause waits for: a header ceiling that keeps it out about as
+        long names the cause (a daily quota's reset) better than the 429 that showed it."""
+        left = self.gate.remaining
+        for name, c in self.ceilings.items():
+            if c.wait(1.0) >= left - 1.0:
+                return c.blocked_reason(name)
+        return "the pause after HTTP 429 (Retry-After or backoff)"
 
     async def _nap(self, seconds: float) -> None:
         """Sleep, but wake early when a response brings a new reading or a refund."""
