@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..keys import KeySet
+from ..store.outdir import fsync_dir
 
 __all__ = ["ENDED", "IN_FLIGHT", "Entry", "Ledger", "in_flight_keys", "new_lid"]
 
@@ -94,14 +95,12 @@ class Ledger:
         entry.updated_at = time.time()
         tmp = self.dir / f".{entry.lid}.json.tmp"
         data = json.dumps(asdict(entry), indent=1, sort_keys=True).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with open(tmp, "wb") as f:  # write() of a file object writes it all (os.write may not)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.dir / f"{entry.lid}.json")
-        sync_dir(self.dir)
+        fsync_dir(self.dir)
 
     def entries(self) -> Iterator[Entry]:
         """Every readable entry, oldest first; a damaged file is skipped (and said)."""
@@ -154,14 +153,6 @@ def read_entry(path: Path) -> Entry | None:
         return Entry.from_json(doc) if isinstance(doc, dict) else None
     except (OSError, ValueError, TypeError):
         return None
-
-
-def sync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def in_flight_keys(ledger: Ledger) -> KeySet:
