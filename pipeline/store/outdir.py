@@ -28,7 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["TMP_SUFFIX", "part_files", "fsync_dir", "tmp_name", "commit_table",
+__all__ = ["TMP_SUFFIX", "part_files", "fsync_dir", "fsync_file", "tmp_name", "commit_table",
            "quarantine", "check_part", "union_schema", "unify", "QUARANTINE", "JOURNAL",
            "RUNS", "RECORD", "REPORT"]
 
@@ -61,7 +61,7 @@ def tmp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
@@ -75,7 +75,7 @@ def commit_table(table: pa.Table, final: Path) -> None:
     tmp = tmp_name(final)
     try:
         pq.write_table(table, tmp, compression="zstd")
-        _fsync_file(tmp)
+        fsync_file(tmp)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -175,7 +175,7 @@ def rewrite(part: Path, schema: pa.Schema) -> None:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             for batch in pq.ParquetFile(part).iter_batches(_BATCH):
                 writer.write_table(conform_batch(batch, schema))
-        _fsync_file(tmp)
+        fsync_file(tmp)
         os.replace(tmp, part)
     except BaseException:
         tmp.unlink(missing_ok=True)

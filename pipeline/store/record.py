@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import RunFatal
 from ..records import now_utc
-from .outdir import RECORD, tmp_name
+from .outdir import RECORD, fsync_file, tmp_name
 
 __all__ = ["load", "check", "updated", "write", "prompt_settings"]
 
@@ -121,8 +121,7 @@ def write(out: Path, doc: Mapping[str, Any]) -> None:
     try:
         tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=str),
                        encoding="utf-8")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

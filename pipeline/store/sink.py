@@ -37,6 +37,7 @@ from .outdir import (
     commit_table,
     conform_batch,
     fsync_dir,
+    fsync_file,
     part_files,
     quarantine,
     tmp_name,
@@ -253,8 +254,7 @@ def _merge(out: Path, group: list[Path], final: Path, schema: pa.Schema) -> list
                     continue
                 writer.write_table(table)
                 merged.append(p)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
