@@ -10,6 +10,7 @@ one cached Parquet row group and one shard's member index at a time are enough.
 from __future__ import annotations
 
 import os
+import stat
 from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -51,6 +52,9 @@ class Embedded:
         if not isinstance(source, str) or not source:
             return None
         stem = PurePosixPath(source).stem
+        problem = _not_a_file(source)
+        if problem:  # a FIFO would block the open for ever, a device never ends
+            return Found(None, stem, problem)
         try:
             if isinstance(member, str) and member:
                 return self._member(source, member, f"{stem}/{member}")
@@ -102,6 +106,15 @@ class Embedded:
         if len(data) > self.max_bytes:
             return Found(None, rel, f"images over {self.max_bytes >> 20} MiB")
         return Found(data, rel)
+
+
+def _not_a_file(path: str) -> str:
+    """Why ``path`` cannot be read as a source file ("" when it can)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing source files"
+    return "" if stat.S_ISREG(st.st_mode) else "source paths that are not regular files"
 
 
 def _struct_column(schema: pa.Schema) -> str | None:

@@ -102,3 +102,37 @@ def test_sidecar_and_jsonl_exports_of_every_source_hold_every_caption(
     lines: list[dict[str, Any]] = [json.loads(ln) for ln in
                                    (tmp_path / "c.jsonl").read_text().splitlines()]
     assert {ln["caption"] for ln in lines} == expected
+
+
+@pytest.mark.parametrize("damage", ["fifo", "device", "garbage", "gone"])
+def test_a_source_shard_that_is_no_longer_a_readable_tar_is_skipped_not_waited_for(
+        captioned, tmp_path: Path, damage: str) -> None:
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "out"
+    shutil.copytree(captioned["shards"], out)
+    shard = Path(pq.read_table(out, columns=["source_file"])["source_file"][0].as_py())
+    saved = tmp_path / "saved.tar"
+    shutil.move(shard, saved)
+    try:
+        if damage == "fifo":
+            os.mkfifo(shard)  # opening it would block for ever
+        elif damage == "device":
+            shard.symlink_to("/dev/zero")  # reading it would never end
+        elif damage == "garbage":
+            shard.write_bytes(os.urandom(1 << 20))
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "export", str(out),
+                               "--format", "hf-parquet", "--to", str(tmp_path / "dest"),
+                               "--no-progress"], cwd=REPO, capture_output=True, text=True,
+                              timeout=60)
+    finally:
+        shard.unlink(missing_ok=True)
+        shutil.move(saved, shard)
+    assert proc.returncode == 0, proc.stderr
+    said = proc.stdout + proc.stderr
+    assert "4 rows, 0 written" in said and "skipped: 4 " in said, said
