@@ -136,7 +136,7 @@ def parse_body(body: bytes) -> Any:
     """The JSON of an error body, or None. Gemini wraps errors in a one-item list."""
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     if isinstance(doc, list) and doc and isinstance(doc[0], dict):
         doc = doc[0]

@@ -89,7 +89,7 @@ class BatchApi:
                     raise classify_http(head.status, head.headers, body)
             try:
                 doc = json.loads(body)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise Retryable(f"{method} {path}: an answer that is not JSON",
                                 "stream_broken") from None
             if not isinstance(doc, dict):

@@ -40,7 +40,7 @@ def parse_result(api: str, raw: bytes, adapter: Adapter) -> Outcome | None:
     """None for a line that is not a JSON object with a custom_id."""
     try:
         doc = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(doc, dict) or not isinstance(doc.get("custom_id"), str):
         return None

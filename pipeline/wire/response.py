@@ -24,7 +24,7 @@ __all__ = ["ResponseReader", "no_json_constant", "structured_columns"]
 
 # Valid JSON of a shape no protocol allows ("choices": [null], a number where an
 # object belongs) surfaces as one of these from an adapter's fold.
-_SHAPE_ERRORS = (TypeError, AttributeError, KeyError, IndexError, ValueError)
+_SHAPE_ERRORS = (TypeError, AttributeError, KeyError, IndexError, ValueError, RecursionError)
 
 
 def no_json_constant(name: str) -> Any:
@@ -39,9 +39,10 @@ def structured_columns(text: str, options: RequestOptions) -> dict[str, Any]:
         return {}
     try:
         doc = json.loads(text, parse_constant=no_json_constant)
-    except ValueError as e:
-        raise Retryable(f"the caption is not valid JSON ({e}): {text[:80]!r}",
-                        "invalid_json", http_status=200) from None
+    except (ValueError, RecursionError) as e:  # a server's endless nesting too
+        raise Retryable(f"the caption is not valid JSON ({type(e).__name__}: "
+                        f"{str(e)[:120]}): {text[:80]!r}", "invalid_json",
+                        http_status=200) from None
     if options.tool_schema is not None and not isinstance(doc, dict):
         raise Retryable(f"the tool call's arguments are {type(doc).__name__}, not an "
                         "object", "invalid_json", http_status=200)
@@ -76,7 +77,10 @@ def _first_mismatch(schema_text: str, doc: Any) -> str | None:
         validator = _validator(schema_text)
     except Exception:  # a schema the library cannot use: parsing alone decides
         return None
-    error = next(iter(validator.iter_errors(doc)), None)
+    try:
+        error = next(iter(validator.iter_errors(doc)), None)
+    except RecursionError:
+        return "nested too deeply to check"
     if error is None:
         return None
     where = "/".join(map(str, error.absolute_path)) or "top level"
@@ -124,7 +128,7 @@ class ResponseReader:
         body = await _collect(chunks, self.response_cap)
         try:
             doc = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise Retryable("HTTP 200 with an unreadable JSON body", "stream_broken",
                             http_status=200) from None
         return self._from_json(doc)
@@ -143,7 +147,7 @@ class ResponseReader:
                         ) -> Completion:
         try:
             doc = json.loads(body)
-        except ValueError:  # JSON first, then something else: leave it to the fold
+        except (ValueError, RecursionError):  # JSON first, then something else: the fold
             if not self._feed(state, decoder, body):
                 self._end(state, decoder)
             return state.finish()

@@ -301,3 +301,29 @@ def test_a_tool_schema_that_is_no_json_schema_exits_2(tmp_path: Path) -> None:
     path.write_text('{"type": "object", "properties": {"caption": {"type": 5}}}')
     with pytest.raises(RunFatal, match="not a valid JSON Schema .*properties/caption/type"):
         load_tool_schema(str(path))
+
+
+def test_a_caption_nested_beyond_any_parser_is_invalid_json_not_a_crash() -> None:
+    from pipeline.errors import Retryable
+    from pipeline.wire.response import structured_columns
+
+    options = RequestOptions(tool_schema={"type": "object"})
+    with pytest.raises(Retryable) as caught:
+        structured_columns('{"a":' * 100_000 + "1" + "}" * 100_000, options)
+    assert caught.value.error_class == "invalid_json"
+
+
+async def test_a_stream_chunk_nested_beyond_any_parser_fails_its_row_not_the_batch() -> None:
+    import time
+
+    from pipeline.errors import RowFailed
+    from pipeline.wire.adapters.openai_chat import OpenAIChat
+    from pipeline.wire.response import ResponseReader
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        yield b'data: {"choices": [' + b"[" * 100_000 + b"]" * 100_000 + b"]}\n\n"
+
+    reader = ResponseReader(OpenAIChat(), 1, 1 << 20, 16 << 20, time.monotonic)
+    with pytest.raises(RowFailed) as caught:
+        await reader.stream(chunks())
+    assert caught.value.error_class == "bad_response"

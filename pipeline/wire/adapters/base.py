@@ -110,7 +110,7 @@ _MAX_ID = 200  # ids and model names are short; a megabyte "id" is not kept whol
 def try_json(data: str) -> Any:
     try:
         return json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
