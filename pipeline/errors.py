@@ -42,7 +42,9 @@ TRANSIENT = frozenset({"rate_limit", "server", "overloaded", "timeout", "connect
                        # the batch lane: a request its batch never ran (docs/protocol.md §17)
                        "expired", "canceled",
                        # flex tier: no capacity now (docs/protocol.md §18), not a rate limit
-                       "capacity"})
+                       "capacity",
+                       # a chained prompt whose upstream had no caption (§20): after it
+                       "upstream"})
 
 _EXCERPT = 300
 

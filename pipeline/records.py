@@ -171,6 +171,14 @@ class ResultRow:
     lane: str | None = _col(pa.string(), "online")     # "online" or "batch"
     batch_id: str | None = _col(pa.string())           # the provider's batch (batch lane)
     service_tier: str | None = _col(pa.string())       # the tier served (OpenAI flex, ...)
+    # The quality gate (pipeline/quality): the checks the kept caption fails, why, and
+    # the one re-ask (its count, what triggered it, its cost, included in cost_usd).
+    quality_flags: tuple[str, ...] | None = _col(pa.list_(pa.string()))
+    quality_notes: str | None = _col(pa.string())
+    reasks: int = _col(pa.int32(), 0)
+    reask_flags: tuple[str, ...] | None = _col(pa.list_(pa.string()))
+    reask_cost_usd: float | None = _col(pa.float64())
+    upstream: str | None = _col(pa.string())  # chained prompts: JSON name → caption hash
     finished_at: datetime = field(default_factory=now_utc, metadata={"arrow": _TIMESTAMP})
     extra: Mapping[str, str | None] = field(default_factory=dict)
 
@@ -183,20 +191,24 @@ class ResultRow:
         out: dict[str, Any] = dict(self.extra)
         for name in BASE_ORDER:
             out[name] = getattr(self, name)
-        if self.captions is not None:
-            out["captions"] = list(self.captions)
+        for name in _LISTS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = list(value)
         return out
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> ResultRow:
         """A row read back (from another process, or a part): columns by name."""
         known = {k: v for k, v in record.items() if k in BASE_NAMES}
-        if known.get("captions") is not None:
-            known["captions"] = tuple(known["captions"])
+        for name in _LISTS:
+            if known.get(name) is not None:
+                known[name] = tuple(known[name])
         extra = {k: v for k, v in record.items() if k not in BASE_NAMES}
         return cls(**known, extra=extra)
 
 
+_LISTS = ("captions", "quality_flags", "reask_flags")
 BASE_FIELDS: list[pa.Field] = [pa.field(f.name, f.metadata["arrow"])
                                for f in fields(ResultRow) if "arrow" in f.metadata]
 BASE_ORDER = tuple(f.name for f in BASE_FIELDS)
@@ -219,11 +231,12 @@ class Original:
     model: str | None = None
     response_id: str | None = None
     terminal: str | None = None
+    quality_flags: tuple[str, ...] | None = None
 
     @classmethod
     def of(cls, row: ResultRow) -> Original:
         return cls(row.id, row.caption, row.finish_reason, row.finish_reason_raw, row.model,
-                   row.response_id, row.terminal)
+                   row.response_id, row.terminal, row.quality_flags)
 
 
 def _base(row: ManifestRow) -> dict[str, Any]:
@@ -254,7 +267,7 @@ def copied_row(row: ManifestRow, original: Original, **columns: Any) -> ResultRo
         captions=(original.caption,) if original.caption is not None else None,
         finish_reason=original.finish_reason, finish_reason_raw=original.finish_reason_raw,
         model=original.model, response_id=original.response_id, terminal=original.terminal,
-        dedup_of=original.id, usage_source="dedup",
+        quality_flags=original.quality_flags, dedup_of=original.id, usage_source="dedup",
         cost_usd=0.0,  # no request, so no cost: 0, not unknown
         **columns)
 

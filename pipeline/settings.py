@@ -7,7 +7,9 @@ from pathlib import Path
 
 from .errors import RunFatal
 from .pacing.cost import Price, batch_price_for, price_for
+from .quality import QualitySettings
 from .records import DEFAULT_PROMPT_NAME
+from .sources.chain import chained, order
 from .sources.manifest_format import ManifestFormat
 from .sources.plan import NamedPrompt
 from .wire.adapters import RequestSpec, get_adapter
@@ -120,6 +122,7 @@ class Settings:
     batch_price_in: float | None = None   # USD per million; None = half the online price
     batch_price_out: float | None = None
     flex_fallback_after: int = 2    # flex capacity refusals before a row's standard tier
+    quality: QualitySettings = field(default_factory=QualitySettings)  # the quality gate
 
     def __post_init__(self) -> None:
         _positive("--concurrency", self.concurrency)
@@ -169,6 +172,8 @@ class Settings:
         if self.ray_actors is not None:
             _positive("--ray-actors", self.ray_actors)
         self._check_batch()
+        if self.prompts:
+            self._check_chains()
         try:
             get_adapter(self.api).check(self.request_spec)
         except ValueError as e:
@@ -200,6 +205,13 @@ class Settings:
             raise RunFatal(f"--lane batch needs --api openai or anthropic, got {self.api}",
                            "config", exit_code=2)
 
+    def _check_chains(self) -> None:
+        named = self.named_prompts  # exit 2 on an unknown prompt or a cycle
+        if chained(named) and (self.engine != "local" or self.lane != "online"):
+            raise RunFatal("chained prompts ({caption.NAME}) run on the local engine and "
+                           "the online lane: each row waits for its image's upstream "
+                           "caption", "config", exit_code=2)
+
     @property
     def price(self) -> Price | None:
         """The price of the lane this run uses (a batch row costs half by default)."""
@@ -217,9 +229,14 @@ class Settings:
 
     @property
     def named_prompts(self) -> tuple[NamedPrompt, ...]:
+        """The prompts, each after those whose captions it uses ({caption.NAME})."""
         if self.prompts:
-            return tuple(NamedPrompt(n, t) for n, t in self.prompts)
+            return order(tuple(NamedPrompt(n, t) for n, t in self.prompts))
         return (NamedPrompt(DEFAULT_PROMPT_NAME, self.prompt),)
+
+    @property
+    def chained(self) -> bool:
+        return chained(self.named_prompts)
 
     @property
     def line_cap(self) -> int:

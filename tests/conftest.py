@@ -68,9 +68,11 @@ def read_out(out: Path) -> Any:
 
 
 def clean(v: Any) -> Any:
-    """NaN/NA -> None, numpy scalars -> Python scalars."""
+    """NaN/NA -> None, numpy scalars -> Python scalars, arrays (list columns) -> lists."""
     if v is None:
         return None
+    if hasattr(v, "tolist") and getattr(v, "ndim", 0) == 1:
+        return [clean(x) for x in v.tolist()]
     try:
         import pandas as pd
         if pd.isna(v):

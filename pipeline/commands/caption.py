@@ -31,6 +31,7 @@ from ..wire.options import (
     load_tool_schema,
     parse_json_option,
 )
+from .quality_args import add_quality_args, quality_from_args
 
 EXIT_CODES = """exit codes:
   0    every row ok
@@ -251,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--flex-fallback-after", type=int, default=2, metavar="N",
       help="with --service-tier flex: capacity refusals of a row before it is sent on "
            "the standard tier (2; the cost budget still applies)")
+    add_quality_args(p)
     a("-v", "--verbose", action="count", default=0,
       help="debug logging: -v this tool's (retries, failures), -vv also libraries'")
     return p
@@ -303,6 +305,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         batch_max_requests=ns.batch_max_requests, batch_max_tokens=ns.batch_max_tokens,
         wait=ns.wait, poll_interval=ns.poll_interval, batch_price_in=ns.batch_price_in,
         batch_price_out=ns.batch_price_out, flex_fallback_after=ns.flex_fallback_after,
+        quality=quality_from_args(ns),
     )
 
 

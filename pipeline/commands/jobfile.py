@@ -16,6 +16,8 @@ in the section ``SECTIONS`` gives it, else at the top level:
     [output]  flush_rows, flush_seconds, log_format, status_interval, ...
     [ray]     address, actors        # --ray-address, --ray-actors
     [batch]   max_bytes, max_requests, max_tokens, wait, poll_interval  # with lane = "batch"
+    [quality] refusal, boilerplate, min_words, max_words, min_chars, max_chars,
+              banned_phrases, language, json_schema, max_repeats, policy, reask
 
 Values: a switch (``--fetch-urls``) takes true/false, a repeatable option (``--stop``)
 a string or a list of strings, a JSON option (``--extra-body``) a table. Arguments
@@ -62,8 +64,14 @@ ALIASES: dict[str, tuple[str, str]] = {
     "poll_interval": ("batch", "poll_interval"),
     "ray_address": ("ray", "address"), "ray_actors": ("ray", "actors"),
     "named_prompt": ("prompts", "NAME"),  # a table of its own: [prompts] name = "text"
+    # [quality]: every --quality-X is X there; the phrase list is plural.
+    **{f"quality_{k}": ("quality", k) for k in (
+        "refusal", "boilerplate", "min_words", "max_words", "min_chars", "max_chars",
+        "language", "json_schema", "max_repeats", "policy", "reask")},
+    "quality_banned_phrase": ("quality", "banned_phrases"),
 }
-_PATH_VALUED = {"out", "manifest", "response_format", "tool_schema"}  # relative to the job file
+# Values relative to the job file.
+_PATH_VALUED = {"out", "manifest", "response_format", "tool_schema", "json_schema"}
 _NOT_A_PATH = {"-", "json_object"}                      # stdin; JSON mode
 
 
@@ -72,8 +80,9 @@ class JobKey:
     section: str              # "" = top level
     name: str
     flag: str | None          # None: the positional manifest
-    kind: str                 # switch, count, list, int, number, text, json
+    kind: str                 # switch, bool, count, list, int, number, text, json
     choices: tuple[str, ...] | None = None
+    off_flag: str | None = None  # a bool's --no-X
 
     @property
     def where(self) -> str:
@@ -91,6 +100,8 @@ def job_key(dest: str) -> tuple[str, str]:
 
 
 def _kind(action: argparse.Action) -> str:
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return "bool"  # --x / --no-x: true or false, either way explicit
     if isinstance(action, argparse._CountAction):
         return "count"
     if action.nargs == 0:
@@ -115,8 +126,11 @@ def job_keys() -> dict[tuple[str, str], JobKey]:
             continue
         section, name = job_key(action.dest)
         flag = max(action.option_strings, key=len) if action.option_strings else None
+        off = None
+        if isinstance(action, argparse.BooleanOptionalAction):
+            flag, off = action.option_strings[0], action.option_strings[-1]
         choices = tuple(map(str, action.choices)) if action.choices else None
-        keys[(section, name)] = JobKey(section, name, flag, _kind(action), choices)
+        keys[(section, name)] = JobKey(section, name, flag, _kind(action), choices, off)
     return keys
 
 
@@ -211,6 +225,10 @@ def _find(name: str) -> tuple[str, str]:
 def _values(path: Path, key: JobKey, value: Any) -> list[str]:
     """The arguments for one key's value, after checking its type."""
     kind = key.kind
+    if kind == "bool":
+        if not isinstance(value, bool):
+            return _wrong(path, key, "true/false", value)
+        return [(key.flag if value else key.off_flag) or ""]
     if kind in ("switch", "count"):
         if isinstance(value, bool) or (kind == "count" and isinstance(value, int)
                                        and value >= 0):

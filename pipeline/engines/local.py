@@ -13,23 +13,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import replace
 from typing import Any
 
 from ..errors import RunFatal
 from ..images.load import default_executor
 from ..pacing.cost import BudgetReached
 from ..pacing.limiter import Budgets
-from ..records import ManifestRow, PreparedImage
+from ..records import ManifestRow, PreparedImage, ResultRow
 from ..run.session import RunSession, Stop
 from ..run.stack import build_worker
-from ..run.worker import Interrupted
+from ..run.stopping import Interrupted
 
 __all__ = ["LocalEngine"]
 
 log = logging.getLogger("pipeline")
 
 _DONE = None  # queue sentinel
-Item = tuple[ManifestRow, "asyncio.Future[PreparedImage] | None"]
+# A unit of work: one row, or (chained prompts) one image's rows, run in turn.
+Item = tuple[tuple[ManifestRow, ...], "asyncio.Future[PreparedImage] | None"]
 
 
 class LocalEngine:
@@ -41,6 +43,8 @@ class LocalEngine:
         self.queue: asyncio.Queue[Item | None] = asyncio.Queue(2 * s.concurrency)
         images = session.opened.resume.images
         index = await session.dedupe_index()
+        gate = await session.quality_gate()
+        self.chain = await session.chain()
         async with contextlib.AsyncExitStack() as stack:
             self.worker = await build_worker(
                 stack, s, concurrency=s.concurrency,
@@ -48,7 +52,7 @@ class LocalEngine:
                 executor=default_executor(),
                 lookup_done=index.lookup if index is not None else None,
                 should_stop=lambda: session.halting,
-                image_refs=None if s.allow_mixed or not len(images) else images)
+                image_refs=None if s.allow_mixed or not len(images) else images, gate=gate)
             session.progress.waiting = self.worker.limiter.describe_wait  # long waits shown
             self.workers = [asyncio.create_task(self._work()) for _ in range(s.concurrency)]
             producer = asyncio.create_task(self._produce())
@@ -101,8 +105,11 @@ class LocalEngine:
             # ready when a worker takes the row (the queue bounds how many are ahead).
             first = group[0]
             prepared = None if first.error else self.worker.prepare(first)
+            if self.chain is not None:  # upstream rows first, in one worker's turn
+                await self.queue.put((tuple(group), prepared))
+                continue
             for row in group:
-                await self.queue.put((row, prepared))
+                await self.queue.put(((row,), prepared))
         session.progress.set_total(session.plan.pending)
         for _ in self.workers:
             await self.queue.put(_DONE)
@@ -115,21 +122,37 @@ class LocalEngine:
                 item[1].cancel()
 
     async def _work(self) -> None:
-        session, worker = self.session, self.worker
+        session = self.session
         while not session.halting:
             await session.room()
             item = await self.queue.get()
             if item is None:
                 return
-            row, prepared = item
-            try:
-                result = await worker.process(row, prepared)
-            except Interrupted:
-                return  # the row stays pending for the next run
-            except BudgetReached as e:  # what is in flight finishes; this row waits
-                session.halt(Stop.BUDGET, note=str(e))
-                return
-            except RunFatal as e:
-                session.halt(Stop.FATAL, e)
-                return
-            session.keep(result)
+            rows, prepared = item
+            earlier: dict[str, ResultRow] = {}  # this image's finished rows (chains)
+            for row in rows:
+                try:
+                    result = await self._one(row, prepared, earlier)
+                except Interrupted:
+                    return  # the row (and the rest of its unit) stays pending
+                except BudgetReached as e:  # what is in flight finishes; this row waits
+                    session.halt(Stop.BUDGET, note=str(e))
+                    return
+                except RunFatal as e:
+                    session.halt(Stop.FATAL, e)
+                    return
+                earlier[row.prompt_name] = result
+                session.keep(result)
+                if session.halting:
+                    return
+
+    async def _one(self, row: ManifestRow, prepared: asyncio.Future[PreparedImage] | None,
+                   earlier: dict[str, ResultRow]) -> ResultRow:
+        if self.chain is None:
+            return await self.worker.process(row, prepared)
+        filled, failed, upstream = await self.chain.fill(row, earlier)
+        if failed is not None:
+            return failed
+        assert filled is not None
+        result = await self.worker.process(filled, prepared)
+        return replace(result, upstream=upstream) if upstream else result

@@ -36,6 +36,7 @@ from ..images.pool import DaemonPool
 from ..keys import KeySet
 from ..pacing.cost import BudgetReached
 from ..pacing.limiter import Budgets
+from ..quality import Gate
 from ..records import ManifestRow, PreparedImage, ResultRow, output_schema
 from ..run.stack import build_worker
 from ..run.worker import Interrupted, Worker
@@ -183,7 +184,9 @@ class CaptionActor:
             budgets=Budgets(share.rpm, share.tpm, share.itpm, share.otpm),
             max_cost=share.max_cost,
             executor=DaemonPool(share.image_threads, name="image"),
-            lookup_done=None, should_stop=lambda: self.halt is not None)
+            lookup_done=None, should_stop=lambda: self.halt is not None,
+            # The checks and the re-ask run in each actor; repeats count per actor.
+            gate=Gate(s.quality) if s.quality.active else None)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         kinds, payloads, infos = (batch.column(n).to_pylist() for n in CHUNK_SCHEMA.names)

@@ -125,19 +125,23 @@ class ImageIndex:
             ref = int(self._refs[i])
             row = self._row(ref >> 32, ref & 0xFFFFFFFF)
             if row.get("dedup_key") == key:  # guard against a collision of the prefixes
+                flags = row.get("quality_flags")
                 return Original(row["id"], row.get("caption"), row.get("finish_reason"),
                                 row.get("finish_reason_raw"), row.get("model"),
-                                row.get("response_id"), row.get("terminal"))
+                                row.get("response_id"), row.get("terminal"),
+                                tuple(flags) if flags is not None else None)
             i += 1
         return None
 
     def _row(self, part: int, row: int) -> dict[str, Any]:
         with self._lock:  # lookups run in worker threads; one cached part at a time
             if self._cache is None or self._cache[0] != part:
-                self._cache = (part, pq.read_table(self.parts[part], columns=_ORIGINAL))
+                names = pq.read_schema(self.parts[part]).names  # older parts: fewer columns
+                self._cache = (part, pq.read_table(
+                    self.parts[part], columns=[c for c in _ORIGINAL if c in names]))
             found: dict[str, Any] = self._cache[1].slice(row, 1).to_pylist()[0]
             return found
 
 
 _ORIGINAL = ["id", "dedup_key", "caption", "finish_reason", "finish_reason_raw", "model",
-             "response_id", "terminal"]
+             "response_id", "terminal", "quality_flags"]

@@ -35,15 +35,18 @@ from typing import Any, Protocol
 
 from ..errors import RunFatal, output_error
 from ..images.dedupe import ImageIndex
+from ..quality import Gate, RepeatCounter
 from ..records import ResultRow, now_utc
 from ..settings import Settings
 from ..sources.base import Source
 from ..sources.choose import open_source
 from ..sources.plan import Plan
+from ..store.captions import CaptionIndex
 from ..store.dataset import close_dataset, open_dataset
 from ..store.journal import SYNC_SECONDS, Journal
 from ..store.sink import Batch, ParquetSink, write_run_report
 from ..wire.options import template_fields
+from .chain import Chain
 from .preflight import Reserve, check_output, fit_descriptors, warn_if_low_space
 from .progress import Counters, Progress
 
@@ -231,6 +234,28 @@ class RunSession:
         index = await asyncio.to_thread(ImageIndex, self.opened.resume.parts)
         return index if len(index) else None
 
+    async def chain(self) -> Chain | None:
+        """Chained prompts' upstream captions: this run's, and OUT's (None: no chain)."""
+        if not self.s.chained:
+            return None
+        chain = Chain(self.s.named_prompts, None)
+        parts = self.opened.resume.parts
+        if parts:
+            chain.index = await asyncio.to_thread(CaptionIndex, parts, chain.upstream_names)
+        return chain
+
+    async def quality_gate(self) -> Gate | None:
+        """The quality gate of this run (None when every check is off). The repeat
+        check starts from the captions OUT holds: repeats count across the dataset."""
+        q = self.s.quality
+        if not q.active:
+            return None
+        repeats = None
+        if q.max_repeats:
+            repeats = RepeatCounter()
+            await asyncio.to_thread(repeats.add_parts, self.opened.resume.parts)
+        return Gate(q, repeats)
+
     async def _run_engine(self) -> None:
         self._install_signals()
         status = asyncio.create_task(self.progress.status_lines())
@@ -386,6 +411,8 @@ def check_template(prompt: str, manifest: Source) -> None:
     """A ``--prompt`` template may only name columns the manifest has: say so up front."""
     known = set(manifest.columns) | {"id", "image"} | set(manifest.extra_columns)
     for name in template_fields(prompt):
+        if name.startswith("caption."):
+            continue  # a prompt's caption: checked by sources.chain.order
         if name not in known:
             raise RunFatal(f"--prompt refers to column {{{name}}}, which manifest "
                            f"{manifest.path} does not have (columns: "

@@ -19,6 +19,7 @@ from ..keys import ImageRefs
 from ..pacing.cost import CostBudget
 from ..pacing.limiter import Budgets, Limiter
 from ..pacing.retry import RetryPolicy
+from ..quality import Gate
 from ..records import Original
 from ..settings import Settings
 from ..sources.choose import source_base
@@ -31,7 +32,8 @@ async def build_worker(stack: contextlib.AsyncExitStack, s: Settings, *, concurr
                        budgets: Budgets, max_cost: float | None, executor: DaemonPool,
                        lookup_done: Callable[[str], Original | None] | None,
                        should_stop: Callable[[], bool],
-                       image_refs: ImageRefs | None = None) -> Worker:
+                       image_refs: ImageRefs | None = None,
+                       gate: Gate | None = None) -> Worker:
     """Protocol, transport, image preparation, limits, cost budget and dedupe."""
     adapter = get_adapter(s.api)
     policy = RetryPolicy(s.retries, s.backoff_base, s.backoff_max, s.max_retry_after,
@@ -53,4 +55,4 @@ async def build_worker(stack: contextlib.AsyncExitStack, s: Settings, *, concurr
                   should_stop=should_stop,
                   dedupe=Dedupe(lookup_done) if s.dedupe else None,
                   budget=CostBudget(price, max_cost) if price is not None else None,
-                  image_refs=image_refs)
+                  image_refs=image_refs, gate=gate)

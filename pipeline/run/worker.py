@@ -22,6 +22,7 @@ from ..keys import ImageRefs
 from ..pacing.cost import BudgetReached, CostBudget, Price
 from ..pacing.limiter import Limiter, Outcome, Permit
 from ..pacing.retry import RetryPolicy
+from ..quality import Gate
 from ..records import (
     ApiRequest,
     Completion,
@@ -41,6 +42,10 @@ from ..wire.adapters.openai_chat import with_service_tier
 from ..wire.channel import Channel, Head
 from ..wire.endpoint import EndpointWatch
 from ..wire.response import ResponseReader, structured_columns
+from .reask import Reasker
+from .stopping import Interrupted
+
+__all__ = ["Interrupted", "Worker"]
 
 log = logging.getLogger("pipeline")
 
@@ -49,10 +54,6 @@ REASONING_RETRY_FACTOR = 4
 # How a retryable failure feeds the limiter: "slow down" versus "server busy". Both are
 # the rate limit: they never use up --retries (bounded by --max-rate-wait instead).
 _OUTCOME = {"rate_limit": Outcome.THROTTLED, "overloaded": Outcome.OVERLOADED}
-
-
-class Interrupted(Exception):
-    """The run is stopping: leave the row unwritten (pending) instead of retrying it."""
 
 
 @dataclass
@@ -81,7 +82,7 @@ class Worker:
                  should_stop: Callable[[], bool] = lambda: False,
                  dedupe: Dedupe | None = None, budget: CostBudget | None = None,
                  image_refs: ImageRefs | None = None,
-                 endpoint: EndpointWatch | None = None) -> None:
+                 endpoint: EndpointWatch | None = None, gate: Gate | None = None) -> None:
         self.settings = settings
         self.adapter = adapter
         self.transport = transport
@@ -99,6 +100,8 @@ class Worker:
         self.endpoint = endpoint or EndpointWatch(settings.endpoint,
                                                   adapter.path.replace("{model}", settings.model),
                                                   settings.key_source)
+        self.reasker = None if gate is None else Reasker(
+            gate, adapter, settings.request_spec, budget, should_stop)
         self.in_request: set[asyncio.Task[Any] | None] = set()  # tasks with a request open
         self.reader = ResponseReader(adapter, settings.options.n, settings.line_cap,
                                      settings.response_cap, clock)
@@ -152,6 +155,9 @@ class Worker:
             try:
                 req = self.adapter.build_request(row, image, self.settings.request_spec)
                 result = await self._with_retries(row, req, self._thinking_room(row, image))
+                if result.ok and self.reasker is not None:  # the quality gate, one re-ask
+                    result = await self.reasker.judged(
+                        row, image, result, lambda again: self._with_retries(row, again))
             except (RunFatal, Interrupted, BudgetReached):
                 raise
             except Exception as e:  # a bug or an unforeseen input: one row, not the batch

@@ -16,6 +16,7 @@ import json
 
 from .behaviour import REFUSAL_TEXT, thought_pieces
 from .captions import caption_for, split_tokens
+from .scripted import scripted_text
 from .wire import Choice, Job
 
 __all__ = ["choices_for"]
@@ -25,6 +26,8 @@ def choices_for(job: Job, seed: int) -> tuple[Choice, ...]:
     out = []
     for index in range(job.n):
         text = REFUSAL_TEXT if job.refuse else caption_for(job.prompt, seed, index)
+        if not job.refuse:  # a scripted answer for the quality gate (simulator/scripted.py)
+            text = scripted_text(job.prompt, text) or text
         if (job.json_mode or job.tool) and not job.refuse:
             text = json.dumps({"caption": text})
         pieces, thoughts = split_tokens(text), thought_pieces(min(job.thoughts, job.max_tokens))

@@ -32,8 +32,9 @@ import math
 import random
 import secrets
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -140,6 +141,8 @@ class SimStats:
     in_flight_log: list[tuple[float, int]] = field(default_factory=list)  # (when, in flight)
     statuses: Counter[int] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
+    # The last request bodies, parsed (tests read what a client sent: a re-ask's turns).
+    bodies: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=256))
 
     @property
     def tokens_served(self) -> int:
@@ -216,6 +219,7 @@ async def _parse(request: web.Request, dialect: Dialect, request_id: str) -> Job
     try:
         if not isinstance(body, dict):
             raise BadRequest("We could not parse the JSON body of your request.")
+        request.app[STATS].bodies.append(body)
         return await dialect.parse(body, request.app[CONFIG], request_id)
     except BadRequest as exc:
         raise ApiError(400, exc.message, "invalid_request_error", "invalid_request_error",

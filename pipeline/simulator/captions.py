@@ -116,6 +116,7 @@ class Prompt:
     text: str
     images: tuple[ImageInfo, ...]
     messages: int
+    followup: bool = False  # an earlier answer of the model is in the request (a re-ask)
 
     @property
     def tokens(self) -> int:
@@ -254,7 +255,7 @@ def parse_openai_messages(messages: Any) -> Prompt:
             raise BadRequest(f"messages[{position}].content must be a string or an array")
         for part in content:
             _openai_part(part, texts, images, position)
-    return Prompt(" ".join(texts), tuple(images), len(messages))
+    return Prompt(" ".join(texts), tuple(images), len(messages), _answered(messages))
 
 
 def _openai_part(part: Any, texts: list[str], images: list[ImageInfo], position: int) -> None:
@@ -289,7 +290,8 @@ def parse_anthropic_messages(system: Any, messages: Any) -> Prompt:
         for index, block in enumerate(blocks):
             where = f"messages.{position}.content.{index}"
             _anthropic_block(block, texts, images, where)
-    return Prompt(" ".join(texts), tuple(images), len(messages) + (1 if system else 0))
+    return Prompt(" ".join(texts), tuple(images), len(messages) + (1 if system else 0),
+                  _answered(messages))
 
 
 def _anthropic_system(system: Any) -> str:
@@ -331,6 +333,10 @@ def _anthropic_image(source: Any, where: str) -> ImageInfo:
         message = f"Image does not match the provided media type {media_type}"
         raise InvalidImage(f"{where}.image.source.base64: {message}")
     return info
+
+
+def _answered(messages: list[Any], role: str = "assistant") -> bool:
+    return any(isinstance(m, dict) and m.get("role") == role for m in messages)
 
 
 def _message_list(messages: Any) -> list[dict[str, Any]]:

@@ -61,7 +61,9 @@ def parse_contents(system: Any, contents: Any) -> Prompt:
             raise BadRequest(f"contents[{position}].parts must be an array")
         for part in parts:
             _part(part if isinstance(part, dict) else {}, texts, images, position)
-    return Prompt(" ".join(texts), tuple(images), len(contents) + (1 if system else 0))
+    answered = any(isinstance(c, dict) and c.get("role") == "model" for c in contents)
+    return Prompt(" ".join(texts), tuple(images), len(contents) + (1 if system else 0),
+                  answered)
 
 
 def _part(part: dict[str, Any], texts: list[str], images: list[ImageInfo], pos: int) -> None:

@@ -6,6 +6,8 @@ the help and the README list the same triggers as the server has.
 
 from __future__ import annotations
 
+from .scripted import SCRIPT_HELP
+
 __all__ = ["FAULT_HELP", "TRIGGERS", "triggers_help"]
 
 # What each --fail-modes value does to a request it hits.
@@ -48,6 +50,7 @@ def triggers_help(fault_modes: tuple[str, ...], invalid_key: str) -> str:
     """The --help epilog: every way to make the simulator fail on purpose."""
     lines = ["triggers (no --fail-rate needed):"]
     lines += [f"  {what.format(invalid_key=invalid_key)}: {result}" for what, result in TRIGGERS]
+    lines += [f"  {what}: {result}" for what, result in SCRIPT_HELP]
     lines.append("--fail-modes (each hit request, with probability --fail-rate):")
     lines += [f"  {mode}: {FAULT_HELP[mode]}" for mode in fault_modes]
     return "\n".join(lines)

@@ -65,7 +65,7 @@ def parse_input(instructions: Any, items: Any) -> Prompt:
             raise BadRequest(f"input[{position}].content must be a string or an array")
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "input_text" and isinstance(part.get("text"), str):
+            if kind in ("input_text", "output_text") and isinstance(part.get("text"), str):
                 texts.append(part["text"])
             elif kind == "input_image" and isinstance(part.get("image_url"), str):
                 url = part["image_url"]
@@ -74,7 +74,8 @@ def parse_input(instructions: Any, items: Any) -> Prompt:
             else:
                 raise BadRequest(f"input[{position}].content: unsupported part {kind!r}")
     system = 1 if isinstance(instructions, str) and instructions else 0
-    return Prompt(" ".join(texts), tuple(images), len(items) + system)
+    answered = any(isinstance(i, dict) and i.get("role") == "assistant" for i in items)
+    return Prompt(" ".join(texts), tuple(images), len(items) + system, answered)
 
 
 class ResponsesDialect:

@@ -29,6 +29,7 @@ from ..records import DEFAULT_PROMPT_NAME, ManifestRow
 from ..wire.options import render_prompt
 from . import location
 from .base import Source
+from .chain import Later
 
 __all__ = ["NamedPrompt", "Plan", "PlanCounts", "row_values", "variants"]
 
@@ -59,6 +60,7 @@ def row_values(row: ManifestRow) -> dict[str, Any]:
     """What a prompt template may refer to: the row's columns, id and image."""
     values: dict[str, Any] = {k.removeprefix("manifest_"): v for k, v in row.extra.items()}
     values.update(row.extra, id=row.id, image=row.image, prompt=row.prompt or "")
+    values["caption"] = Later(values.get("caption"))  # {caption.NAME}: sources/chain.py
     return values
 
 

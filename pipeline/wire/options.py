@@ -156,6 +156,8 @@ def template_fields(template: str) -> list[str]:
         raise _bad(f"--prompt: not a valid template ({e}); write {{{{ and }}}} for braces"
                    ) from None
     for f in fields:
+        if f.startswith("caption.") and f.count(".") == 1:
+            continue  # another prompt's caption of the image (sources/chain.py)
         if not f.isidentifier():
             raise _bad(f"--prompt: {{{f}}} is not a column name; templates take plain "
                        "{column} references (write {{ and }} for literal braces)")

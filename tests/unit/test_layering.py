@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "pipeline"
-STAGES = {"sources", "images", "wire", "pacing", "store", "export", "batch"}
+STAGES = {"sources", "images", "wire", "pacing", "store", "export", "batch", "quality"}
 TOP = {"records", "errors", "settings", "validate", "redact", "logs", "keys", "__init__"}
 ORCHESTRATION = {"run", "engines", "commands", "cli", "__main__"}
 AIOHTTP_CLIENT = {"wire/transport.py", "images/download.py"}

@@ -7,7 +7,7 @@ variables) and one line here; nothing else names it.
 from __future__ import annotations
 
 from .anthropic_messages import AnthropicMessages
-from .base import Adapter, RequestSpec
+from .base import Adapter, FollowUp, RequestSpec
 from .gemini import Gemini
 from .openai_chat import OpenAIChat
 from .openai_responses import OpenAIResponses
@@ -28,4 +28,4 @@ def key_variables() -> tuple[str, ...]:
     return tuple(dict.fromkeys(v for a in ADAPTERS.values() for v in a.key_env))
 
 
-__all__ = ["ADAPTERS", "Adapter", "RequestSpec", "get_adapter", "key_variables"]
+__all__ = ["ADAPTERS", "Adapter", "FollowUp", "RequestSpec", "get_adapter", "key_variables"]

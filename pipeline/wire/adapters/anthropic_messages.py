@@ -245,6 +245,12 @@ class AnthropicMessages:
         if spec.system:
             body["system"] = spec.system  # top-level: the API has no system role
         body["messages"] = [{"role": "user", "content": content}]
+        if spec.follow_up:  # docs/protocol.md §19.5: turns alternate user/assistant
+            body["messages"] += [
+                {"role": "assistant", "content": [{"type": "text",
+                                                   "text": spec.follow_up.answer}]},
+                {"role": "user", "content": [{"type": "text",
+                                              "text": spec.follow_up.instruction}]}]
         body.update(self.option_fields(spec.options))
         effort = spec.options.reasoning_effort
         if effort == "none":

@@ -41,6 +41,16 @@ REASONING_SHARE = 0.5
 
 
 @dataclass(frozen=True)
+class FollowUp:
+    """A second turn on the same image: the model's previous answer and what to change
+    (the quality gate's one re-ask, docs/protocol.md §19.5). Each protocol appends it
+    as an assistant turn and a user turn after the first user message."""
+
+    answer: str
+    instruction: str
+
+
+@dataclass(frozen=True)
 class RequestSpec:
     """What an adapter needs of a run to build its requests (never the whole settings,
     never the key: credentials are added by the transport at send time)."""
@@ -50,6 +60,7 @@ class RequestSpec:
     system: str | None = None
     options: RequestOptions = field(default_factory=RequestOptions)
     stream: bool = True  # False: ask for one JSON completion (--no-stream)
+    follow_up: FollowUp | None = None  # a re-ask: the answer and the instruction
 
 
 def prompt_of(row: ManifestRow) -> str:
@@ -67,8 +78,9 @@ def encode_request(path: str, body: dict[str, Any], row: ManifestRow, image: Pre
     ``max_tokens`` reserved), and the encoded body."""
     body.update(spec.options.extra_body or {})  # vendor fields, as given
     size = (image.width, image.height) if image.width and image.height else None
+    turns = (spec.follow_up.answer, spec.follow_up.instruction) if spec.follow_up else ()
     est_in = (image_tokens(spec.model, size, spec.options.detail)
-              + text_tokens(row.prompt, spec.system))
+              + text_tokens(row.prompt, spec.system, *turns))
     accept = "text/event-stream" if spec.stream else "application/json"
     return ApiRequest(path, json.dumps(body, ensure_ascii=False).encode(),
                       {"Accept": accept}, est_in, spec.max_tokens)

@@ -170,6 +170,10 @@ class Gemini:
         method = "streamGenerateContent?alt=sse" if spec.stream else "generateContent"
         body: dict[str, Any] = {"contents": [{"role": "user", "parts": [
             image_part(image), {"text": prompt_of(row)}]}]}
+        if spec.follow_up:  # docs/protocol.md §19.5: the model's turn is role "model"
+            body["contents"] += [{"role": "model", "parts": [{"text": spec.follow_up.answer}]},
+                                 {"role": "user",
+                                  "parts": [{"text": spec.follow_up.instruction}]}]
         if spec.system:
             body["systemInstruction"] = {"parts": [{"text": spec.system}]}
         config = {"maxOutputTokens": spec.max_tokens, **self.config_fields(spec.options)}

@@ -297,6 +297,9 @@ class OpenAIChat:
             {"type": "text", "text": prompt_of(row)},
             {"type": "image_url", "image_url": image_url},
         ]})
+        if spec.follow_up:  # docs/protocol.md §19.5
+            messages += [{"role": "assistant", "content": spec.follow_up.answer},
+                         {"role": "user", "content": spec.follow_up.instruction}]
         body: dict[str, Any] = {"model": spec.model, "messages": messages,
                                 "stream": spec.stream, "max_tokens": spec.max_tokens}
         if spec.stream:

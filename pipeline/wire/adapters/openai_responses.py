@@ -184,8 +184,13 @@ class OpenAIResponses:
         if spec.options.detail:
             part["detail"] = spec.options.detail
         content = [{"type": "input_text", "text": prompt_of(row)}, part]
-        body: dict[str, Any] = {"model": spec.model,
-                                "input": [{"role": "user", "content": content}],
+        turns: list[dict[str, Any]] = [{"role": "user", "content": content}]
+        if spec.follow_up:  # docs/protocol.md §19.5: earlier output is output_text
+            turns += [{"role": "assistant", "content": [
+                          {"type": "output_text", "text": spec.follow_up.answer}]},
+                      {"role": "user", "content": [
+                          {"type": "input_text", "text": spec.follow_up.instruction}]}]
+        body: dict[str, Any] = {"model": spec.model, "input": turns,
                                 "max_output_tokens": spec.max_tokens, "stream": spec.stream,
                                 "store": False}  # a caption need not be kept server-side
         if spec.system:

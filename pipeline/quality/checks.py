@@ -1,0 +1,195 @@
+"""The checks of one caption: pure functions of its text, each a ``Flag`` or None.
+
+A flag has a name (the ``quality_flags`` column), a note for people (``quality_notes``,
+the error message under ``policy = "error"``) and the instruction a re-ask sends: what
+was wrong, measured, and what to do instead ("Your answer was 212 words; answer in at
+most 60."), so the model gets one targeted chance (docs/protocol.md §19).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .config import QualitySettings
+from .language import CONFIDENT, detect, language_name
+from .refusal import find_refusal, word_count
+
+__all__ = ["Flag", "TextChecks", "normalized"]
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    note: str
+    instruction: str
+
+
+# Text that is no caption at all: a placeholder, or an introduction with nothing after.
+_PLACEHOLDER = re.compile(
+    r"^\W*(?:n/?a|none|null|nil|empty|untitled|no caption|no description|caption|"
+    r"description|image|an? image|an? picture|an? photo(?:graph)?|picture|photo|"
+    r"lorem ipsum\b.*|todo|tbd|\[[^\]]*\]|<[^>]*>|\{[^}]*\})\W*$", re.I | re.S)
+_PREAMBLE = re.compile(
+    r"^\W*(?:sure|certainly|of course|absolutely|okay|ok|here(?:'s| is| are)|below is|"
+    r"the following is)\b[^.:\n]{0,80}?(?:caption|description|answer)?[^.:\n]{0,40}[:.!]",
+    re.I)
+_CLOSING = re.compile(r"(?:let me know if|i hope this helps|feel free to ask|is there "
+                      r"anything else)[^.!?]*[.!?]?\s*$", re.I)
+
+
+def normalized(text: str) -> str:
+    """The text as repeats are counted: case, spacing and outer punctuation ignored."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return " ".join(text.split()).strip(" .!?,;:\"'“”")
+
+
+class TextChecks:
+    """The checks ``QualitySettings`` turns on, in the order flags are reported."""
+
+    def __init__(self, q: QualitySettings) -> None:
+        self.q = q
+        self._banned = [(p, re.compile(r"(?<!\w)" + re.escape(normalized(p)) + r"(?!\w)"))
+                        for p in q.banned_phrases]
+        self.checks: list[Callable[[str, int, str], Flag | None]] = []
+        if q.refusal:
+            self.checks.append(self._refusal)
+        if q.boilerplate:
+            self.checks.append(self._boilerplate)
+        if q.min_words or q.max_words:
+            self.checks.append(self._words)
+        if q.min_chars or q.max_chars:
+            self.checks.append(self._chars)
+        if self._banned:
+            self.checks.append(self._banned_phrase)
+        if q.language:
+            self.checks.append(self._language)
+
+    def run(self, text: str, caption_json: str | None) -> list[Flag]:
+        """Every failed check. A JSON caption is judged by the text of its strings
+        ({"caption": "I'm sorry, ..."} is a refusal too)."""
+        prose = _strings(caption_json) if caption_json is not None else text
+        flags = self._text_flags(prose)
+        if self.q.json_schema is not None:
+            flag = self._schema(text, caption_json)
+            if flag:
+                flags.append(flag)
+        return flags
+
+    def _text_flags(self, text: str) -> list[Flag]:
+        words, norm = word_count(text), normalized(text)
+        return [f for check in self.checks if (f := check(text, words, norm))]
+
+    def _refusal(self, text: str, words: int, norm: str) -> Flag | None:
+        found = find_refusal(text)
+        if found is None:
+            return None
+        return Flag("refusal", f"reads as a refusal: {found.clause[:120]!r}",
+                    "Your previous answer declined the task. This image is part of a "
+                    "dataset being captioned: describe what is visible in it (without "
+                    "naming or identifying any person), as asked.")
+
+    def _boilerplate(self, text: str, words: int, norm: str) -> Flag | None:
+        stripped = _PREAMBLE.sub("", text, count=1).strip()
+        if not norm or _PLACEHOLDER.match(text.strip()) or not stripped.strip(" .:*-#\"'"):
+            return Flag("boilerplate", f"no caption, only {text.strip()[:60]!r}",
+                        "Your previous answer was not a caption. Answer with the caption "
+                        "of the image itself.")
+        if stripped != text.strip() or _CLOSING.search(text):
+            return Flag("boilerplate", "the caption is wrapped in chat (an introduction "
+                                       "or a closing line)",
+                        "Answer with the caption text only: no introduction such as "
+                        "'Here is a caption', no closing remarks.")
+        return None
+
+    def _words(self, text: str, words: int, norm: str) -> Flag | None:
+        return _bound("words", words, self.q.min_words, self.q.max_words)
+
+    def _chars(self, text: str, words: int, norm: str) -> Flag | None:
+        return _bound("characters", len(text.strip()), self.q.min_chars, self.q.max_chars)
+
+    def _banned_phrase(self, text: str, words: int, norm: str) -> Flag | None:
+        hits = [p for p, pattern in self._banned if pattern.search(norm)]
+        if not hits:
+            return None
+        said = ", ".join(repr(h) for h in hits[:5])
+        return Flag("banned_phrase", f"uses {said}",
+                    f"Your previous answer used {said}. Answer again without "
+                    f"{'it' if len(hits) == 1 else 'them'}.")
+
+    def _language(self, text: str, words: int, norm: str) -> Flag | None:
+        want = self.q.language or ""
+        found = detect(text, words)
+        if found is None or found[0] == want or found[1] < CONFIDENT:
+            return None
+        got = language_name(found[0])
+        return Flag("language", f"in {got} ({found[0]}, p={found[1]:.2f}), not "
+                                f"{language_name(want)} ({want})",
+                    f"Your previous answer was in {got}; answer in {language_name(want)}.")
+
+    def _schema(self, text: str, caption_json: str | None) -> Flag | None:
+        assert self.q.json_schema is not None
+        try:
+            doc = json.loads(caption_json if caption_json is not None else text)
+        except (ValueError, RecursionError):
+            return Flag("json_schema", "not JSON", "Your previous answer was not JSON. "
+                        "Answer with one JSON value that matches the required schema.")
+        problem = _mismatch(json.dumps(self.q.json_schema, sort_keys=True), doc)
+        if problem is None:
+            return None
+        return Flag("json_schema", f"does not match the schema ({problem})",
+                    f"Your previous answer did not match the required JSON schema "
+                    f"({problem}). Answer with JSON that matches it.")
+
+
+def _strings(caption_json: str) -> str:
+    """The strings of a JSON caption, in document order, as one text."""
+    try:
+        doc = json.loads(caption_json)
+    except (ValueError, RecursionError):
+        return caption_json
+    out: list[str] = []
+    stack = [doc]
+    while stack and len(out) < 10_000:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, dict):
+            stack.extend(reversed(list(item.values())))
+        elif isinstance(item, list):
+            stack.extend(reversed(item))
+    return " ".join(out)
+
+
+def _bound(unit: str, n: int, low: int | None, high: int | None) -> Flag | None:
+    if high is not None and n > high:
+        return Flag("too_long", f"{n} {unit}, more than {high}",
+                    f"Your answer was {n} {unit}; answer in at most {high}.")
+    if low is not None and n < low:
+        return Flag("too_short", f"{n} {unit}, fewer than {low}",
+                    f"Your answer was {n} {unit}; answer in at least {low}, describing "
+                    "more of the image.")
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _validator(schema_text: str) -> Any:
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(json.loads(schema_text))
+
+
+def _mismatch(schema_text: str, doc: Any) -> str | None:
+    try:
+        error = next(iter(_validator(schema_text).iter_errors(doc)), None)
+    except RecursionError:
+        return "nested too deeply to check"
+    if error is None:
+        return None
+    where = "/".join(map(str, error.absolute_path)) or "top level"
+    return f"{where}: {error.message[:160]}"
