@@ -11,7 +11,7 @@ OUT ?=
 JOB ?=
 ARGS ?=
 
-.PHONY: help setup demo demo-batch caption lint test test-ray bench bench-ratelimit bench-images bench-crash clean bench-ray \
+.PHONY: help setup demo demo-batch demo-quality caption lint test test-ray bench bench-ratelimit bench-images bench-crash clean bench-ray \
 	bench-export bench-sources docs-screenshot
 
 help: ## list targets
@@ -34,6 +34,9 @@ demo: $(STAMP) ## caption data/sample/images.csv against the bundled local simul
 
 demo-batch: $(STAMP) ## the same photos online and through the batch lane; compare captions and cost
 	$(BIN)/python -m pipeline demo --batch
+
+demo-quality: $(STAMP) ## the quality gate and chained prompts on the sample photos: what was caught, re-asked, what it cost
+	$(BIN)/python -m pipeline demo --quality
 
 caption: $(STAMP) ## caption MANIFEST=images.csv [OUT=dir] [ARGS="..."], or JOB=jobs/NAME.toml
 	@test -n "$(MANIFEST)$(JOB)" || { echo "usage: make caption MANIFEST=images.csv [OUT=dir] [ARGS=...] | JOB=jobs/NAME.toml [ARGS=...]" >&2; exit 2; }

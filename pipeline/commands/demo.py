@@ -20,6 +20,10 @@ def main(argv: list[str]) -> int:
         from .demo_batch import main as batch_demo
 
         return batch_demo(argv[1:])
+    if argv[:1] == ["--quality"]:  # `make demo-quality`: the quality gate, chained prompts
+        from .demo_quality import main as quality_demo
+
+        return quality_demo(argv[1:])
     from .caption import caption
 
     proc, base_url = start_simulator("--latency", "0.2", "--tokens-per-second", "80")

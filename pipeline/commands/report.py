@@ -33,11 +33,11 @@ import pyarrow.parquet as pq
 from ..records import BASE_NAMES
 from ..sources.manifest_format import base_dir
 from ..store.checkpoint import KeySet, key_hash
-from .report_page import CSS, FOOT, card, controls
+from .report_page import CSS, FOOT, card, controls, flags_of
 
 WANTED = ["id", "prompt_name", "image", "status", "caption", "captions", "error",
           "error_class", "prompt_tokens", "completion_tokens", "cost_usd", "latency_s",
-          "dedup_of", "line"]
+          "dedup_of", "line", "quality_flags", "quality_notes", "reasks", "reask_flags"]
 TOTALS = ["id", "status", "error_class", "prompt_tokens", "completion_tokens", "cost_usd"]
 _MAX_FILTER_VALUES = 30    # a column with more distinct values is searched, not filtered
 _MAX_PROMPTS_PER_CARD = 50
@@ -231,6 +231,19 @@ def _choices(groups: dict[str, list[dict[str, Any]]], extras: list[str]
     return out
 
 
+def _qualities(groups: dict[str, list[dict[str, Any]]]
+               ) -> tuple[list[tuple[str, int]], int, int]:
+    """Cards per quality flag, cards with any flag, cards with a re-ask."""
+    per: Counter[str] = Counter()
+    flagged = reasked = 0
+    for rows in groups.values():
+        flags, asked = flags_of(rows)
+        per.update(flags)
+        flagged += bool(flags)
+        reasked += asked
+    return sorted(per.items()), flagged, reasked
+
+
 def _dataset(out: Path) -> tuple[ds.Dataset, list[str]] | str:
     parts = sorted(p for p in out.glob("part-*.parquet") if p.is_file()) if out.is_dir() else []
     if not parts:
@@ -272,7 +285,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(_head(ns.out, totals, newest_run(ns.out), len(groups), base))
-            f.write(controls(_choices(groups, extras), len(groups)))
+            f.write(controls(_choices(groups, extras), len(groups), _qualities(groups)))
             for rows in groups.values():
                 if rows:
                     f.write(card(rows[:_MAX_PROMPTS_PER_CARD], extras, base[0], ns.thumb_size,

@@ -44,7 +44,9 @@ margin:0 6px 3px 0;font-size:12px}.meta b{font-weight:600;color:#355}
 border-top:1px solid #f0f0f0}.pn{color:#555;font-size:12px;word-break:break-all}
 .cap{white-space:pre-wrap;margin:0}.n{color:#777;font-size:12px;white-space:nowrap}
 .prompt.error .cap{color:#900}.ec{font-weight:600;margin-right:6px}
-.dup{color:#777;font-size:12px}a.url{word-break:break-all;font-size:12px;max-width:160px}
+.dup{color:#777;font-size:12px}.qf span{display:inline-block;border-radius:3px;padding:0 6px;
+margin:2px 6px 0 0;font-size:12px;background:#fde8c8;color:#7a4a00}.qf span.ra{background:#e4ecfa;
+color:#234}a.url{word-break:break-all;font-size:12px;max-width:160px}
 #lightbox{position:fixed;inset:0;background:rgba(0,0,0,.85);display:flex;flex-direction:column;
 align-items:center;justify-content:center;cursor:zoom-out;z-index:10}#lightbox[hidden]{display:none}
 #lbcap{color:#eee;margin-top:8px;font-size:13px}"""
@@ -53,7 +55,7 @@ JS = r"""(function(){
 var box=document.getElementById('cards'),cards=[].slice.call(box.querySelectorAll('.card'));
 var eo=document.getElementById('erronly'),q=document.getElementById('q'),
     shown=document.getElementById('shown'),sortby=document.getElementById('sortby'),
-    sels=[].slice.call(document.querySelectorAll('select.col'));
+    sels=[].slice.call(document.querySelectorAll('select.col')),qf=document.getElementById('qf');
 var lb=document.getElementById('lightbox'),big=document.getElementById('big'),
     lbcap=document.getElementById('lbcap');
 function meta(c){if(!c._m){try{c._m=JSON.parse(c.getAttribute('data-m')||'{}');}
@@ -64,6 +66,9 @@ function apply(){var s=q.value.toLowerCase(),e=eo.checked,n=0;
   (!s||c.textContent.toLowerCase().indexOf(s)>=0);
   sels.forEach(function(sel){if(v&&sel.selectedIndex>0){var x=meta(c)[sel.getAttribute('data-col')];
    v=(x===null||x===undefined?'':String(x))===sel.value;}});
+  if(v&&qf&&qf.value){var fl=(c.getAttribute('data-flags')||'').split(' ').filter(Boolean);
+   v=qf.value==='*'?fl.length>0:qf.value==='+reask'?c.getAttribute('data-reasked')==='1':
+    fl.indexOf(qf.value)>=0;}
   c.hidden=!v;if(v)n++;});
  shown.textContent=n;}
 var order={line:function(a,b){return num(a,'data-line')-num(b,'data-line');},
@@ -90,6 +95,7 @@ lb.addEventListener('click',close);
 document.addEventListener('keydown',function(ev){if(ev.key==='Escape')close();});
 eo.addEventListener('change',apply);q.addEventListener('input',apply);
 sels.forEach(function(s){s.addEventListener('change',apply);});
+if(qf)qf.addEventListener('change',apply);
 sortby.addEventListener('change',sort);
 function ids(){return cards.filter(function(c){return !c.hidden;})
  .map(function(c){return c.getAttribute('data-id');});}
@@ -107,6 +113,8 @@ if(location.hash.indexOf('#selftest')===0){
  if(sel){o.choices=[].map.call(sel.options,function(x){return x.value;}).slice(1);
   sel.value=p.val;sel.dispatchEvent(new Event('change'));o.filtered=ids();
   sel.selectedIndex=0;apply();}
+ if(p.qual&&qf){o.qualities=[].map.call(qf.options,function(x){return x.value;}).slice(1);
+  qf.value=p.qual;apply();o.quality=ids();qf.value='';apply();}
  sortby.value='tokens';sort();o.by_tokens=ids();sortby.value='line';sort();
  function enlarge(sel2){var t=document.querySelector(sel2);if(!t)return Promise.resolve(null);
   open(t);return new Promise(function(ok){var done=function(){fit();var r={open:!lb.hidden,
@@ -193,16 +201,36 @@ def _prompt(r: dict[str, Any]) -> str:
         text = "\n\u2014\n".join(caps) if len(caps) > 1 else (r.get("caption") or "")
         dup = (f'<div class="dup">copied from {escape(str(r["dedup_of"]))} (identical '
                "image)</div>") if r.get("dedup_of") else ""
-        body = f'<p class="cap">{escape(text)}</p>{dup}'
+        body = f'<p class="cap">{escape(text)}</p>{dup}{_quality(r)}'
     else:
         body = (f'<p class="cap"><span class="ec">{escape(str(r.get("error_class") or "error"))}'
                 f'</span>{escape(str(r.get("error") or ""))}</p>')
+        if r.get("error_class") == "quality" and r.get("caption"):  # kept to inspect
+            body += f'<p class="cap">{escape(str(r["caption"]))}</p>{_quality(r)}'
+
     tokens = (r.get("prompt_tokens") or 0) + (r.get("completion_tokens") or 0)
     bits = [f"{tokens} tok" if tokens else "", _money(r.get("cost_usd")),
             f"{r['latency_s']:.2f}s" if isinstance(r.get("latency_s"), float) else ""]
     status = "ok" if r.get("status") == "ok" else "error"
     return (f'<div class="prompt {status}" data-prompt="{name}"><span class="pn">{name}</span>'
             f'{body}<span class="n">{escape(" · ".join(b for b in bits if b))}</span></div>')
+
+
+def _quality(r: dict[str, Any]) -> str:
+    """The quality gate's marks: each flag of the kept caption, and the re-ask."""
+    note = escape(str(r.get("quality_notes") or ""))
+    chips = [f'<span title="{note}">{escape(str(f))}</span>'
+             for f in r.get("quality_flags") or []]
+    if r.get("reasks"):
+        why = ", ".join(str(f) for f in r.get("reask_flags") or [])
+        chips.append(f'<span class="ra">re-asked ({escape(why)})</span>')
+    return f'<div class="qf">{"".join(chips)}</div>' if chips else ""
+
+
+def flags_of(rows: Sequence[dict[str, Any]]) -> tuple[list[str], bool]:
+    """The flags on a card's rows (sorted, once each), and whether any was re-asked."""
+    flags = sorted({str(f) for r in rows for f in r.get("quality_flags") or []})
+    return flags, any(r.get("reasks") for r in rows)
 
 
 def card(rows: Sequence[dict[str, Any]], extras: Sequence[str], base: Path, size: int,
@@ -217,8 +245,10 @@ def card(rows: Sequence[dict[str, Any]], extras: Sequence[str], base: Path, size
     cost = sum(r.get("cost_usd") or 0.0 for r in rows)
     line = first.get("line") if isinstance(first.get("line"), int) else 0
     extra = f'<div class="n">{more} more prompt rows not shown</div>' if more else ""
+    flags, reasked = flags_of(rows)
     return (f'<article class="card" data-id="{escape(str(first.get("id")))}" data-line="{line}"'
             f' data-status="{"error" if error else "ok"}" data-tokens="{tokens}" '
+            f'data-flags="{escape(" ".join(flags))}" data-reasked="{int(reasked)}" '
             f'data-cost="{cost:.6f}" data-m="{escape(json.dumps(meta, default=str))}">'
             f'<figure>{picture(first.get("image"), base, size, large)}</figure>'
             f'<div class="body"><div class="head"><span class="id">'
@@ -228,8 +258,18 @@ def card(rows: Sequence[dict[str, Any]], extras: Sequence[str], base: Path, size
             "</div></article>\n")
 
 
-def controls(choices: dict[str, list[tuple[str, int]]], shown: int) -> str:
-    """Error filter, search, a filter per manifest column with few values, sorting."""
+def controls(choices: dict[str, list[tuple[str, int]]], shown: int,
+             quality: tuple[list[tuple[str, int]], int, int] = ([], 0, 0)) -> str:
+    """Error filter, search, a filter per manifest column with few values, the quality
+    gate's flags (``quality``: cards per flag, cards flagged, cards re-asked), sorting."""
+    flags, flagged, reasked = quality
+    qsel = ""
+    if flagged or reasked:
+        qsel = ('<label>quality <select id="qf"><option value="">all</option>'
+                f'<option value="*">any flag ({flagged})</option>'
+                + "".join(f'<option value="{escape(f)}">{escape(f)} ({n})</option>'
+                          for f, n in flags)
+                + f'<option value="+reask">re-asked ({reasked})</option></select></label>')
     sels = "".join(
         f'<label>{escape(col)} <select class="col" data-col="{escape(col)}"><option>all'
         "</option>" + "".join(f'<option value="{escape(v)}">{escape(v or "(empty)")} ({n})'
@@ -237,7 +277,7 @@ def controls(choices: dict[str, list[tuple[str, int]]], shown: int) -> str:
         for col, values in choices.items())
     return ('<div class="controls"><label><input type="checkbox" id="erronly"> show only '
             'errors</label><input type="search" id="q" placeholder="search id, caption, '
-            f'error, column\u2026">{sels}<label>sort <select id="sortby">'
+            f'error, column\u2026">{sels}{qsel}<label>sort <select id="sortby">'
             '<option value="line">manifest order</option><option value="id">id</option>'
             '<option value="tokens">most tokens</option><option value="cost">most cost'
             '</option><option value="errors">errors first</option></select></label>'

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from collections import Counter
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -41,11 +42,14 @@ def main(argv: list[str]) -> int:
     if not ns.out.is_dir():
         print(f"error: {ns.out} is not a directory", file=sys.stderr)
         return 2
-    names, counts, classes, unreadable = _scan(ns.out)
+    quality = Quality()
+    names, counts, classes, unreadable = _scan(ns.out, quality)
     transient = sum(n for c, n in classes.items() if c in TRANSIENT)
     print(f"{ns.out}: {counts['ok']} ok, {counts['error']} failed"
           + (f" ({', '.join(f'{k}={v}' for k, v in classes.most_common())})" if classes else "")
           + (f"; {transient} transient, captioned again by the next run" if transient else ""))
+    if quality.line():
+        print(quality.line())
     for part, reason in unreadable:
         print(f"unreadable part {part}: {reason} (the next run moves it to {QUARANTINE}/)")
     quarantined = sorted((ns.out / QUARANTINE).glob("*")) if (ns.out / QUARANTINE).is_dir() \
@@ -84,7 +88,45 @@ def batch_lines(out: Path) -> list[str]:
     return lines
 
 
-def _scan(out: Path) -> tuple[set[str], Counter[str], Counter[str], list[tuple[Path, str]]]:
+@dataclass
+class Quality:
+    """The quality gate's marks in OUT: flags of kept captions, re-asks, their cost."""
+
+    flags: Counter[str] = field(default_factory=Counter)
+    flagged_rows: int = 0
+    reasked: int = 0
+    fixed: int = 0       # re-asked rows whose kept caption passes every check
+    reask_cost: float = 0.0
+
+    def add(self, t: pa.Table) -> None:
+        if "quality_flags" in t.column_names:
+            flags = t["quality_flags"]
+            self.flagged_rows += int(pc.sum(pc.greater(pc.list_value_length(flags), 0)
+                                            .fill_null(False)).as_py() or 0)
+            for name, n in zip(*_value_counts(pa.table({"f": pc.list_flatten(flags)}), "f")):
+                if name:
+                    self.flags[name] += n
+        if "reasks" in t.column_names:
+            asked = pc.greater(t["reasks"].fill_null(0), 0)
+            self.reasked += int(pc.sum(asked).as_py() or 0)
+            if "quality_flags" in t.column_names:
+                clean = pc.equal(pc.list_value_length(t["quality_flags"]).fill_null(1), 0)
+                ok = pc.equal(t["status"], "ok").fill_null(False)
+                self.fixed += int(pc.sum(pc.and_(pc.and_(asked, clean), ok)).as_py() or 0)
+        if "reask_cost_usd" in t.column_names:
+            self.reask_cost += float(pc.sum(t["reask_cost_usd"]).as_py() or 0.0)
+
+    def line(self) -> str:
+        if not (self.flagged_rows or self.reasked):
+            return ""
+        flags = ", ".join(f"{k}={v}" for k, v in self.flags.most_common())
+        return (f"quality: {self.flagged_rows} rows flagged" + (f" ({flags})" if flags else "")
+                + f"; {self.reasked} re-asked (${self.reask_cost:.4f}), {self.fixed} of them "
+                  "passed after the re-ask")
+
+
+def _scan(out: Path, quality: Quality | None = None
+          ) -> tuple[set[str], Counter[str], Counter[str], list[tuple[Path, str]]]:
     """Prompt names, status and error-class counts of the readable parts (vectorised)."""
     names: set[str] = set()
     counts: Counter[str] = Counter(ok=0, error=0)
@@ -95,7 +137,8 @@ def _scan(out: Path) -> tuple[set[str], Counter[str], Counter[str], list[tuple[P
         if reason is None:
             try:
                 pf = pq.ParquetFile(part)
-                cols = [c for c in ("prompt_name", "status", "error_class")
+                cols = [c for c in ("prompt_name", "status", "error_class", "quality_flags",
+                                    "reasks", "reask_cost_usd")
                         if c in pf.schema_arrow.names]
                 t = pf.read(columns=cols)
             except (OSError, pa.ArrowException) as e:
@@ -104,6 +147,8 @@ def _scan(out: Path) -> tuple[set[str], Counter[str], Counter[str], list[tuple[P
             unreadable.append((part, reason))
             continue
         names.update(n or "" for n in pc.unique(t["prompt_name"]).to_pylist())
+        if quality is not None:
+            quality.add(t)
         for status, n in zip(*_value_counts(t, "status")):
             counts[status or "?"] += n
         if "error_class" in t.column_names:

@@ -31,7 +31,9 @@ from ..keys import KeySet
 from ..logs import Say
 from ..pacing.cost import CostBudget
 from ..pacing.limiter import Budgets
+from ..quality import Gate
 from ..records import ResultRow, error_row
+from ..run.reask import judged_without_reask
 from ..run.session import RunSession, Stop
 from ..run.stack import build_worker
 from ..sources.choose import open_source
@@ -50,6 +52,7 @@ class BatchEngine:
         self.replaced_errors = False  # a collected row may replace an earlier error row
         self.submitted = Counter[str]()
         self.fresh: set[str] = set()  # entries sealed by this run: nothing to adopt
+        self.gate: Gate | None = None  # the quality gate: flags only in this lane
 
     async def run(self, session: RunSession) -> None:
         s = session.settings
@@ -57,6 +60,7 @@ class BatchEngine:
         self.ledger = Ledger(s.out / "_batches")
         self.done: KeySet = session.plan.done
         self.retry = KeySet()
+        self.gate = await session.quality_gate()
         async with contextlib.AsyncExitStack() as stack:
             worker = await build_worker(
                 stack, s, concurrency=min(s.concurrency, 64),
@@ -159,6 +163,8 @@ class BatchEngine:
                        for e in self.ledger.open_entries()])
 
     def _keep(self, row: ResultRow) -> None:
+        if self.gate is not None:  # checked and flagged; never re-asked in this lane
+            row = judged_without_reask(self.gate, row)
         self.session.keep(row)
 
     # ---------------------------------------------------------------- one entry

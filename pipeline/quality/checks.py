@@ -14,13 +14,15 @@ import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .config import QualitySettings
 from .language import CONFIDENT, detect, language_name
 from .refusal import find_refusal, word_count
 
-__all__ = ["Flag", "TextChecks", "normalized"]
+__all__ = ["SCAN_CHARS", "Flag", "TextChecks", "normalized"]
+
+SCAN_CHARS = 16_384  # of a caption's text, read by the checks other than its length
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,13 @@ def normalized(text: str) -> str:
     return " ".join(text.split()).strip(" .!?,;:\"'“”")
 
 
+class Size(NamedTuple):
+    """A caption's whole length: words and characters."""
+
+    words: int
+    chars: int
+
+
 class TextChecks:
     """The checks ``QualitySettings`` turns on, in the order flags are reported."""
 
@@ -56,7 +65,7 @@ class TextChecks:
         self.q = q
         self._banned = [(p, re.compile(r"(?<!\w)" + re.escape(normalized(p)) + r"(?!\w)"))
                         for p in q.banned_phrases]
-        self.checks: list[Callable[[str, int, str], Flag | None]] = []
+        self.checks: list[Callable[[str, Size, str], Flag | None]] = []
         if q.refusal:
             self.checks.append(self._refusal)
         if q.boilerplate:
@@ -82,10 +91,15 @@ class TextChecks:
         return flags
 
     def _text_flags(self, text: str) -> list[Flag]:
-        words, norm = word_count(text), normalized(text)
-        return [f for check in self.checks if (f := check(text, words, norm))]
+        """Lengths are measured on the whole text; the other checks read its first
+        ``SCAN_CHARS`` (a refusal opens the answer; a caption longer than that is no
+        caption to train on): a 16 MiB answer is judged in milliseconds, on the loop."""
+        head = text[:SCAN_CHARS]
+        size = Size(word_count(text), len(text.strip()))
+        norm = normalized(head)
+        return [f for check in self.checks if (f := check(head, size, norm))]
 
-    def _refusal(self, text: str, words: int, norm: str) -> Flag | None:
+    def _refusal(self, text: str, size: Size, norm: str) -> Flag | None:
         found = find_refusal(text)
         if found is None:
             return None
@@ -94,7 +108,7 @@ class TextChecks:
                     "dataset being captioned: describe what is visible in it (without "
                     "naming or identifying any person), as asked.")
 
-    def _boilerplate(self, text: str, words: int, norm: str) -> Flag | None:
+    def _boilerplate(self, text: str, size: Size, norm: str) -> Flag | None:
         stripped = _PREAMBLE.sub("", text, count=1).strip()
         if not norm or _PLACEHOLDER.match(text.strip()) or not stripped.strip(" .:*-#\"'"):
             return Flag("boilerplate", f"no caption, only {text.strip()[:60]!r}",
@@ -107,13 +121,13 @@ class TextChecks:
                         "'Here is a caption', no closing remarks.")
         return None
 
-    def _words(self, text: str, words: int, norm: str) -> Flag | None:
-        return _bound("words", words, self.q.min_words, self.q.max_words)
+    def _words(self, text: str, size: Size, norm: str) -> Flag | None:
+        return _bound("words", size.words, self.q.min_words, self.q.max_words)
 
-    def _chars(self, text: str, words: int, norm: str) -> Flag | None:
-        return _bound("characters", len(text.strip()), self.q.min_chars, self.q.max_chars)
+    def _chars(self, text: str, size: Size, norm: str) -> Flag | None:
+        return _bound("characters", size.chars, self.q.min_chars, self.q.max_chars)
 
-    def _banned_phrase(self, text: str, words: int, norm: str) -> Flag | None:
+    def _banned_phrase(self, text: str, size: Size, norm: str) -> Flag | None:
         hits = [p for p, pattern in self._banned if pattern.search(norm)]
         if not hits:
             return None
@@ -122,9 +136,9 @@ class TextChecks:
                     f"Your previous answer used {said}. Answer again without "
                     f"{'it' if len(hits) == 1 else 'them'}.")
 
-    def _language(self, text: str, words: int, norm: str) -> Flag | None:
+    def _language(self, text: str, size: Size, norm: str) -> Flag | None:
         want = self.q.language or ""
-        found = detect(text, words)
+        found = detect(text, size.words)
         if found is None or found[0] == want or found[1] < CONFIDENT:
             return None
         got = language_name(found[0])

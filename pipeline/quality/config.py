@@ -12,9 +12,9 @@ from ..errors import RunFatal
 __all__ = ["POLICIES", "QualitySettings", "load_schema"]
 
 POLICIES = ("flag", "error")
-# A caption text seen this many times at most is remembered exactly (about 100 bytes
+# Up to this many distinct caption texts are remembered exactly (about 92 bytes
 # each); past it, texts seen once are forgotten (docs/protocol.md §19.4).
-REPEATS_CAP = 1_000_000
+REPEATS_CAP = 500_000
 
 
 def _bad(message: str) -> RunFatal:

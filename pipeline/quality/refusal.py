@@ -115,8 +115,10 @@ class Refusal:
 
 def word_count(text: str) -> int:
     """Words, counting each CJK character as one (those scripts have no spaces)."""
-    cjk = len(_CJK.findall(text))
-    return cjk + len(_WORD.findall(_CJK.sub(" ", text)))
+    cjk = sum(1 for _ in _CJK.finditer(text))
+    if cjk:
+        text = _CJK.sub(" ", text)
+    return cjk + sum(1 for _ in _WORD.finditer(text))
 
 
 def find_refusal(text: str) -> Refusal | None:

@@ -5,7 +5,7 @@ a template, shows as one caption text seen over and over. Texts are counted by a
 64-bit hash of their normalized form (``checks.normalized``), per prompt name; copies
 of an identical image (``dedup_of``) are the same image and are not counted.
 
-Memory is capped: up to ``REPEATS_CAP`` distinct texts are held exactly (~100 bytes
+Memory is capped: up to ``REPEATS_CAP`` distinct texts are held exactly (~92 bytes
 each); past that, the texts seen only once are forgotten, so a text that repeats
 later starts again from one (the counts are then lower bounds, never false alarms).
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .checks import normalized
+from .checks import SCAN_CHARS, normalized
 from .config import REPEATS_CAP
 
 __all__ = ["RepeatCounter"]
@@ -28,7 +28,9 @@ _BATCH = 65_536
 
 
 def _key(prompt_name: str, text: str) -> int:
-    raw = (prompt_name + "\x1f" + normalized(text)).encode("utf-8", "surrogatepass")
+    # A text is its first 16 KiB here too: two answers alike that far are a repeat.
+    raw = (prompt_name + "\x1f" + normalized(text[:SCAN_CHARS])).encode("utf-8",
+                                                                         "surrogatepass")
     return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
 
 

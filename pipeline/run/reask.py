@@ -15,6 +15,7 @@ costs the row its first, paid answer: the row keeps it, flagged, and says why in
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -23,15 +24,19 @@ from typing import Any
 from ..errors import RunFatal
 from ..pacing.cost import BudgetReached, CostBudget
 from ..quality import Gate, Verdict
+from ..quality.checks import SCAN_CHARS
 from ..records import ApiRequest, ManifestRow, PreparedImage, ResultRow, Status
 from ..wire.adapters import Adapter, FollowUp, RequestSpec
 from .stopping import Interrupted
 
-__all__ = ["Reasker"]
+__all__ = ["Reasker", "judged_without_reask"]
 
 log = logging.getLogger("pipeline")
 
 Send = Callable[[ApiRequest], Awaitable[ResultRow]]
+# Of the previous answer, the re-ask quotes at most this much: a runaway answer is not
+# sent back whole (its length is in the instruction).
+ANSWER_CHARS = 8_192
 
 
 class Reasker:
@@ -45,7 +50,7 @@ class Reasker:
         """``first`` (an ok row) after the gate: as it was, or re-asked, or flagged."""
         if first.caption is None:
             return first
-        verdict = self.gate.judge(row.prompt_name, first.caption, first.caption_json)
+        verdict = await self._judge(row, first)
         if verdict.ok:
             self.gate.keep(row.prompt_name, first.caption)
             return replace(first, quality_flags=())
@@ -55,14 +60,24 @@ class Reasker:
             note = verdict.notes + (f"; {why_not}" if why_not else "")
             return self._policy(replace(first, quality_flags=verdict.names,
                                         quality_notes=note), verdict)
-        return self._choose(row, first, verdict, second)
+        return await self._choose(row, first, verdict, second)
+
+    async def _judge(self, row: ManifestRow, r: ResultRow) -> Verdict:
+        """The verdict; a caption longer than the checks read takes a thread (counting
+        the words of a 16 MiB answer takes a second: the streams in flight go on)."""
+        text = r.caption or ""
+        if len(text) <= SCAN_CHARS and len(r.caption_json or "") <= SCAN_CHARS:
+            return self.gate.judge(row.prompt_name, text, r.caption_json)
+        return await asyncio.to_thread(self.gate.judge, row.prompt_name, text, r.caption_json)
 
     async def _reask(self, row: ManifestRow, image: PreparedImage, first: ResultRow,
                      verdict: Verdict, send: Send) -> tuple[ResultRow | None, str]:
         if not self.gate.q.reask:
             return None, ""
-        spec = replace(self.spec, follow_up=FollowUp(first.caption or "",
-                                                     verdict.instruction))
+        answer = first.caption or ""
+        if len(answer) > ANSWER_CHARS:  # the instruction says how long it was
+            answer = answer[:ANSWER_CHARS] + " [...]"
+        spec = replace(self.spec, follow_up=FollowUp(answer, verdict.instruction))
         req = self.adapter.build_request(row, image, spec)
         if self.budget is not None and not self.budget.affords(req.est_input_tokens,
                                                                req.est_output_tokens):
@@ -84,7 +99,7 @@ class Reasker:
             return None, f"the re-ask failed: internal error {type(e).__name__}"
         return second, ""
 
-    def _choose(self, row: ManifestRow, first: ResultRow, verdict: Verdict,
+    async def _choose(self, row: ManifestRow, first: ResultRow, verdict: Verdict,
                 second: ResultRow) -> ResultRow:
         both = _sum_usage(first, second)
         extra = second.cost_usd
@@ -93,7 +108,7 @@ class Reasker:
             note = f"{verdict.notes}; the re-ask failed ({second.error_class}: " \
                    f"{(second.error or '')[:120]})"
         else:
-            again = self.gate.judge(row.prompt_name, second.caption, second.caption_json)
+            again = await self._judge(row, second)
             better = len(again.flags) <= len(verdict.flags)
             kept, final = (second, again) if better else (first, verdict)
             note = "" if again.ok else f"{again.notes} (after one re-ask)" if better else \
@@ -107,10 +122,25 @@ class Reasker:
         return self._policy(merged, final)
 
     def _policy(self, row: ResultRow, verdict: Verdict) -> ResultRow:
-        if verdict.ok or self.gate.q.policy != "error":
-            return row
-        return replace(row, status=Status.ERROR, error_class="quality",
-                       error=f"the caption failed the quality gate: {row.quality_notes}")
+        return _policy(self.gate, row, verdict)
+
+
+def _policy(gate: Gate, row: ResultRow, verdict: Verdict) -> ResultRow:
+    if verdict.ok or gate.q.policy != "error":
+        return row
+    return replace(row, status=Status.ERROR, error_class="quality",
+                   error=f"the caption failed the quality gate: {row.quality_notes}")
+
+
+def judged_without_reask(gate: Gate, row: ResultRow) -> ResultRow:
+    """The gate's verdict on a row that cannot be re-asked (the batch lane: a re-ask
+    would be another batch): flagged, and the policy applied."""
+    if not row.ok or row.caption is None or row.dedup_of is not None:
+        return row
+    verdict = gate.judge(row.prompt_name, row.caption, row.caption_json)
+    gate.keep(row.prompt_name, row.caption)
+    return _policy(gate, replace(row, quality_flags=verdict.names,
+                                 quality_notes=verdict.notes or None), verdict)
 
 
 def _add(a: float | int | None, b: float | int | None) -> float | None:

@@ -171,3 +171,14 @@ def test_cancel_stops_the_batches_in_flight_and_their_rows_are_pending_again(
     assert run_cli(batch_argv(manifest, out, server.base_url, "--wait")) == 0
     df = one_row_per_key(out)
     assert len(df) == 10 and (df["status"] == "ok").all() and server.creates == 2
+
+
+def test_the_batch_lane_flags_failed_captions_without_a_reask(sim, tmp_path: Path) -> None:
+    server = sim()
+    manifest = images_manifest(tmp_path, 3)
+    out = tmp_path / "out"
+    assert run_cli(batch_argv(manifest, out, server.base_url, "--wait", "--prompt",
+                              "Describe the image. [soft-refuse]")) == 0
+    df = one_row_per_key(out)
+    assert (df["status"] == "ok").all() and (df["reasks"] == 0).all()
+    assert [list(f) for f in df["quality_flags"]] == [["refusal"]] * 3

@@ -77,7 +77,9 @@ def dataset(tmp_path: Path) -> Path:
     _write(out, "part-000001.parquet", [
         _ok("rocket", "short", a("rocket.jpg"), 3, 900, "A rocket on the pad.", "train"),
         _ok("astronaut", "short", "astronaut.png", 1, 500, "An astronaut.", "train"),
-        _ok("chelsea", "short", a("chelsea.png"), 2, 300, 'A cat <b>&</b> "quotes".', "val"),
+        {**_ok("chelsea", "short", a("chelsea.png"), 2, 300, 'A cat <b>&</b> "quotes".',
+               "val"), "quality_flags": ["too_long"], "quality_notes": "too_long: 70 words",
+         "reasks": 1, "reask_flags": ["too_long"]},
         _row("horse", "short", a("horse.png"), 6, status="error", attempts=6,
              error="HTTP 429 after 6 attempts", error_class="rate_limit", split="val"),
         _ok("tiny", "short", str(tmp_path / "tiny.png"), 7, 50, "A red square.", "val"),
@@ -88,7 +90,8 @@ def dataset(tmp_path: Path) -> Path:
         _ok("remote", "short", "https://example.invalid/x.jpg", 5, 200, "Remote.", "train"),
         _row("lost", "short", "no/such/file.png", 8, status="error", error="file not found",
              error_class="bad_image", split="train"),
-        _ok("rocket", "detailed", a("rocket.jpg"), 3, 950, "A Falcon 9 at dawn.", "train"),
+        {**_ok("rocket", "detailed", a("rocket.jpg"), 3, 950, "A Falcon 9 at dawn.", "train"),
+         "quality_flags": [], "reasks": 1, "reask_flags": ["refusal"]},
     ])
     (out / "_runs" / f"{RUN['run_id']}.json").write_text(json.dumps(RUN))
     (out / "_dataset.json").write_text(json.dumps(
@@ -113,7 +116,8 @@ def test_gallery_in_headless_chromium(dataset: Path, chromium: str, tmp_path: Pa
     assert not re.search(r'(src|href)="(?!data:|https://example\.invalid)', html)
     assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)" in html
 
-    seen = _selftest(chromium, tmp_path, page, "search=chelsea&col=split&val=val")
+    seen = _selftest(chromium, tmp_path, page,
+                     "search=chelsea&col=split&val=val&qual=too_long")
     order = ["astronaut", "chelsea", "rocket", "coffee", "remote", "horse", "tiny", "lost"]
     assert seen["order"] == order                              # one card per image, in order
     assert set(seen["pictures"].values()) == {1}               # each picture once
@@ -124,6 +128,8 @@ def test_gallery_in_headless_chromium(dataset: Path, chromium: str, tmp_path: Pa
     assert seen["choices"] == ["train", "val"]
     assert seen["filtered"] == ["chelsea", "horse", "tiny"]    # split = val
     assert seen["by_tokens"][:2] == ["rocket", "astronaut"]    # 1870 and 1030 tokens
+    assert seen["qualities"] == ["*", "too_long", "+reask"]    # the gate's flags, re-asks
+    assert seen["quality"] == ["chelsea"]
 
     photo = seen["photo"]              # astronaut: its 512 px original behind a 96 px thumbnail
     assert photo["open"] and photo["src_is_full"] and photo["closed"]

@@ -182,3 +182,10 @@ def test_the_repeat_counter_forgets_single_texts_at_its_cap() -> None:
 def test_bad_quality_settings_are_config_errors(bad: dict[str, object], match: str) -> None:
     with pytest.raises(RunFatal, match=match):
         QualitySettings(**bad)  # type: ignore[arg-type]
+
+
+def test_a_runaway_caption_is_measured_whole_and_read_only_in_its_head() -> None:
+    text = CAPTION + " " + "more words here " * 200_000  # ~3 MB
+    verdict = Gate(QualitySettings(max_words=60, language="en")).judge("default", text)
+    assert verdict.names == ("too_long",)
+    assert f"{word_count(text)} words" in verdict.notes

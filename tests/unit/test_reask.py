@@ -109,3 +109,13 @@ async def test_policy_error_turns_a_still_failing_caption_into_a_quality_error_r
 async def test_policy_error_keeps_a_row_the_reask_fixed() -> None:
     row = await reasker(policy="error").judged(ROW, IMAGE, ok(REFUSAL), Sender(ok(GOOD)))
     assert row.status == Status.OK and row.caption == GOOD
+
+
+async def test_a_runaway_answer_is_quoted_only_in_part_in_the_reask() -> None:
+    from pipeline.run.reask import ANSWER_CHARS
+
+    runaway = GOOD + " and more" * 100_000
+    send = Sender(ok(GOOD))
+    await reasker(max_words=60).judged(ROW, IMAGE, ok(runaway), send)
+    quoted = json.loads(send.sent[0].body)["messages"][1]["content"]
+    assert len(quoted) <= ANSWER_CHARS + 10 and quoted.startswith(GOOD)

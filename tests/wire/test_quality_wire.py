@@ -139,3 +139,15 @@ def test_every_protocol_carries_the_reask_as_a_turn_of_its_own(
     (role, answer), (user, instruction) = _turns(api, sim.stats.bodies[1])
     assert (role, user) == (model_role, "user")
     assert answer.startswith("I'm sorry, but I can't") and "declined" in instruction
+
+
+def test_status_counts_the_flags_and_the_reasks(caption: Any, sim: SimThread) -> None:
+    from pipeline.commands.status import main as status
+
+    run(caption, sim, "Describe the image. [long!]", "--quality-max-words", "60", rows=ROWS)
+    caption.capfd.readouterr()
+    assert status([str(caption.out)]) == 0
+    line = next(ln for ln in caption.capfd.readouterr().out.splitlines()
+                if ln.startswith("quality:"))
+    assert line.startswith("quality: 3 rows flagged (too_long=3); 3 re-asked ($")
+    assert line.endswith("0 of them passed after the re-ask")
