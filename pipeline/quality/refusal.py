@@ -106,6 +106,26 @@ _WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*|\d+", re.UNICODE)
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
 
 
+# Words and stems every declining or apologising pattern above needs: a caption with
+# none of them is no refusal, decided by substring tests (most captions never reach the
+# sentence rules; a regex alternation would cost as much as the rules).
+_HINT_WORDS = frozenset({"i", "ich", "je", "no", "non", "não", "nao", "ik", "я", "как",
+                         "als", "como"})
+_HINT_STEMS = ("sorry", "apolog", "unfortunately", "leid", "entschuldig", "désolé",
+               "malheureusement", "siento", "lamentablemente", "disculp", "dispiace",
+               "purtroppo", "desculp", "lamento", "infelizmente", "spijt", "helaas", "извин",
+               "прост", "сожален", "抱歉", "对不起", "遗憾", "我", "作为", "申し訳", "すみません",
+               "できません", "죄송", "수 없", "수없", "en tant", "in quanto", "as a", "image did",
+               "image failed")
+_LETTERS = re.compile(r"[^\W\d_]+")
+
+
+def _hinted(text: str) -> bool:
+    low = text.casefold()
+    return any(stem in low for stem in _HINT_STEMS) or \
+        not _HINT_WORDS.isdisjoint(_LETTERS.findall(low))
+
+
 @dataclass(frozen=True)
 class Refusal:
     """Why the text reads as a refusal: the declining clause, as written."""
@@ -123,6 +143,8 @@ def word_count(text: str) -> int:
 
 def find_refusal(text: str) -> Refusal | None:
     """The refusal ``text`` is, or None when it is (or holds enough of) a caption."""
+    if not _hinted(text):
+        return None
     sentences = [s for s in _SENTENCE.split(_QUOTED.sub(" ", text).strip()) if s.strip()]
     declined: str | None = None
     described = 0
