@@ -32,6 +32,16 @@ REFUSALS = [
     "Извините, но я не могу описать это изображение.",
     "抱歉，我无法描述这张图片。",
     "申し訳ありませんが、この画像を説明することはできません。",
+    # Typographic apostrophes, as models often write them.
+    "I’m sorry, but I can’t help with that.",
+    "I won’t be able to caption this image.",
+    "I'd rather not describe this image.",
+    # German verb-second order; Romance verbs with their object as a suffix.
+    "Leider kann ich bei dieser Anfrage nicht helfen.",
+    "Ich kann leider keine Beschreibung dieses Bildes liefern.",
+    "No puedo ayudarte con eso.",
+    "Non posso aiutarti con questa richiesta.",
+    "Desculpe, não consigo ajudá-lo com isso.",
 ]
 NEAR_MISSES = [
     "I'm sorry to see the broken vase on the kitchen floor, shattered into many pieces.",
@@ -40,6 +50,9 @@ NEAR_MISSES = [
     "I can't identify the person, but the photo shows a man in a blue suit standing on "
     "a stage in front of a large flag.",
     "Unfortunately, the image is blurry, but it shows a cat on a windowsill in the sun.",
+    "As an AI-generated artwork, the picture shows a castle floating above clouds at dusk.",
+    "Als KI-generiertes Bild zeigt es eine Burg über den Wolken in der Abenddämmerung.",
+    "A shop’s sign says ‘Sorry, we can’t help you today’ in red letters.",
     CAPTION,
 ]
 
