@@ -41,6 +41,8 @@ _PREAMBLE = re.compile(
     r"^\W*(?:sure|certainly|of course|absolutely|okay|ok|here(?:'s| is| are)|below is|"
     r"the following is)\b[^.:\n]{0,80}?(?:caption|description|answer)?[^.:\n]{0,40}[:.!]",
     re.I)
+# A caption has a letter or a digit: a zero-width space, a dash or an emoji is none.
+_LETTER = re.compile(r"[^\W_]")
 _CLOSING = re.compile(r"(?:let me know if|i hope this helps|feel free to ask|is there "
                       r"anything else)[^.!?]*[.!?]?\s*$", re.I)
 
@@ -110,7 +112,7 @@ class TextChecks:
 
     def _boilerplate(self, text: str, size: Size, norm: str) -> Flag | None:
         stripped = _PREAMBLE.sub("", text, count=1).strip()
-        if not norm or _PLACEHOLDER.match(text.strip()) or not stripped.strip(" .:*-#\"'"):
+        if not norm or _PLACEHOLDER.match(text.strip()) or not _LETTER.search(stripped):
             return Flag("boilerplate", f"no caption, only {text.strip()[:60]!r}",
                         "Your previous answer was not a caption. Answer with the caption "
                         "of the image itself.")

@@ -56,8 +56,14 @@ class QualitySettings:
                            f"--quality-{high.replace('_', '-')} {hi}")
         if self.policy not in POLICIES:
             raise _bad(f"--quality-policy must be flag or error, got {self.policy!r}")
-        if any(not p.strip() for p in self.banned_phrases):
-            raise _bad("--quality-banned-phrase: an empty phrase would ban every caption")
+        from .checks import normalized
+
+        # A phrase is matched as captions are compared: "..." normalizes to nothing,
+        # which would match between any two words.
+        empty = next((p for p in self.banned_phrases if not normalized(p)), None)
+        if empty is not None:
+            raise _bad(f"--quality-banned-phrase {empty!r}: an empty phrase (once case, "
+                       "spacing and outer punctuation are ignored) would ban every caption")
         if self.language is not None:
             from .language import check_code
 

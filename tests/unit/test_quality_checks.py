@@ -76,7 +76,8 @@ def flags(text: str, caption_json: str | None = None, **q: object) -> tuple[str,
 
 
 @pytest.mark.parametrize("text", ["", "   ", "N/A", "[caption]", "Here is a caption:",
-                                  "An image."])
+                                  "An image.", "\u200b", "\ufeff", "\u2014", "\U0001f600",
+                                  "· · ·", "```\n```", "Here is a caption: \u2014"])
 def test_empty_or_placeholder_text_is_boilerplate(text: str) -> None:
     assert flags(text) == ("boilerplate",)
 
@@ -191,7 +192,8 @@ def test_the_repeat_counter_forgets_single_texts_at_its_cap() -> None:
 @pytest.mark.parametrize("bad,match", [({"min_words": 0}, "1 or more"),
                                        ({"min_words": 9, "max_words": 3}, "above"),
                                        ({"policy": "drop"}, "flag or error"),
-                                       ({"banned_phrases": (" ",)}, "empty phrase")])
+                                       ({"banned_phrases": (" ",)}, "empty phrase"),
+                                       ({"banned_phrases": ("...",)}, "empty phrase")])
 def test_bad_quality_settings_are_config_errors(bad: dict[str, object], match: str) -> None:
     with pytest.raises(RunFatal, match=match):
         QualitySettings(**bad)  # type: ignore[arg-type]
