@@ -11,13 +11,13 @@ from __future__ import annotations
 import functools
 import json
 import re
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .config import QualitySettings
 from .language import CONFIDENT, detect, language_name
+from .normal import normalized
 from .refusal import find_refusal, word_count
 
 __all__ = ["SCAN_CHARS", "Flag", "TextChecks", "normalized"]
@@ -45,12 +45,6 @@ _PREAMBLE = re.compile(
 _LETTER = re.compile(r"[^\W_]")
 _CLOSING = re.compile(r"(?:let me know if|i hope this helps|feel free to ask|is there "
                       r"anything else)[^.!?]*[.!?]?\s*$", re.I)
-
-
-def normalized(text: str) -> str:
-    """The text as repeats are counted: case, spacing and outer punctuation ignored."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return " ".join(text.split()).strip(" .!?,;:\"'“”")
 
 
 class Size(NamedTuple):

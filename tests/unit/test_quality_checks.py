@@ -4,6 +4,8 @@ its near miss through (pipeline/quality, docs/protocol.md §19)."""
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,6 +15,7 @@ import pytest
 from pipeline.errors import RunFatal
 from pipeline.quality import Gate, QualitySettings, RepeatCounter, load_schema
 from pipeline.quality.refusal import find_refusal, word_count
+from pipeline.wire.options import MAX_SCHEMA_BYTES, load_response_format, load_tool_schema
 
 CAPTION = "A brown dog sleeps on a red couch next to a sunny window in a small living room."
 
@@ -150,6 +153,26 @@ def test_a_schema_file_that_is_no_schema_is_a_config_error(tmp_path: Path) -> No
     path.write_text("{")
     with pytest.raises(RunFatal, match="not JSON"):
         load_schema(str(path))
+
+
+LOADERS = [(load_schema, "--quality-json-schema"), (load_tool_schema, "--tool-schema"),
+           (load_response_format, "--response-format")]
+
+
+@pytest.mark.parametrize("load,option", LOADERS, ids=[o for _, o in LOADERS])
+def test_a_schema_path_that_is_no_small_json_file_is_one_line_exit_2(
+        tmp_path: Path, load: Callable[[str], object], option: str) -> None:
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)  # no writer: an open() that blocks would hang here
+    huge = tmp_path / "huge.json"
+    huge.write_text(" " * (MAX_SCHEMA_BYTES + 1))
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    for path, said in ((fifo, "not a regular file"), ("/dev/zero", "not a regular file"),
+                       (huge, "over 1 MiB"), (deep, "JSON")):
+        with pytest.raises(RunFatal, match=said) as e:
+            load(str(path))
+        assert e.value.exit_code == 2 and option in str(e.value)
 
 
 def test_several_failed_checks_make_one_instruction_listing_each() -> None:
