@@ -11,13 +11,13 @@ from __future__ import annotations
 import functools
 import json
 import re
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .config import QualitySettings
 from .language import CONFIDENT, detect, language_name
+from .normal import normalized
 from .refusal import find_refusal, word_count
 
 __all__ = ["SCAN_CHARS", "Flag", "TextChecks", "normalized"]
@@ -41,14 +41,10 @@ _PREAMBLE = re.compile(
     r"^\W*(?:sure|certainly|of course|absolutely|okay|ok|here(?:'s| is| are)|below is|"
     r"the following is)\b[^.:\n]{0,80}?(?:caption|description|answer)?[^.:\n]{0,40}[:.!]",
     re.I)
+# A caption has a letter or a digit: a zero-width space, a dash or an emoji is none.
+_LETTER = re.compile(r"[^\W_]")
 _CLOSING = re.compile(r"(?:let me know if|i hope this helps|feel free to ask|is there "
                       r"anything else)[^.!?]*[.!?]?\s*$", re.I)
-
-
-def normalized(text: str) -> str:
-    """The text as repeats are counted: case, spacing and outer punctuation ignored."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return " ".join(text.split()).strip(" .!?,;:\"'“”")
 
 
 class Size(NamedTuple):
@@ -110,7 +106,7 @@ class TextChecks:
 
     def _boilerplate(self, text: str, size: Size, norm: str) -> Flag | None:
         stripped = _PREAMBLE.sub("", text, count=1).strip()
-        if not norm or _PLACEHOLDER.match(text.strip()) or not stripped.strip(" .:*-#\"'"):
+        if not norm or _PLACEHOLDER.match(text.strip()) or not _LETTER.search(stripped):
             return Flag("boilerplate", f"no caption, only {text.strip()[:60]!r}",
                         "Your previous answer was not a caption. Answer with the caption "
                         "of the image itself.")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..errors import RunFatal
+from .normal import normalized
 
 __all__ = ["POLICIES", "QualitySettings", "load_schema"]
 
@@ -56,8 +56,12 @@ class QualitySettings:
                            f"--quality-{high.replace('_', '-')} {hi}")
         if self.policy not in POLICIES:
             raise _bad(f"--quality-policy must be flag or error, got {self.policy!r}")
-        if any(not p.strip() for p in self.banned_phrases):
-            raise _bad("--quality-banned-phrase: an empty phrase would ban every caption")
+        # A phrase is matched as captions are compared: "..." normalizes to nothing,
+        # which would match between any two words.
+        empty = next((p for p in self.banned_phrases if not normalized(p)), None)
+        if empty is not None:
+            raise _bad(f"--quality-banned-phrase {empty!r}: an empty phrase (once case, "
+                       "spacing and outer punctuation are ignored) would ban every caption")
         if self.language is not None:
             from .language import check_code
 
@@ -84,10 +88,10 @@ def load_schema(path: str | None) -> dict[str, Any] | None:
     """The JSON Schema ``--quality-json-schema`` names, checked as a schema up front."""
     if path is None:
         return None
+    from ..wire.options import read_schema_file
+
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise _bad(f"--quality-json-schema {path}: cannot be read ({e.strerror})") from None
+        doc = json.loads(read_schema_file(path, "--quality-json-schema"))
     except (ValueError, RecursionError) as e:
         raise _bad(f"--quality-json-schema {path}: not JSON ({e})") from None
     if not isinstance(doc, dict):
@@ -100,4 +104,6 @@ def load_schema(path: str | None) -> dict[str, Any] | None:
     except SchemaError as e:
         raise _bad(f"--quality-json-schema {path}: not a valid JSON Schema "
                    f"({e.message[:200]})") from None
+    except RecursionError:
+        raise _bad(f"--quality-json-schema {path}: nested too deeply to check") from None
     return doc

@@ -42,8 +42,11 @@ _DECLINE = [re.compile(p, _I) for p in (
     rf"{_TASK_EN}\b",
     r"\bi\s+(?:must|have\s+to|need\s+to|'ll\s+have\s+to)\s+(?:respectfully\s+)?decline\b",
     r"\bi(?:'m|\s+am)\s+not\s+(?:comfortable|going\s+to)\b",
+    rf"\bi(?:'d|\s+would)\s+(?:rather|prefer)\s+not\s+(?:to\s+)?{_TASK_EN}\b",
+    # "As an AI-generated image, ..." describes the image, it is no AI speaking.
     r"\bas\s+an?\s+(?:ai|artificial\s+intelligence|(?:large\s+)?language\s+model|"
-    r"ai\s+(?:language\s+model|assistant|model))\b",
+    r"ai\s+(?:language\s+model|assistant|model))\b"
+    r"(?!-(?:generated|created|made|rendered|produced|edited|enhanced|designed|styled?|art)\b)",
     r"\b(?:no|there\s+is\s+no|there'?s\s+no|i\s+(?:do\s*n[o']t|can\s*n[o']t|cannot)\s+see\s+"
     r"(?:an?|any)?)\s*(?:image|picture|photo)\s+(?:was\s+|has\s+been\s+|is\s+)?"
     r"(?:provided|attached|uploaded|included|shared|here|in\s+(?:your|the|this)\s+"
@@ -53,10 +56,14 @@ _DECLINE = [re.compile(p, _I) for p in (
     r"\bi\s+(?:can\s*not|can'?t|cannot|am\s+unable\s+to)\s+(?:view|see|open|access)\s+"
     r"(?:images|pictures|photos|attachments)\b",
     # German
-    r"\bich\s+(?:kann|darf|werde|bin)\b[^.!?]{0,40}?\b(?:nicht|keine[nmr]?)\b[^.!?]{0,40}?"
+    # "ich kann" and, after an adverb or object, "kann ich" ("Leider kann ich ...").
+    r"\b(?:ich\s+(?:kann|darf|werde|bin)|(?:kann|darf|werde|bin)\s+ich)\b[^.!?]{0,40}?"
+    r"\b(?:nicht|keine[nmrs]?)\b[^.!?]{0,40}?"
     r"\b(?:helfen|beschreiben|identifizieren|erkennen|sehen|analysieren|bearbeiten|"
-    r"erfüllen|unterstützen|in\s+der\s+lage)\b",
-    r"\bals\s+(?:eine?\s+)?(?:ki|künstliche\s+intelligenz|sprachmodell)\b",
+    r"erfüllen|unterstützen|liefern|geben|erstellen|anbieten|bereitstellen|nennen|"
+    r"in\s+der\s+lage)\b",
+    r"\bals\s+(?:eine?\s+)?(?:ki|künstliche\s+intelligenz|sprachmodell)\b"
+    r"(?!-(?:generiert|erzeugt|erstellt)\w*)",
     # French
     r"\bje\s+ne\s+(?:peux|suis\s+pas\s+en\s+mesure\s+de|vais\s+pas|saurais|pourrai)\b"
     r"[^.!?]{0,40}?\b(?:aider|décrire|identifier|reconnaître|voir|analyser|traiter|"
@@ -65,15 +72,17 @@ _DECLINE = [re.compile(p, _I) for p in (
     r"assistant)\b",
     # Spanish
     r"\bno\s+(?:puedo|soy\s+capaz\s+de|me\s+es\s+posible)\b[^.!?]{0,40}?\b(?:ayudar|"
-    r"describir|identificar|reconocer|ver|analizar|procesar|proporcionar)\b",
+    r"describir|identificar|reconocer|ver|analizar|procesar|proporcionar)"
+    r"(?:me|te|se|nos|os|l[aoe]s?)?\b",
     r"\bcomo\s+(?:una?\s+)?(?:ia|inteligencia\s+artificial|modelo\s+de\s+lenguaje)\b",
     # Italian
-    r"\bnon\s+(?:posso|sono\s+in\s+grado\s+di|riesco\s+a)\b[^.!?]{0,40}?\b(?:aiutare|"
-    r"descrivere|identificare|riconoscere|vedere|analizzare|fornire)\b",
+    r"\bnon\s+(?:posso|sono\s+in\s+grado\s+di|riesco\s+a)\b[^.!?]{0,40}?\b(?:aiutar|"
+    r"descriver|identificar|riconoscer|veder|analizzar|fornir)(?:e|mi|ti|ci|vi|l[aoie]|gli)\b",
     r"\bin\s+quanto\s+(?:ia|intelligenza\s+artificiale|modello\s+linguistico)\b",
     # Portuguese
-    r"\bn[ãa]o\s+(?:posso|consigo|sou\s+capaz\s+de)\b[^.!?]{0,40}?\b(?:ajudar|descrever|"
-    r"identificar|reconhecer|ver|analisar|fornecer)\b",
+    r"\bn[ãa]o\s+(?:posso|consigo|sou\s+capaz\s+de)\b[^.!?]{0,40}?\b(?:ajud(?:ar|á)|"
+    r"descrev(?:er|ê)|identific(?:ar|á)|reconhec(?:er|ê)|ver|vê|analis(?:ar|á)|"
+    r"fornec(?:er|ê))\b",
     # Dutch
     r"\bik\s+kan\b[^.!?]{0,30}?\b(?:niet|geen)\b[^.!?]{0,30}?\b(?:helpen|beschrijven|"
     r"identificeren|herkennen|zien)\b",
@@ -102,6 +111,8 @@ _BUT_FIRST = re.compile(r"(?:but|however|aber|jedoch|mais|pero|ma|mas|maar|но|
                         r"(?:但是|但|不过)", _I)
 _SENTENCE = re.compile(r"(?<=[.!?。！？])\s+|\n+|(?<=[。！？])")
 _QUOTED = re.compile(r"\"[^\"]*\"|“[^”]*”|„[^“”]*[“”]|«[^»]*»|「[^」]*」|'[^']{3,}'(?=\W|$)")
+# Right/left single quotes, modifier-letter and fullwidth apostrophes, prime: all "'".
+_APOSTROPHES = str.maketrans(dict.fromkeys("\u2019\u2018\u02bc\uff07\u2032", "'"))
 _WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*|\d+", re.UNICODE)
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
 
@@ -143,6 +154,9 @@ def word_count(text: str) -> int:
 
 def find_refusal(text: str) -> Refusal | None:
     """The refusal ``text`` is, or None when it is (or holds enough of) a caption."""
+    # Models write "I’m" and "can’t" with typographic apostrophes as often as with "'":
+    # the patterns see one kind.
+    text = text.translate(_APOSTROPHES)
     if not _hinted(text):
         return None
     sentences = [s for s in _SENTENCE.split(_QUOTED.sub(" ", text).strip()) if s.strip()]

@@ -2,7 +2,7 @@
 
 A third-party API that answers every image with one canned text, or a model stuck on
 a template, shows as one caption text seen over and over. Texts are counted by a
-64-bit hash of their normalized form (``checks.normalized``), per prompt name; copies
+64-bit hash of their normalized form (``normal.normalized``), per prompt name; copies
 of an identical image (``dedup_of``) are the same image and are not counted.
 
 Memory is capped: up to ``REPEATS_CAP`` distinct texts are held exactly (~92 bytes
@@ -19,8 +19,9 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .checks import SCAN_CHARS, normalized
+from .checks import SCAN_CHARS
 from .config import REPEATS_CAP
+from .normal import normalized
 
 __all__ = ["RepeatCounter"]
 

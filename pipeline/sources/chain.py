@@ -66,10 +66,28 @@ def refs(template: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _plain(p: NamedPrompt) -> None:
+    """Exit 2 for ``{caption.X!r}`` or ``{caption.X:.200}``: the planner formats the
+    marker, not the caption, so a conversion or format spec would mangle the marker and
+    the model would get it instead of the caption."""
+    try:
+        parsed = list(string.Formatter().parse(p.template))
+    except ValueError:
+        return
+    for _, field, spec, conversion in parsed:
+        if field and field.startswith(CAPTION_FIELD + ".") and (spec or conversion):
+            raise RunFatal(f"prompt {p.name!r} uses {{{field}"
+                           f"{'!' + conversion if conversion else ''}"
+                           f"{':' + spec if spec else ''}}}: a caption reference takes no "
+                           f"conversion or format spec; write {{{field}}}", "config",
+                           exit_code=2)
+
+
 def order(prompts: Sequence[NamedPrompt]) -> tuple[NamedPrompt, ...]:
     """``prompts`` in dependency order, stable otherwise; exit 2 on a bad reference."""
     by_name = {p.name: p for p in prompts}
     for p in prompts:
+        _plain(p)
         for name in refs(p.template):
             if name not in by_name:
                 close = difflib.get_close_matches(name, list(by_name), n=1)

@@ -9,6 +9,8 @@ and maps the options to its own request fields.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,12 @@ from typing import Any
 from ..errors import RunFatal
 
 __all__ = ["RequestOptions", "REASONING_EFFORTS", "DETAILS", "TOOL_NAME", "load_response_format",
-           "load_tool_schema", "template_fields", "render_prompt"]
+           "load_tool_schema", "read_schema_file", "template_fields", "render_prompt",
+           "MAX_SCHEMA_BYTES"]
+
+# A JSON Schema file is read whole: more than this is no schema (a path to a device or
+# a huge file would otherwise fill memory before the parse fails).
+MAX_SCHEMA_BYTES = 1 << 20
 
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
 DETAILS = ("low", "high", "auto")
@@ -84,6 +91,27 @@ def _between(name: str, value: float | None, low: float, high: float) -> None:
         raise _bad(f"{name} must be between {low:g} and {high:g}, got {value:g}")
 
 
+def read_schema_file(path: str, option: str) -> str:
+    """The text of a schema file: a regular file of at most ``MAX_SCHEMA_BYTES``, opened
+    without blocking (a FIFO with no writer must not hang the start), else exit 2."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise _bad(f"{option} {path}: not a regular file")
+            data = os.read(fd, MAX_SCHEMA_BYTES + 1)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise _bad(f"{option} {path}: cannot read the schema file ({e.strerror})") from None
+    if len(data) > MAX_SCHEMA_BYTES:
+        raise _bad(f"{option} {path}: over {MAX_SCHEMA_BYTES >> 20} MiB: not a schema file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _bad(f"{option} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def load_response_format(value: str | None) -> dict[str, Any] | None:
     """``json_object``, or a JSON Schema file for ``json_schema`` structured output."""
     if value is None:
@@ -92,11 +120,8 @@ def load_response_format(value: str | None) -> dict[str, Any] | None:
         return {"type": "json_object"}
     path = Path(value)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise _bad(f"--response-format {value}: cannot read the schema file "
-                   f"({e.strerror})") from None
-    except ValueError as e:
+        doc = json.loads(read_schema_file(value, "--response-format"))
+    except (ValueError, RecursionError) as e:
         raise _bad(f"--response-format {value}: not valid JSON ({e})") from None
     if not isinstance(doc, dict):
         raise _bad(f"--response-format {value}: a JSON Schema must be an object")
@@ -112,11 +137,8 @@ def load_tool_schema(value: str | None) -> dict[str, Any] | None:
     if value is None:
         return None
     try:
-        doc = json.loads(Path(value).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise _bad(f"--tool-schema {value}: cannot read the schema file ({e.strerror})"
-                   ) from None
-    except ValueError as e:
+        doc = json.loads(read_schema_file(value, "--tool-schema"))
+    except (ValueError, RecursionError) as e:
         raise _bad(f"--tool-schema {value}: not valid JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("type", "object") != "object":
         raise _bad(f"--tool-schema {value}: function arguments are a JSON object: the "
@@ -136,6 +158,8 @@ def schema_problem(schema: dict[str, Any]) -> str | None:
         Draft202012Validator.check_schema(schema)
     except SchemaError as e:
         return f"{'/'.join(map(str, e.path)) or 'top level'}: {e.message[:200]}"
+    except RecursionError:
+        return "nested too deeply to check"
     return None
 
 

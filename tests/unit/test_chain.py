@@ -42,6 +42,14 @@ def test_a_cycle_is_a_config_error_naming_it() -> None:
         order([a, b])
 
 
+@pytest.mark.parametrize("use", ["{caption.tags:.200}", "{caption.tags!r}", "{caption.tags:>80}"])
+def test_a_caption_reference_with_a_format_spec_is_a_config_error(use: str) -> None:
+    # The planner would format the marker, not the caption: the model would get it.
+    with pytest.raises(RunFatal, match="takes no conversion or format spec") as e:
+        order([TAGS, NamedPrompt("long", f"Use {use}.")])
+    assert e.value.exit_code == 2
+
+
 def test_references_are_read_once_each_and_pass_the_template_check() -> None:
     assert refs("{caption.x} and {caption.x}, {caption.y} {id}") == ("x", "y")
     assert template_fields(LONG.template) == ["caption.tags", "category"]

@@ -4,6 +4,8 @@ its near miss through (pipeline/quality, docs/protocol.md §19)."""
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,6 +15,7 @@ import pytest
 from pipeline.errors import RunFatal
 from pipeline.quality import Gate, QualitySettings, RepeatCounter, load_schema
 from pipeline.quality.refusal import find_refusal, word_count
+from pipeline.wire.options import MAX_SCHEMA_BYTES, load_response_format, load_tool_schema
 
 CAPTION = "A brown dog sleeps on a red couch next to a sunny window in a small living room."
 
@@ -32,6 +35,16 @@ REFUSALS = [
     "Извините, но я не могу описать это изображение.",
     "抱歉，我无法描述这张图片。",
     "申し訳ありませんが、この画像を説明することはできません。",
+    # Typographic apostrophes, as models often write them.
+    "I’m sorry, but I can’t help with that.",
+    "I won’t be able to caption this image.",
+    "I'd rather not describe this image.",
+    # German verb-second order; Romance verbs with their object as a suffix.
+    "Leider kann ich bei dieser Anfrage nicht helfen.",
+    "Ich kann leider keine Beschreibung dieses Bildes liefern.",
+    "No puedo ayudarte con eso.",
+    "Non posso aiutarti con questa richiesta.",
+    "Desculpe, não consigo ajudá-lo com isso.",
 ]
 NEAR_MISSES = [
     "I'm sorry to see the broken vase on the kitchen floor, shattered into many pieces.",
@@ -40,6 +53,9 @@ NEAR_MISSES = [
     "I can't identify the person, but the photo shows a man in a blue suit standing on "
     "a stage in front of a large flag.",
     "Unfortunately, the image is blurry, but it shows a cat on a windowsill in the sun.",
+    "As an AI-generated artwork, the picture shows a castle floating above clouds at dusk.",
+    "Als KI-generiertes Bild zeigt es eine Burg über den Wolken in der Abenddämmerung.",
+    "A shop’s sign says ‘Sorry, we can’t help you today’ in red letters.",
     CAPTION,
 ]
 
@@ -63,7 +79,8 @@ def flags(text: str, caption_json: str | None = None, **q: object) -> tuple[str,
 
 
 @pytest.mark.parametrize("text", ["", "   ", "N/A", "[caption]", "Here is a caption:",
-                                  "An image."])
+                                  "An image.", "\u200b", "\ufeff", "\u2014", "\U0001f600",
+                                  "· · ·", "```\n```", "Here is a caption: \u2014"])
 def test_empty_or_placeholder_text_is_boilerplate(text: str) -> None:
     assert flags(text) == ("boilerplate",)
 
@@ -138,6 +155,26 @@ def test_a_schema_file_that_is_no_schema_is_a_config_error(tmp_path: Path) -> No
         load_schema(str(path))
 
 
+LOADERS = [(load_schema, "--quality-json-schema"), (load_tool_schema, "--tool-schema"),
+           (load_response_format, "--response-format")]
+
+
+@pytest.mark.parametrize("load,option", LOADERS, ids=[o for _, o in LOADERS])
+def test_a_schema_path_that_is_no_small_json_file_is_one_line_exit_2(
+        tmp_path: Path, load: Callable[[str], object], option: str) -> None:
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)  # no writer: an open() that blocks would hang here
+    huge = tmp_path / "huge.json"
+    huge.write_text(" " * (MAX_SCHEMA_BYTES + 1))
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    for path, said in ((fifo, "not a regular file"), ("/dev/zero", "not a regular file"),
+                       (huge, "over 1 MiB"), (deep, "JSON")):
+        with pytest.raises(RunFatal, match=said) as e:
+            load(str(path))
+        assert e.value.exit_code == 2 and option in str(e.value)
+
+
 def test_several_failed_checks_make_one_instruction_listing_each() -> None:
     verdict = Gate(QualitySettings(max_words=5, banned_phrases=("couch",))).judge(
         "default", CAPTION)
@@ -178,7 +215,8 @@ def test_the_repeat_counter_forgets_single_texts_at_its_cap() -> None:
 @pytest.mark.parametrize("bad,match", [({"min_words": 0}, "1 or more"),
                                        ({"min_words": 9, "max_words": 3}, "above"),
                                        ({"policy": "drop"}, "flag or error"),
-                                       ({"banned_phrases": (" ",)}, "empty phrase")])
+                                       ({"banned_phrases": (" ",)}, "empty phrase"),
+                                       ({"banned_phrases": ("...",)}, "empty phrase")])
 def test_bad_quality_settings_are_config_errors(bad: dict[str, object], match: str) -> None:
     with pytest.raises(RunFatal, match=match):
         QualitySettings(**bad)  # type: ignore[arg-type]
