@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 
-from .sample import MANIFEST, ROOT, start_simulator
+from .sample import MANIFEST, ROOT, demo_out, start_simulator
 
 OUT = ROOT / "out" / "demo"
 
@@ -29,17 +29,19 @@ def main(argv: list[str]) -> int:
     proc, base_url = start_simulator("--latency", "0.2", "--tokens-per-second", "80")
     print(f"demo: local gateway simulator at {base_url} (a simulator, not a model)")
     try:
-        shutil.rmtree(OUT, ignore_errors=True)
-        code = caption([str(MANIFEST), "--out", str(OUT), "--base-url", base_url, *argv])
+        out, own = demo_out(argv, OUT)
+        if own:  # the demo's own folder starts empty; a folder the user names is kept
+            shutil.rmtree(out, ignore_errors=True)
+        code = caption([str(MANIFEST), "--out", str(out), "--base-url", base_url, *argv])
     finally:
         proc.terminate()
         proc.wait(timeout=10)
     if code in (0, 1):
         import pandas as pd
 
-        df = pd.read_parquet(OUT)
+        df = pd.read_parquet(out)
         cols = ["id", "status", "prompt_tokens", "completion_tokens", "caption"]
         with pd.option_context("display.max_colwidth", 70, "display.width", 160):
             print(df[cols].sort_values("id").to_string(index=False))
-        print(f"demo: {len(df)} rows written to {OUT} (read with pandas.read_parquet)")
+        print(f"demo: {len(df)} rows written to {out} (read with pandas.read_parquet)")
     return code

@@ -11,8 +11,9 @@ table shows what was caught, what the re-ask fixed, and what it cost.
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
-from .sample import ROOT, start_simulator
+from .sample import ROOT, demo_out, start_simulator
 
 MANIFEST = ROOT / "data" / "sample" / "quality.csv"
 OUT = ROOT / "out" / "demo-quality"
@@ -33,21 +34,23 @@ def main(argv: list[str]) -> int:
     print(f"demo: local gateway simulator at {base_url} (a simulator, not a model)")
     args = [a for p in PROMPTS for a in ("--named-prompt", p)] + GATE
     try:
-        shutil.rmtree(OUT, ignore_errors=True)
-        code = caption([str(MANIFEST), "--out", str(OUT), "--base-url", base_url, *args,
+        out, own = demo_out(argv, OUT)
+        if own:  # the demo's own folder starts empty; a folder the user names is kept
+            shutil.rmtree(out, ignore_errors=True)
+        code = caption([str(MANIFEST), "--out", str(out), "--base-url", base_url, *args,
                         *argv])
     finally:
         proc.terminate()
         proc.wait(timeout=10)
     if code in (0, 1):
-        _show()
+        _show(out)
     return code
 
 
-def _show() -> None:
+def _show(out: Path) -> None:
     import pandas as pd
 
-    df = pd.read_parquet(OUT)
+    df = pd.read_parquet(out)
     df["flags"] = df["quality_flags"].map(lambda f: ",".join(f) if f is not None else "")
     df["re-asked for"] = df["reask_flags"].map(lambda f: ",".join(f) if f is not None else "")
     long = df[df["prompt_name"] == "long"].sort_values("id")
@@ -60,4 +63,4 @@ def _show() -> None:
           f"{len(asked)} re-asked, {int((df['flags'] != '').sum())} still flagged; re-asks "
           f"cost ${extra:.4f} of ${total:.4f} ({100 * extra / total:.0f} %), "
           f"${extra / max(1, len(asked)):.4f} each, {100 * extra / first:.0f} % of those "
-          f"rows' first requests; out={OUT}")
+          f"rows' first requests; out={out}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, subprocess_env
@@ -33,3 +34,11 @@ def test_the_quality_demo_catches_each_scripted_caption_and_reasks_it(tmp_path) 
     assert table["text"] == ["too_long", "too_long"]  # still too long after the re-ask
     assert table["hubble"][0] == "I'm"                # the near miss: not re-asked
     assert "24 rows (3 chained prompts); 6 re-asked, 1 still flagged" in proc.stdout
+
+
+def test_a_demo_writes_where_out_says_and_clears_only_its_own_folder(tmp_path) -> None:
+    from pipeline.commands.sample import demo_out
+
+    default = tmp_path / "demo"
+    assert demo_out([], default) == (default, True)
+    assert demo_out(["--out", "a", "--out=b"], default) == (Path("b"), False)
