@@ -28,6 +28,9 @@ __all__ = ["DESCRIPTION_WORDS", "Refusal", "find_refusal", "word_count"]
 DESCRIPTION_WORDS = 12
 # Words a declining phrase may come after in its clause ("Unfortunately, as an AI, I ...").
 _LEAD_WORDS = 3
+# A clause opening with one of these describes something (titles, signs, quotes unquoted).
+_ARTICLES = frozenset({"a", "an", "the", "ein", "eine", "der", "die", "das", "un", "une",
+                       "le", "la", "les", "el", "los", "las", "il", "gli", "het"})
 
 _I = re.IGNORECASE | re.UNICODE
 _TASK_EN = (r"(?:help|assist|comply|fulfil+|process|provide|describe|caption|identify|"
@@ -175,13 +178,21 @@ def find_refusal(text: str) -> Refusal | None:
 
 def _declines(clause: str) -> bool:
     """A declining phrase that opens the clause (at most ``_LEAD_WORDS`` words in): a
-    sign "saying I cannot help myself" further in is something the image shows."""
+    sign "saying I cannot help myself" further in is something the image shows, and a
+    clause that opens with an article ("A book titled I Can't Help Falling in Love")
+    describes a thing, it does not speak for the model."""
     for pattern in _DECLINE:
         m = pattern.search(clause)
-        lead = clause[:m.start()] if m else ""
+        if not m or not m.start():
+            if m:
+                return True
+            continue
+        lead = clause[:m.start()]
+        words = _WORD.findall(_CJK.sub(" ", lead))
+        if words and words[0].casefold() in _ARTICLES:
+            continue
         # CJK has no spaces: about four characters make a word's worth of lead.
-        if m and len(_CJK.findall(lead)) // 4 + len(_WORD.findall(_CJK.sub(" ", lead))) \
-                <= _LEAD_WORDS:
+        if len(_CJK.findall(lead)) // 4 + len(words) <= _LEAD_WORDS:
             return True
     return False
 

@@ -47,6 +47,7 @@ REFUSALS = [
     "Desculpe, não consigo ajudá-lo com isso.",
 ]
 NEAR_MISSES = [
+    "A book titled I Can't Help Falling in Love lies open on a wooden table by a window.",
     "I'm sorry to see the broken vase on the kitchen floor, shattered into many pieces.",
     'A shop sign reads "Sorry, we cannot help you today" above a closed wooden door.',
     "A hand-painted sign saying I cannot help myself hangs in a bakery window.",
