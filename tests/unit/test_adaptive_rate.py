@@ -268,3 +268,24 @@ async def test_a_first_unguided_refusal_is_answered_by_the_pace_not_a_pool_pause
     assert lim.gate.remaining == 1.0  # refusals go on: a window used up, everyone waits
     lim.refused(3.0, guided=True)
     assert lim.gate.remaining == 3.0  # the server said how long
+
+
+def test_a_cut_holds_while_answers_to_requests_sent_before_the_refusal_come_back() -> None:
+    # Those answers are old news: were the climb to go on with them, the pace would be
+    # back where it was refused before the next request leaves, and refusals go on.
+    c = Clock()
+    a = AdaptiveRate(c)
+    d = Driver(c, a)
+    d.ok(20, 0.1)
+    d.refuse(ramp=20.0)
+    d.ok(10, 0.1)
+    assert a.bucket is not None
+    d.ok(30, 0.1)        # climbing
+    climbed = a.bucket.rate
+    d.refuse()
+    assert a.bucket.rate == pytest.approx(0.9 * climbed)
+    for _ in range(5):   # the requests in flight when it came
+        c.now += 0.05
+        a.on_success(c.now - 1.0)
+    assert a.bucket.rate == pytest.approx(0.9 * climbed)
+
