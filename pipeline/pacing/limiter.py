@@ -245,6 +245,17 @@ class Limiter:
             self.slots.restart()
             self._paused_at = self.clock()
 
+    def pause_step(self, guided: bool) -> int:
+        """Which step of the pool's pause schedule this refusal is: the streak, less the
+        refusals answered by cutting a measured pace alone (they paused nothing, so the
+        first pause is the schedule's first step, not its third). A longer first pause
+        would empty a sliding window, whose excess then stays hidden for a window's
+        length and comes back as the next episode. Before a rate was measured (start-up),
+        every step of the schedule counts: the limit may be far below the pace."""
+        measured = self.adaptive.bucket is not None and self._adapts()
+        alone = 2 if measured and not guided else 0
+        return max(1, self.streak - alone)
+
     def refused(self, seconds: float, guided: bool) -> None:
         """The pool's part of a 429: pause everyone when the server said how long, when
         nothing paces the pool yet, or when refusals go on (a window that is used up

@@ -328,9 +328,10 @@ class AdaptiveRate:
     def on_success(self, sent_at: float) -> TokenBucket | None:
         """An answer; returns the pacer when it ends a cycle (a new rate is set)."""
         now = self.clock()
-        if self.bucket is not None:
+        if self.bucket is not None and self._episode is None:
             # Only time spent sending counts: a pause or a used-up window is no
-            # evidence that a higher rate would pass.
+            # evidence that a higher rate would pass. Nor is an answer while refusals
+            # go on (to requests sent before them): the cut holds until the cycle ends.
             self._live += min(now - self._t, 2.0 / self.bucket.rate)
             self.bucket.set_rate(self.rate_at(self._live))
         self._t = now

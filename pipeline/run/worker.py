@@ -255,7 +255,8 @@ class Worker:
                               f"waiting for the rate limit; --max-rate-wait {bound:g})")
             t.refused_at = self.clock()
             if e.error_class == "rate_limit":  # a 429 slows the whole pool
-                pool = self.policy.pool_delay(self.limiter.streak, e.retry_after)
+                pool = self.policy.pool_delay(self.limiter.pause_step(guided),
+                                               e.retry_after)
                 self.limiter.refused(pool, guided)
         else:
             t.failures += 1

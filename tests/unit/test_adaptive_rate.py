@@ -268,3 +268,78 @@ async def test_a_first_unguided_refusal_is_answered_by_the_pace_not_a_pool_pause
     assert lim.gate.remaining == 1.0  # refusals go on: a window used up, everyone waits
     lim.refused(3.0, guided=True)
     assert lim.gate.remaining == 3.0  # the server said how long
+
+
+
+def test_a_cut_holds_while_answers_to_requests_sent_before_the_refusal_come_back() -> None:
+    # Those answers are old news: were the climb to go on with them, the pace would be
+    # back where it was refused before the next request leaves, and refusals go on.
+    c = Clock()
+    a = AdaptiveRate(c)
+    d = Driver(c, a)
+    d.ok(20, 0.1)
+    d.refuse(ramp=20.0)
+    d.ok(10, 0.1)
+    assert a.bucket is not None
+    d.ok(30, 0.1)        # climbing
+    climbed = a.bucket.rate
+    d.refuse()
+    assert a.bucket.rate == pytest.approx(0.9 * climbed)
+    for _ in range(5):   # the requests in flight when it came
+        c.now += 0.05
+        a.on_success(c.now - 1.0)
+    assert a.bucket.rate == pytest.approx(0.9 * climbed)
+
+
+def _measured(lim: Limiter, c: Clock) -> None:
+    """A first cycle of the rate found from 429s has ended: the pool is paced by it."""
+    d = Driver(c, lim.adaptive)
+    d.ok(20, 0.1)
+    d.refuse(ramp=20.0)
+    d.ok(10, 0.1)
+    assert lim.adaptive.bucket is not None
+    lim.buckets["rpm"] = lim.adaptive.bucket
+
+
+async def _refusals(lim: Limiter, c: Clock, n: int, guided: bool) -> list[int]:
+    """``n`` refusals in a row; the pause step of each."""
+    steps = []
+    for _ in range(n):
+        c.now += 0.1
+        lim.finish(await lim.acquire(1, 1), "throttled", retry_after=1.0 if guided else None)
+        steps.append(lim.pause_step(guided))
+    return steps
+
+
+def _pool(c: Clock) -> Limiter:
+    lim = Limiter(Budgets(), 8, clock=c, sleep=c.sleep)
+    lim.slots.slow_start, lim.slots.limit = False, 8.0
+    return lim
+
+
+async def test_the_first_pool_pause_after_cuts_of_a_measured_pace_is_the_schedules_first_step(
+        ) -> None:
+    # The first two refusals paused nothing (the pace was cut): the pause at the third is
+    # the shortest one. A longer one would empty a sliding window, and the excess of the
+    # climb back would stay hidden until it is larger, and costs a pause again.
+    c = Clock()
+    lim = _pool(c)
+    _measured(lim, c)
+    assert await _refusals(lim, c, 5, guided=False) == [1, 1, 1, 2, 3]
+
+
+async def test_before_a_rate_is_measured_every_refusal_is_a_step_of_the_pause() -> None:
+    # Start-up: the slow start's pace may be far above the limit (a burst went through).
+    c = Clock()
+    lim = _pool(c)
+    lim.finish(await lim.acquire(1, 1), "ok", 1, 1)
+    lim.buckets["rpm"] = lim.adaptive.provisional = \
+        lim.adaptive.on_throttle(c.now, 1, ramp=100.0) or lim.adaptive.provisional
+    assert await _refusals(lim, c, 3, guided=False) == [1, 2, 3]
+
+
+async def test_guided_refusals_pause_from_the_first_so_each_is_a_step() -> None:
+    c = Clock()
+    lim = _pool(c)
+    _measured(lim, c)
+    assert await _refusals(lim, c, 3, guided=True) == [1, 2, 3]

@@ -246,3 +246,25 @@ async def test_a_budget_that_cannot_pay_one_row_stops_before_waiting(tmp_path: P
         await w.process(ROW)
     assert t.sent == [] and limiter.slots.in_flight == 0
 
+
+
+async def test_the_pool_pause_after_two_cuts_of_a_measured_pace_is_the_shortest_step(
+        tmp_path: Path) -> None:
+    w, _, clock, gate = make([REFUSED] * 3 + [OK], tmp_path)
+    gate.slots.slow_start = False
+    a = gate.adaptive
+    for n in range(30):  # a first cycle of the rate found from 429s has ended
+        clock.t += 0.1
+        a.on_sent()
+        if n == 20:
+            a.on_throttle(clock.t, 1, ramp=20.0)
+        else:
+            a.on_success(clock.t)
+    assert a.bucket is not None
+    gate.buckets["rpm"] = a.bucket
+    row = await w.process(ROW)
+    assert row.status == "ok"
+    # Two refusals cut the pace; the third pauses the pool for step 1 of the schedule
+    # (base 1 s, jitter 0.75-1: rand 0.5), not step 3 (2.25 s times that).
+    assert gate.gate.pauses == 1
+    assert gate.gate.until - gate.gate.started == pytest.approx(0.875)
