@@ -13,14 +13,18 @@ never leave the process (which image an id had).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 __all__ = ["KeySet", "key_hash", "key_hashes", "column_key_hashes", "hash_strings",
-           "ImageRefs", "hex64", "hex64_one"]
+           "ImageRefs", "PartRows", "hex64", "hex64_one"]
 
 _SEP = "\x1f"  # between id and prompt name; no manifest value contains a unit separator
 
@@ -231,3 +235,50 @@ def hex64(keys: pa.Array) -> np.ndarray:
 
 def hex64_one(key: str) -> int:
     return int(hex64(pa.array([key]))[0])
+
+
+class PartRows:
+    """An index from a 64-bit key to rows of OUT's parts: 16 bytes a row (the key, and
+    part << 32 | row), sorted once; a row's columns are read when asked for, one cached
+    part at a time. ``add`` takes each batch's keys and row positions as they are read.
+    Used for what OUT holds per dedup key (``images.dedupe``) and per (id, prompt) key
+    (``store.captions``)."""
+
+    def __init__(self, parts: list[Path], columns: list[str]) -> None:
+        self.parts, self.columns = parts, columns
+        self._keys: list[np.ndarray] = []
+        self._refs: list[np.ndarray] = []
+        self._cache: tuple[int, pa.Table] | None = None
+        self._lock = threading.Lock()
+
+    def add(self, part: int, keys: np.ndarray, rows: np.ndarray) -> None:
+        self._keys.append(keys)
+        self._refs.append((np.int64(part) << 32) | rows.astype(np.int64))
+
+    def seal(self) -> PartRows:
+        keys = np.concatenate(self._keys) if self._keys else np.empty(0, np.int64)
+        order = np.argsort(keys, kind="stable")
+        refs = np.concatenate(self._refs) if self._refs else np.empty(0, np.int64)
+        self.keys, self.refs = keys[order], refs[order]
+        self._keys, self._refs = [], []
+        return self
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def rows(self, h: int) -> Iterator[dict[str, Any]]:
+        """The rows indexed under ``h``, in the order they were added (the caller
+        checks the full key: 64 bits may collide)."""
+        lo, hi = np.searchsorted(self.keys, h, "left"), np.searchsorted(self.keys, h, "right")
+        for i in range(int(lo), int(hi)):
+            ref = int(self.refs[i])
+            yield self._row(ref >> 32, ref & 0xFFFFFFFF)
+
+    def _row(self, part: int, row: int) -> dict[str, Any]:
+        with self._lock:  # lookups run in worker threads; one cached part at a time
+            if self._cache is None or self._cache[0] != part:
+                names = pq.read_schema(self.parts[part]).names  # older parts: fewer columns
+                self._cache = (part, pq.read_table(
+                    self.parts[part], columns=[c for c in self.columns if c in names]))
+            found: dict[str, Any] = self._cache[1].slice(row, 1).to_pylist()[0]
+            return found

@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..keys import hex64, hex64_one
+from ..keys import PartRows, hex64, hex64_one
 from ..records import Original, ResultRow
 
 _RECENT_MAX = 100_000
@@ -93,9 +91,7 @@ class ImageIndex:
     """
 
     def __init__(self, parts: list[Path]) -> None:
-        self.parts = parts
-        keys: list[np.ndarray] = []
-        refs: list[np.ndarray] = []
+        self.index = PartRows(parts, _ORIGINAL)
         for i, part in enumerate(parts):
             pf = pq.ParquetFile(part)
             if "dedup_key" not in pf.schema_arrow.names:
@@ -104,43 +100,23 @@ class ImageIndex:
             for t in pf.iter_batches(_BATCH, columns=["dedup_key", "status"]):
                 ok = pc.and_(pc.equal(t["status"], "ok"), pc.is_valid(t["dedup_key"]))
                 rows = np.flatnonzero(ok.fill_null(False).to_numpy(zero_copy_only=False))
-                keys.append(hex64(t["dedup_key"].take(pa.array(rows))))
-                refs.append((np.int64(i) << 32) | (rows + offset).astype(np.int64))
+                self.index.add(i, hex64(t["dedup_key"].take(pa.array(rows))), rows + offset)
                 offset += t.num_rows
-        all_keys = np.concatenate(keys) if keys else np.empty(0, np.int64)
-        order = np.argsort(all_keys, kind="stable")
-        self._keys = all_keys[order]
-        self._refs = (np.concatenate(refs) if refs else np.empty(0, np.int64))[order]
-        self._cache: tuple[int, pa.Table] | None = None
-        self._lock = threading.Lock()
+        self.index.seal()
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self.index)
 
     def lookup(self, key: str) -> Original | None:
         """The original ok row for ``key`` (id and caption fields), or None."""
-        h = hex64_one(key)
-        i = int(np.searchsorted(self._keys, h))
-        while i < len(self._keys) and int(self._keys[i]) == h:
-            ref = int(self._refs[i])
-            row = self._row(ref >> 32, ref & 0xFFFFFFFF)
+        for row in self.index.rows(hex64_one(key)):
             if row.get("dedup_key") == key:  # guard against a collision of the prefixes
                 flags = row.get("quality_flags")
                 return Original(row["id"], row.get("caption"), row.get("finish_reason"),
                                 row.get("finish_reason_raw"), row.get("model"),
                                 row.get("response_id"), row.get("terminal"),
                                 tuple(flags) if flags is not None else None)
-            i += 1
         return None
-
-    def _row(self, part: int, row: int) -> dict[str, Any]:
-        with self._lock:  # lookups run in worker threads; one cached part at a time
-            if self._cache is None or self._cache[0] != part:
-                names = pq.read_schema(self.parts[part]).names  # older parts: fewer columns
-                self._cache = (part, pq.read_table(
-                    self.parts[part], columns=[c for c in _ORIGINAL if c in names]))
-            found: dict[str, Any] = self._cache[1].slice(row, 1).to_pylist()[0]
-            return found
 
 
 _ORIGINAL = ["id", "dedup_key", "caption", "finish_reason", "finish_reason_raw", "model",

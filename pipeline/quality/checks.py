@@ -8,13 +8,13 @@ most 60."), so the model gets one targeted chance (docs/protocol.md §19).
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
+from ..wire.response import first_mismatch
 from .config import QualitySettings
 from .language import CONFIDENT, detect, language_name
 from .normal import normalized
@@ -149,7 +149,7 @@ class TextChecks:
         except (ValueError, RecursionError):
             return Flag("json_schema", "not JSON", "Your previous answer was not JSON. "
                         "Answer with one JSON value that matches the required schema.")
-        problem = _mismatch(json.dumps(self.q.json_schema, sort_keys=True), doc)
+        problem = first_mismatch(json.dumps(self.q.json_schema, sort_keys=True), doc)
         if problem is None:
             return None
         return Flag("json_schema", f"does not match the schema ({problem})",
@@ -185,21 +185,3 @@ def _bound(unit: str, n: int, low: int | None, high: int | None) -> Flag | None:
                     f"Your answer was {n} {unit}; answer in at least {low}, describing "
                     "more of the image.")
     return None
-
-
-@functools.lru_cache(maxsize=4)
-def _validator(schema_text: str) -> Any:
-    from jsonschema import Draft202012Validator
-
-    return Draft202012Validator(json.loads(schema_text))
-
-
-def _mismatch(schema_text: str, doc: Any) -> str | None:
-    try:
-        error = next(iter(_validator(schema_text).iter_errors(doc)), None)
-    except RecursionError:
-        return "nested too deeply to check"
-    if error is None:
-        return None
-    where = "/".join(map(str, error.absolute_path)) or "top level"
-    return f"{where}: {error.message[:160]}"

@@ -20,7 +20,7 @@ from .adapters.base import Adapter, StreamState
 from .options import RequestOptions
 from .sse import SSEDecoder, StreamTooLong
 
-__all__ = ["ResponseReader", "no_json_constant", "structured_columns"]
+__all__ = ["ResponseReader", "first_mismatch", "no_json_constant", "structured_columns"]
 
 # Valid JSON of a shape no protocol allows ("choices": [null], a number where an
 # object belongs) surfaces as one of these from an adapter's fold.
@@ -48,7 +48,7 @@ def structured_columns(text: str, options: RequestOptions) -> dict[str, Any]:
                         "object", "invalid_json", http_status=200)
     schema, what = _schema_of(options)
     if schema is not None:
-        mismatch = _first_mismatch(json.dumps(schema, sort_keys=True), doc)
+        mismatch = first_mismatch(json.dumps(schema, sort_keys=True), doc)
         if mismatch:
             raise Retryable(f"the {what} does not match its schema ({mismatch})",
                             "invalid_json", http_status=200)
@@ -71,7 +71,7 @@ def _validator(schema_text: str) -> Any:
     return Draft202012Validator(json.loads(schema_text))
 
 
-def _first_mismatch(schema_text: str, doc: Any) -> str | None:
+def first_mismatch(schema_text: str, doc: Any) -> str | None:
     """The first way ``doc`` breaks the schema, said briefly (path: message), or None."""
     try:
         validator = _validator(schema_text)
