@@ -337,6 +337,8 @@ def _split(text: str, delimiter: str = ",") -> list[str] | None:
 def image_ref_problem(image: str) -> str | None:
     if not image:
         return "empty image cell"
+    if ":" not in image[:40]:  # a plain path (most rows): no scheme to check
+        return None
     scheme = location.scheme(image[:40])
     if scheme is not None and not image.lower().startswith(_SCHEMES_OK) \
             and scheme not in location.IMAGE_SCHEMES:
