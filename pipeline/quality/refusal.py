@@ -33,9 +33,10 @@ _ARTICLES = frozenset({"a", "an", "the", "ein", "eine", "der", "die", "das", "un
                        "le", "la", "les", "el", "los", "las", "il", "gli", "het"})
 
 _I = re.IGNORECASE | re.UNICODE
-_TASK_EN = (r"(?:help|assist|comply|fulfil+|process|provide|describe|caption|identify|"
-            r"analy[sz]e|view|see|access|open|interpret|recogni[sz]e|do that|answer|"
-            r"complete|generate|create|write|support|discuss|engage)")
+# Stems: "describe", "describing", "identify", "identifying", ... all count.
+_TASK_EN = (r"(?:help|assist|comply|fulfil|process|provid|describ|caption|identif|"
+            r"analy[sz]|view|see|access|open|interpret|recogni[sz]|do that|answer|"
+            r"complet|generat|creat|writ|support|discuss|engag)\w*")
 # Clauses that decline, per language. Each is searched in one clause (quotes removed).
 _DECLINE = [re.compile(p, _I) for p in (
     # English
@@ -45,6 +46,7 @@ _DECLINE = [re.compile(p, _I) for p in (
     rf"{_TASK_EN}\b",
     r"\bi\s+(?:must|have\s+to|need\s+to|'ll\s+have\s+to)\s+(?:respectfully\s+)?decline\b",
     r"\bi(?:'m|\s+am)\s+not\s+(?:comfortable|going\s+to)\b",
+    r"\bi\s+(?:do\s*n[o']t|do\s+not)\s+feel\s+comfortable\b",
     rf"\bi(?:'d|\s+would)\s+(?:rather|prefer)\s+not\s+(?:to\s+)?{_TASK_EN}\b",
     # "As an AI-generated image, ..." describes the image, it is no AI speaking.
     r"\bas\s+an?\s+(?:ai|artificial\s+intelligence|(?:large\s+)?language\s+model|"

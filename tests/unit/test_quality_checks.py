@@ -20,6 +20,11 @@ from pipeline.wire.options import MAX_SCHEMA_BYTES, load_response_format, load_t
 CAPTION = "A brown dog sleeps on a red couch next to a sunny window in a small living room."
 
 REFUSALS = [
+    "I don't feel comfortable describing this image.",
+    "I won't be describing the people in this photo.",
+    "I apologize, but I cannot provide a description of this image as it may contain "
+    "sensitive content.",
+    "I'm sorry, I don't have the ability to view images.",
     "I'm sorry, but I can't help with that.",
     "Sorry, I cannot identify people in images.",
     "I'm unable to view images.",
@@ -47,6 +52,9 @@ REFUSALS = [
     "Desculpe, não consigo ajudá-lo com isso.",
 ]
 NEAR_MISSES = [
+    "I'm not able to identify people by their faces, but this image shows a woman in a red "
+    "dress standing in a walled garden with roses behind her.",
+    "Protesters hold signs reading 'I can't breathe' on a crowded city street at dusk.",
     "A book titled I Can't Help Falling in Love lies open on a wooden table by a window.",
     "I'm sorry to see the broken vase on the kitchen floor, shattered into many pieces.",
     'A shop sign reads "Sorry, we cannot help you today" above a closed wooden door.',
