@@ -72,6 +72,9 @@ class Counters:
     tokens_out: int = 0
     copies: int = 0
     cost_usd: float = 0.0
+    reasked: int = 0         # rows the quality gate asked again (one follow-up turn)
+    reask_cost_usd: float = 0.0
+    flags: Counter[str] = field(default_factory=Counter)  # quality flags of kept captions
     error_classes: Counter[str] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
     latency: Reservoir = field(default_factory=Reservoir)
@@ -84,6 +87,10 @@ class Counters:
         elif row.attempts:
             self.latency.add(row.latency_s)
             self.ttft.add(row.ttft_s)
+        if row.reasks:
+            self.reasked += 1
+            self.reask_cost_usd += row.reask_cost_usd or 0.0
+        self.flags.update(row.quality_flags or ())
         if row.ok:
             self.ok += 1
         else:
@@ -245,6 +252,11 @@ class Progress:
             parts.append(f"duplicate ids skipped={self.c.skipped_duplicate}")
         if self.c.copies:
             parts.append(f"copied from identical images={self.c.copies}")
+        if self.c.reasked or self.c.flags:
+            flags = ",".join(f"{k}={v}" for k, v in sorted(self.c.flags.items()))
+            parts.append(f"quality: re-asked={self.c.reasked}"
+                         + (f" (${self.c.reask_cost_usd:.4f})" if self.c.reask_cost_usd else "")
+                         + (f" flagged {flags}" if flags else ""))
         parts += [f"tokens in/out={self.c.tokens_in}/{self.c.tokens_out}"]
         if self.c.cost_usd:
             parts.append(f"cost=${self.c.cost_usd:.4f}")
@@ -256,5 +268,8 @@ class Progress:
                              copied_from_identical=self.c.copies, out=out,
                              errors_retried=self.c.errors_retried,
                              errors_kept=self.c.errors_kept,
-                             error_classes=dict(self.c.error_classes))
+                             error_classes=dict(self.c.error_classes),
+                             reasked=self.c.reasked,
+                             reask_cost_usd=round(self.c.reask_cost_usd, 6),
+                             quality_flags=dict(self.c.flags))
         return "summary: " + " ".join(parts)

@@ -399,6 +399,8 @@ def conclude(s: Settings, run_id: str, started_at: str, progress: Progress,
             "interrupted": stopping.name if stopping else None,
             **progress.stats(), "skipped_duplicate": c.skipped_duplicate,
             "copied_from_identical": c.copies, "error_classes": dict(c.error_classes),
+            "reasked": c.reasked, "reask_cost_usd": round(c.reask_cost_usd, 6),
+            "quality_flags": dict(c.flags),
             "top_errors": dict(c.reasons.most_common(10)),
             "latency_s": c.latency.percentiles(), "ttft_s": c.ttft.percentiles(),
             "options": options, **extra})

@@ -95,6 +95,7 @@ def test_a_caption_still_failing_after_the_reask_is_flagged_by_default(
     assert (res.code, row["status"], row["reasks"], row["quality_flags"]) == \
         (0, "ok", 1, ["too_long"])
     assert "after one re-ask" in row["quality_notes"]
+    assert "quality: re-asked=1 ($" in res.stdout and "flagged too_long=1" in res.stdout
 
 
 def test_policy_error_makes_it_an_error_row_that_keeps_its_caption(
