@@ -314,3 +314,21 @@ def test_without_ray_the_engine_says_how_to_get_it(tmp_path: Path,
     result = asyncio.run(RunSession(settings, RayEngine()).execute())
     assert result.exit_code == 2
     assert result.fatal == "--engine ray needs Ray: pip install 'caption-pipeline[ray]'"
+
+
+@pytest.mark.ray
+def test_each_actor_runs_the_quality_gate_and_its_reask(ray_local: Any, simulator: Any,
+                                                       tmp_path: Path) -> None:
+    sim = simulator()
+    manifest = make_manifest(tmp_path, good=8, bad=False)
+    out = tmp_path / "ray"
+    assert caption_ray(manifest, out, sim.base_url, "--no-dedupe", "--prompt",
+                       "Describe the image. [soft-refuse]") == 0
+    df = read(out)
+    one_row_per_key(df)
+    # r03 has a prompt of its own in the manifest (no trigger): it is not re-asked
+    asked = df[df["id"] != "r03"]
+    assert (df["status"] == "ok").all() and (asked["reasks"] == 1).all()
+    assert df.loc[df["id"] == "r03", "reasks"].tolist() == [0]
+    assert [list(f) for f in asked["reask_flags"]] == [["refusal"]] * 7
+    assert all(len(f) == 0 for f in df["quality_flags"])
