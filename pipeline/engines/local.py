@@ -87,7 +87,10 @@ class LocalEngine:
                 # attempt, bounded by --attempt-timeout); the other stops give the grace.
                 grace = None if session.stop is Stop.BUDGET else session.settings.grace
                 cancel: asyncio.Future[Any] = asyncio.create_task(session.cancel_now.wait())
-                await asyncio.wait([workers, cancel], timeout=grace,
+                # Not ``workers``: a cancelled worker ends that gather at once, which cut
+                # the grace of the rows still in flight to nothing.
+                graced = asyncio.gather(*self.workers, return_exceptions=True)
+                await asyncio.wait([graced, cancel], timeout=grace,
                                    return_when=asyncio.FIRST_COMPLETED)
                 cancel.cancel()
             for t in self.workers:

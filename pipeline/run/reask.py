@@ -8,9 +8,9 @@ re-ask's on a tie), with the tokens, cost and attempts of both requests, ``reask
 with its ``quality_flags`` (policy ``flag``), or an error row of class ``quality``
 that keeps its caption for inspection (policy ``error``; permanent, like a refusal).
 
-A re-ask that cannot be sent or fails (the cost budget, a stop, an error row) never
-costs the row its first, paid answer: the row keeps it, flagged, and says why in
-``quality_notes`` (docs/protocol.md §19.5).
+A re-ask that cannot be sent or fails (the cost budget, a stop or a cancellation at
+SIGTERM or after ``--grace``, an error row) never costs the row its first, paid
+answer: the row keeps it, flagged, and says why in ``quality_notes`` (docs/protocol.md §19.5).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ Send = Callable[[ApiRequest], Awaitable[ResultRow]]
 # Of the previous answer, the re-ask quotes at most this much: a runaway answer is not
 # sent back whole (its length is in the instruction).
 ANSWER_CHARS = 8_192
+STOPPED = "the re-ask did not finish (the run stopped)"
 
 
 class Reasker:
@@ -93,7 +94,16 @@ class Reasker:
         except BudgetReached:
             return None, "not re-asked: --max-cost reached"
         except Interrupted:
-            return None, "the re-ask did not finish (the run stopped)"
+            return None, STOPPED
+        except asyncio.CancelledError:
+            # A stop cancels a row that has no request open (its re-ask waiting for a
+            # retry, the rate limit, a permit) and, after --grace, every row. The first
+            # answer is paid for: hand the row back to be written, and cancel this task
+            # again so that it still ends at its next wait.
+            task = asyncio.current_task()
+            if task is not None:
+                task.cancel()
+            return None, STOPPED
         except Exception as e:  # noqa: BLE001 - a bug: the first, paid answer is kept
             log.exception("row %s: the re-ask failed unexpectedly", row.id)
             return None, f"the re-ask failed: internal error {type(e).__name__}"

@@ -109,7 +109,12 @@ class Worker:
     def prepare(self, row: ManifestRow) -> asyncio.Future[PreparedImage]:
         """Start preparing ``row``'s image now (for all of its prompts); ``process``
         takes the future, so the image is ready when a worker takes the row."""
-        return asyncio.ensure_future(self.images.load(row))
+        future = asyncio.ensure_future(self.images.load(row))
+        # A row may end without its image (a chained prompt whose upstream failed, a
+        # stop): its failure is then nobody's, so mark it seen (asyncio would log a
+        # traceback). A row that awaits the future still gets the error.
+        future.add_done_callback(_seen)
+        return future
 
     def sending(self, task: asyncio.Task[Any]) -> bool:
         """True while ``task`` has a request open: a stop gives it the grace."""
@@ -375,3 +380,8 @@ class Worker:
                 return await self.reader.json_body(chunks), head, None
             completion, first = await self.reader.stream(chunks)
         return completion, head, None if first is None else first - start
+
+
+def _seen(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -91,3 +91,27 @@ def test_dry_run_warns_when_the_budget_is_below_what_the_rows_in_flight_reserve(
     code, _, err = caption(capfd, manifest, out, sim, "--dry-run", "--max-cost",
                            f"{row / 2:.6f}")
     assert "no row at all" in err
+
+
+def test_a_budget_stop_among_reasks_loses_no_paid_request_and_reruns_complete(
+        tmp_path: Path, manifest: Path, sim: SimThread,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    # Every first answer is a refusal: the re-asks and the next rows' first requests
+    # compete for a budget of under two requests, so each stop finds rows waiting to
+    # re-ask and rows in flight at once.
+    out = tmp_path / "out"
+    budget = 1.9 * one_rows_cost(capfd, manifest, out, sim)
+    served = sim.stats.requests_total
+    done = [0]
+    for _ in range(ROWS):
+        code, _, err = caption(capfd, manifest, out, sim, "--max-cost", f"{budget:.6f}",
+                               "--prompt", "Describe the image. [soft-refuse]")
+        assert code in (0, 5), err
+        done.append(len(read_out(out)))
+        if code == 0:
+            break
+        assert done[-1] > done[-2], f"a run captioned nothing: {done}"
+    df = read_out(out)
+    assert len(df) == ROWS and df["id"].nunique() == ROWS and set(df["status"]) == {"ok"}
+    # Each request the simulator answered is one of a written row's attempts.
+    assert int(df["attempts"].sum()) == sim.stats.requests_total - served

@@ -7,12 +7,14 @@ order, and each dependent row used (and records) the caption its upstream row ho
 
 from __future__ import annotations
 
+import gc
 import json
 import signal
 import subprocess
 import time
 from itertools import cycle
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -83,3 +85,25 @@ def test_a_chain_runs_in_order_and_resumes_after_sigkill_with_each_row_once(
         crossed += up.finished_at < resumed_at <= row.finished_at
         assert any(json.dumps(up.caption)[1:-1] in p for p in prompts), (rid, name)
     assert crossed >= 1
+
+
+def test_a_resumed_chain_under_a_failed_image_logs_no_unretrieved_task_error(
+        caption: Any, tmp_path: Path) -> None:
+    # The image fails, so its first prompt is a bad_image row; a rerun retries only the
+    # dependents (upstream errors), which fail without taking the image: its preparation
+    # failed with nobody awaiting it, and asyncio logged a traceback for it.
+    bad = tmp_path / "bad.png"
+    bad.write_bytes((SAMPLES / "camera.png").read_bytes()[:200])
+    rows = [{"id": "bad", "image": str(bad)}]
+    sim = SimThread(SimConfig(latency=0, tokens_per_second=0))
+    try:
+        first = caption(rows, *CHAIN, base_url=sim.base_url)
+        assert sorted(first.df["error_class"]) == ["bad_image", "upstream", "upstream"]
+        again = caption(rows, *CHAIN, base_url=sim.base_url)
+        gc.collect()  # a task's unretrieved exception is logged when it is collected
+        again.stderr += caption.capfd.readouterr().err
+    finally:
+        sim.stop()
+    assert again.code == 1 and sorted(again.df["error_class"]) == \
+        ["bad_image", "upstream", "upstream"]
+    assert "never retrieved" not in again.stderr and "Traceback" not in again.stderr

@@ -77,6 +77,24 @@ async def test_rows_in_flight_at_a_signal_finish_within_the_grace(tmp_path: Path
     assert sorted(wire.sent) == ["a", "b"]  # c was queued: not sent after the signal
 
 
+async def test_a_row_waiting_to_retry_at_a_signal_does_not_cut_the_grace_of_rows_in_flight(
+        tmp_path: Path, wire: Wire) -> None:
+    # "b" sleeps before its retry (no request open): the stop cancels it at once, and
+    # that must not end the wait for "a", whose request is open.
+    wire.hold("a")
+    wire.answers["b"] = (500, {"content-type": "application/json"},
+                         [b'{"error": {"message": "boom", "type": "server_error"}}'])
+    s = settings(tmp_path, ["a", "b"], concurrency=2, grace=60, backoff_base=600.0,
+                 backoff_max=600.0)
+    sess, task = await started(s)
+    await wire.in_flight(2)
+    await turns()  # "b" took in its 500 and sleeps
+    await signal_once_in_flight(sess, wire, 2)
+    wire.release("a")
+    assert (await task).exit_code == 143
+    assert rows_in(s.out) == {"a": "ok"} and wire.closed_early == []
+
+
 async def test_a_row_still_in_flight_when_the_grace_ends_stays_pending(
         tmp_path: Path, wire: Wire) -> None:
     wire.hold("a")
