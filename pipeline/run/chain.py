@@ -24,7 +24,12 @@ from ..sources.chain import marker, refs
 from ..sources.plan import NamedPrompt
 from ..store.captions import CaptionIndex
 
-__all__ = ["Chain", "caption_hash"]
+__all__ = ["UPSTREAM_CHARS", "Chain", "caption_hash"]
+
+
+# Of an upstream caption, a dependent's prompt takes at most this much: a runaway
+# upstream answer is not pasted whole into every request after it.
+UPSTREAM_CHARS = 16_384
 
 
 def caption_hash(caption: str) -> str:
@@ -54,8 +59,10 @@ class Chain:
                 return None, error_row(row, f"prompt {row.prompt_name!r} uses "
                                             f"{{caption.{name}}}, which {why}",
                                        "upstream"), None
+            used[name] = caption_hash(caption)  # of the caption as OUT holds it
+            if len(caption) > UPSTREAM_CHARS:
+                caption = caption[:UPSTREAM_CHARS] + " [...]"
             prompt = prompt.replace(marker(name), caption)
-            used[name] = caption_hash(caption)
         filled = ManifestRow(row.id, row.image, prompt, row.line, row.extra,
                              row.prompt_name, row.error, row.data)
         return filled, None, json.dumps(used, sort_keys=True)

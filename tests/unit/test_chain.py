@@ -111,3 +111,14 @@ async def test_an_upstream_finished_in_an_earlier_run_is_read_from_out(tmp_path:
     row = list(variants(ROW, order([TAGS, LONG])))[1]
     filled, _, _ = await chain.fill(row, {})
     assert filled is not None and "dog, couch" in (filled.prompt or "")
+
+
+async def test_a_runaway_upstream_caption_is_pasted_only_in_part() -> None:
+    from pipeline.run.chain import UPSTREAM_CHARS
+
+    chain = Chain(order([TAGS, LONG]), None)
+    row = list(variants(ROW, order([TAGS, LONG])))[1]
+    huge = "dog, " * 100_000
+    filled, _, upstream = await chain.fill(row, {"tags": ok("tags", huge)})
+    assert filled is not None and len(filled.prompt or "") < UPSTREAM_CHARS + 200
+    assert json.loads(upstream or "") == {"tags": caption_hash(huge)}
