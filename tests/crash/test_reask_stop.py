@@ -37,25 +37,8 @@ def test_sigterm_while_the_reask_waits_to_retry_keeps_the_paid_first_answer(
     # The re-ask's retry waits 20 s: the signal arrives while no request is open.
     cmd = caption_cmd(manifest, out, gateway.base_url, "--grace", grace, "--retries", "2",
                       "--backoff-base", "20", "--backoff-max", "20")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 20
-        while gateway.count() < 2 or gateway.calls()[-1].outcome is None:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the re-ask was not sent in time"
-            time.sleep(0.02)
-        time.sleep(0.3)  # the 500 is taken in: the row now sleeps before its retry
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=15)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 143 and b"Traceback" not in err, err
-    df = read_out(out)
-    assert len(df) == 1, err.decode()
-    row = df.iloc[0]
+    row = sigterm_once_reasked(gateway, cmd, settle=0.3,
+                               answered=True)  # the 500 taken in: the row sleeps to retry
     assert (row["status"], row["caption"], list(row["quality_flags"])) == \
         ("ok", REFUSAL, ["refusal"])
     assert "the re-ask did not finish" in row["quality_notes"]
@@ -80,15 +63,24 @@ def test_sigterm_while_the_reask_streams_keeps_it_within_the_grace_else_the_firs
     manifest = write_manifest(tmp_path / "m.csv", [{"id": "a", "image": img("reaskslow")}])
     out = tmp_path / "out"
     cmd = caption_cmd(manifest, out, gateway.base_url, "--grace", grace)
+    row = sigterm_once_reasked(gateway, cmd, settle=0.2)  # the re-ask's answer streams
+    assert (row["status"], row["caption"], list(row["quality_flags"])) == \
+        ("ok", caption, flags)
+
+
+def sigterm_once_reasked(gateway: Any, cmd: list[str], settle: float,
+                         answered: bool = False) -> Any:
+    """Run ``cmd``; SIGTERM ``settle`` s after the re-ask went out (``answered``: and its
+    answer came back); exit 143, no traceback, one row in OUT: that row."""
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 20
-        while gateway.count() < 2:
+        while gateway.count() < 2 or (answered and gateway.calls()[-1].outcome is None):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the re-ask was not sent in time"
             time.sleep(0.02)
-        time.sleep(0.2)  # the re-ask's answer is streaming
+        time.sleep(settle)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=15)
     finally:
@@ -96,8 +88,6 @@ def test_sigterm_while_the_reask_streams_keeps_it_within_the_grace_else_the_firs
             proc.kill()
             proc.wait()
     assert proc.returncode == 143 and b"Traceback" not in err, err
-    df = read_out(out)
+    df = read_out(Path(cmd[cmd.index("--out") + 1]))
     assert len(df) == 1, err.decode()
-    row = df.iloc[0]
-    assert (row["status"], row["caption"], list(row["quality_flags"])) == \
-        ("ok", caption, flags)
+    return df.iloc[0]
