@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 
 from ..records import ManifestRow, ResultRow, error_row
 from ..sources.chain import marker, refs
@@ -38,7 +39,7 @@ def caption_hash(caption: str) -> str:
 
 class Chain:
     def __init__(self, prompts: tuple[NamedPrompt, ...], index: CaptionIndex | None) -> None:
-        self.uses = {p.name: refs(p.template) for p in prompts if refs(p.template)}
+        self.uses = {p.name: names for p in prompts if (names := refs(p.template))}
         self.index = index
 
     @property
@@ -63,9 +64,7 @@ class Chain:
             if len(caption) > UPSTREAM_CHARS:
                 caption = caption[:UPSTREAM_CHARS] + " [...]"
             prompt = prompt.replace(marker(name), caption)
-        filled = ManifestRow(row.id, row.image, prompt, row.line, row.extra,
-                             row.prompt_name, row.error, row.data)
-        return filled, None, json.dumps(used, sort_keys=True)
+        return replace(row, prompt=prompt), None, json.dumps(used, sort_keys=True)
 
     async def _upstream(self, row: ManifestRow, name: str,
                         earlier: Mapping[str, ResultRow]) -> tuple[str | None, str]:

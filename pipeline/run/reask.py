@@ -57,10 +57,8 @@ class Reasker:
             return replace(first, quality_flags=())
         second, why_not = await self._reask(row, image, first, verdict, send)
         if second is None:
-            self.gate.keep(row.prompt_name, first.caption)
-            note = verdict.notes + (f"; {why_not}" if why_not else "")
-            return self._policy(replace(first, quality_flags=verdict.names,
-                                        quality_notes=note), verdict)
+            return _flagged(self.gate, first, verdict,
+                            verdict.notes + (f"; {why_not}" if why_not else ""))
         return await self._choose(row, first, verdict, second)
 
     async def _judge(self, row: ManifestRow, r: ResultRow) -> Verdict:
@@ -129,10 +127,15 @@ class Reasker:
                          quality_notes=note or None,
                          attempts=first.attempts + second.attempts,
                          latency_s=_add(first.latency_s, second.latency_s))
-        return self._policy(merged, final)
+        return _policy(self.gate, merged, final)
 
-    def _policy(self, row: ResultRow, verdict: Verdict) -> ResultRow:
-        return _policy(self.gate, row, verdict)
+
+def _flagged(gate: Gate, row: ResultRow, verdict: Verdict, note: str) -> ResultRow:
+    """``row`` keeping its own caption, with the verdict's flags: counted for repeats,
+    and the policy applied."""
+    gate.keep(row.prompt_name, row.caption)
+    return _policy(gate, replace(row, quality_flags=verdict.names,
+                                 quality_notes=note or None), verdict)
 
 
 def _policy(gate: Gate, row: ResultRow, verdict: Verdict) -> ResultRow:
@@ -148,9 +151,7 @@ def judged_without_reask(gate: Gate, row: ResultRow) -> ResultRow:
     if not row.ok or row.caption is None or row.dedup_of is not None:
         return row
     verdict = gate.judge(row.prompt_name, row.caption, row.caption_json)
-    gate.keep(row.prompt_name, row.caption)
-    return _policy(gate, replace(row, quality_flags=verdict.names,
-                                 quality_notes=verdict.notes or None), verdict)
+    return _flagged(gate, row, verdict, verdict.notes)
 
 
 def _add(a: float | int | None, b: float | int | None) -> float | None:
