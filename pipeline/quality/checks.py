@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..wire.response import first_mismatch
 from .config import QualitySettings
@@ -59,6 +59,9 @@ class TextChecks:
 
     def __init__(self, q: QualitySettings) -> None:
         self.q = q
+        # The schema as the validator cache keys it: serialized once, not per caption.
+        self._schema_text = None if q.json_schema is None else \
+            json.dumps(q.json_schema, sort_keys=True)
         self._banned = [(p, re.compile(r"(?<!\w)" + re.escape(normalized(p)) + r"(?!\w)"))
                         for p in q.banned_phrases]
         self.checks: list[Callable[[str, Size, str], Flag | None]] = []
@@ -78,10 +81,15 @@ class TextChecks:
     def run(self, text: str, caption_json: str | None) -> list[Flag]:
         """Every failed check. A JSON caption is judged by the text of its strings
         ({"caption": "I'm sorry, ..."} is a refusal too)."""
-        prose = _strings(caption_json) if caption_json is not None else text
+        source = caption_json if caption_json is not None else text
+        # Parsed once, for its strings and for the schema; plain text without a schema
+        # is never parsed.
+        jsonish = caption_json is not None or self._schema_text is not None
+        doc = _parse(source) if jsonish else _NOT_JSON
+        prose = _strings(doc) if caption_json is not None and doc is not _NOT_JSON else source
         flags = self._text_flags(prose)
-        if self.q.json_schema is not None:
-            flag = self._schema(text, caption_json)
+        if self._schema_text is not None:
+            flag = self._schema(doc, self._schema_text)
             if flag:
                 flags.append(flag)
         return flags
@@ -89,7 +97,7 @@ class TextChecks:
     def _text_flags(self, text: str) -> list[Flag]:
         """Lengths are measured on the whole text; the other checks read its first
         ``SCAN_CHARS`` (a refusal opens the answer; a caption longer than that is no
-        caption to train on): a 16 MiB answer is judged in milliseconds, on the loop."""
+        caption to train on), so only the length counts read a runaway answer whole."""
         head = text[:SCAN_CHARS]
         size = Size(word_count(text), len(text.strip()))
         norm = normalized(head)
@@ -142,14 +150,12 @@ class TextChecks:
                                 f"{language_name(want)} ({want})",
                     f"Your previous answer was in {got}; answer in {language_name(want)}.")
 
-    def _schema(self, text: str, caption_json: str | None) -> Flag | None:
-        assert self.q.json_schema is not None
-        try:
-            doc = json.loads(caption_json if caption_json is not None else text)
-        except (ValueError, RecursionError):
+    @staticmethod
+    def _schema(doc: Any, schema_text: str) -> Flag | None:
+        if doc is _NOT_JSON:
             return Flag("json_schema", "not JSON", "Your previous answer was not JSON. "
                         "Answer with one JSON value that matches the required schema.")
-        problem = first_mismatch(json.dumps(self.q.json_schema, sort_keys=True), doc)
+        problem = first_mismatch(schema_text, doc)
         if problem is None:
             return None
         return Flag("json_schema", f"does not match the schema ({problem})",
@@ -157,12 +163,18 @@ class TextChecks:
                     f"({problem}). Answer with JSON that matches it.")
 
 
-def _strings(caption_json: str) -> str:
-    """The strings of a JSON caption, in document order, as one text."""
+_NOT_JSON = object()  # what _parse gives for text that is not JSON
+
+
+def _parse(text: str) -> Any:
     try:
-        doc = json.loads(caption_json)
+        return json.loads(text)
     except (ValueError, RecursionError):
-        return caption_json
+        return _NOT_JSON
+
+
+def _strings(doc: Any) -> str:
+    """The strings of a JSON caption, in document order, as one text."""
     out: list[str] = []
     stack = [doc]
     while stack and len(out) < 10_000:

@@ -88,7 +88,7 @@ def load_schema(path: str | None) -> dict[str, Any] | None:
     """The JSON Schema ``--quality-json-schema`` names, checked as a schema up front."""
     if path is None:
         return None
-    from ..wire.options import read_schema_file
+    from ..wire.options import read_schema_file, schema_problem
 
     try:
         doc = json.loads(read_schema_file(path, "--quality-json-schema"))
@@ -96,14 +96,7 @@ def load_schema(path: str | None) -> dict[str, Any] | None:
         raise _bad(f"--quality-json-schema {path}: not JSON ({e})") from None
     if not isinstance(doc, dict):
         raise _bad(f"--quality-json-schema {path}: a schema is a JSON object")
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import SchemaError
-
-    try:
-        Draft202012Validator.check_schema(doc)
-    except SchemaError as e:
-        raise _bad(f"--quality-json-schema {path}: not a valid JSON Schema "
-                   f"({e.message[:200]})") from None
-    except RecursionError:
-        raise _bad(f"--quality-json-schema {path}: nested too deeply to check") from None
+    problem = schema_problem(doc)
+    if problem:
+        raise _bad(f"--quality-json-schema {path}: not a valid JSON Schema ({problem})")
     return doc
