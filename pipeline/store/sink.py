@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..redact import redact_obj
+from ..redact import redact, redact_obj
 from ..validate import RowConformer
 from .journal import Journal, recover, segments
 from .outdir import (
@@ -68,7 +68,7 @@ class ParquetSink:
 
     def __init__(self, out: Path, schema: pa.Schema, run_id: str, flush_rows: int,
                  flush_seconds: float, clock: Callable[[], float] = time.monotonic,
-                 journal: bool = True, scrub: Callable[[str], str] | None = None) -> None:
+                 journal: bool = True, scrub: Callable[[str], str] = redact) -> None:
         self.out = out
         self.schema = schema
         self.run_id = run_id
@@ -86,7 +86,7 @@ class ParquetSink:
     def add(self, row: dict[str, Any]) -> None:
         """Buffer and journal one row. OSError: the journal cannot be written (the row
         stays buffered, so a last flush may still commit it)."""
-        clean = self.conform(row)
+        clean = self.conform(row)  # every string redacted: whatever a server echoed back
         self._rows.append(clean)
         if self.journal is not None:
             self.journal.append(clean)

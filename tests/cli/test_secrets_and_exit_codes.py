@@ -71,7 +71,8 @@ def test_api_key_never_appears_in_output_logs_or_files(gateway, tmp_path):
 def test_a_gateway_that_quotes_the_key_back_leaks_it_nowhere(gateway, tmp_path):
     rows = [{"id": "ok", "image": img("ok")},
             {"id": "quoted400", "image": img("echokey")},
-            {"id": "quotedstream", "image": img("echokey-stream")}]
+            {"id": "quotedstream", "image": img("echokey-stream")},
+            {"id": "quotedcaption", "image": img("echokey-caption")}]
     m1 = write_manifest(tmp_path / "batch.csv", rows)
     m2 = write_manifest(tmp_path / "fatal.csv", [{"id": "quoted401",
                                                   "image": img("echokey-401")}])
@@ -99,6 +100,8 @@ def test_a_gateway_that_quotes_the_key_back_leaks_it_nowhere(gateway, tmp_path):
     assert leaks == []
     assert "Invalid image for key ***" in df.loc["quoted400", "error"]
     assert "upstream refused key ***" in df.loc["quotedstream", "error"]
+    assert "a note on it reads *** and ***." in df.loc["quotedcaption", "caption"]
+    assert df.loc["quotedcaption", "reasks"] == 1  # the refusal quoting it was re-asked
     assert b"Incorrect API key provided: ***" in runs[1].stderr
 
 

@@ -228,8 +228,13 @@ def _quoted_key(ctx: Ctx) -> tuple[str, str]:
 @scenario("echokey")
 async def _echokey(ctx: Ctx) -> web.StreamResponse:
     """400 quoting the key and the whole header; variant ``401`` (fatal), ``stream``
-    (an error inside a 200 stream, retried)."""
+    (an error inside a 200 stream, retried), ``caption`` (an ok stream whose caption
+    quotes the key: a refusal first, so the quality gate re-asks, then a caption)."""
     auth, key = _quoted_key(ctx)
+    if ctx.variant == "caption":
+        if ctx.attempt == 1:
+            return await ctx.ok(f"I'm sorry, but I can't help with that, {key}.")
+        return await ctx.ok(f"A photo of a desk; a note on it reads {key} and {auth}.")
     if ctx.variant == "401":
         return await ctx.json_response(401, {"error": {
             "message": f"Incorrect API key provided: {key}. Header was Authorization: {auth}",
