@@ -46,6 +46,7 @@ _HEADER = re.compile(
     ((?:bearer|basic|token|digest)\s+)?
     ([^\s"',;}}\]]+)
     """)
+_HEADER_HINT = re.compile(_HEADER_NAMES, re.I)
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@?#]*):([^/\s@?#]*)@")
 _QUERY = re.compile(
     r"(?i)([?&](?:api[-_]?key|key|access[-_]token|token|auth|password|sig|signature"
@@ -75,9 +76,15 @@ def redact(text: str) -> str:
     pattern = _secret_re
     if pattern is not None:
         text = pattern.sub(MASK, text)
-    text = _HEADER.sub(_header_value, text)
-    text = _USERINFO.sub(rf"\1:{MASK}@", text)
-    return _QUERY.sub(rf"\1{MASK}", text)
+    # Each pattern only where it can match (a header name, an "@", an "="): every string
+    # of every row written to OUT passes here, and most hold none of them.
+    if _HEADER_HINT.search(text):
+        text = _HEADER.sub(_header_value, text)
+    if "@" in text:
+        text = _USERINFO.sub(rf"\1:{MASK}@", text)
+    if "=" in text:
+        text = _QUERY.sub(rf"\1{MASK}", text)
+    return text
 
 
 def _header_value(m: re.Match[str]) -> str:
